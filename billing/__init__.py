@@ -1,0 +1,1 @@
+"""Metering of delivered data, plans and invoices (built in the billing issue)."""

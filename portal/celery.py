@@ -1,0 +1,42 @@
+"""The Celery application: JSON only, explicit time limits, slow and quick queues."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Queue
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+app = Celery("relay")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=300,
+    task_time_limit=360,
+    broker_connection_retry_on_startup=True,
+    task_default_queue="quick",
+    task_queues=[Queue("quick"), Queue("slow")],
+    # The queue for each task is named where it is declared (queue=...), so a new slow task
+    # cannot end up behind e-mail by accident.
+    beat_schedule={
+        "studies-complete-after-quiet-period": {
+            "task": "transfers.tasks.studies_complete_quiet",
+            "schedule": 60.0,
+        },
+        "invitations-expire": {
+            "task": "portal.tasks.invitations_expire",
+            "schedule": crontab(minute=17),
+        },
+    },
+    timezone=os.environ.get("TIME_ZONE", "America/Denver"),
+)
+app.autodiscover_tasks()

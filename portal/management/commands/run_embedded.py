@@ -1,0 +1,67 @@
+"""`manage.py run_embedded` (what `make run` ends with): the web server, a Celery worker and
+Celery beat on the embedded defaults, in one terminal. Ctrl-C stops every process it started;
+if one of them dies, the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+
+class Command(BaseCommand):
+    help = "Run the web server, a Celery worker and Celery beat until Ctrl-C."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--addr", default="127.0.0.1:8000")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        python = sys.executable
+        var = str(settings.VAR_DIR)
+        commands = {
+            "web": [python, "manage.py", "runserver", options["addr"], "--noreload"],
+            "worker": [python, "-m", "celery", "-A", "portal", "worker", "-Q", "quick,slow", "-c", "2", "-l", "INFO"],
+            "beat": [python, "-m", "celery", "-A", "portal", "beat", "-l", "INFO", "--schedule", f"{var}/celerybeat-schedule"],
+        }
+        children: dict[str, subprocess.Popen[bytes]] = {}
+        stopping = False
+
+        def stop(*_: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        for name, command in commands.items():
+            # Own process group each, so a stop reaches everything a child started.
+            children[name] = subprocess.Popen(command, start_new_session=True)  # noqa: S603
+        self.stdout.write(f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)")
+        self.stdout.write(f"E-mail is written to {settings.EMAIL_FILE_PATH if hasattr(settings, 'EMAIL_FILE_PATH') else 'SMTP'}")
+        exit_code = 0
+        try:
+            while not stopping:
+                for name, child in children.items():
+                    if child.poll() is not None:
+                        self.stderr.write(f"{name} exited with {child.returncode}; stopping the others.")
+                        stopping, exit_code = True, 1
+                time.sleep(0.5)
+        finally:
+            for child in children.values():
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for child in children.values():
+                try:
+                    child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+            self.stdout.write("Relay stopped.")
+        sys.exit(exit_code)

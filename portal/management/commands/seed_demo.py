@@ -1,0 +1,102 @@
+"""`manage.py seed_demo`: three facilities modelled on the first users, with people and a study.
+
+Runs once: a second call only prints the logins again. Passwords are random, made here, and
+kept in var/demo-logins.txt (never in the repository).
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import transaction
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from portal.models import Facility, Membership, Role, User
+from transfers.ingest import instance_ingest
+
+FACILITIES = [
+    # slug, name, city, AE title, has a PACS
+    ("krmc", "Kalispell Regional Medical Center", "Kalispell", "KRMC_RELAY", True),
+    ("gfc", "Great Falls Clinic", "Great Falls", "GFC_RELAY", True),
+    ("stluke", "St. Luke Community Healthcare", "Ronan", None, False),
+]
+
+
+def logins_file() -> Path:
+    return Path(settings.VAR_DIR) / "demo-logins.txt"
+
+
+def demo_ct_series(count: int = 12) -> list[bytes]:
+    """A small CT series made from pydicom's bundled CT_small.dcm, one slice per position."""
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    slices = []
+    for index in range(count):
+        ds = source.copy()
+        ds.PatientName = "DEMO^ANNA^M"
+        ds.PatientID = "KRMC-100234"
+        ds.PatientBirthDate = "19610412"
+        ds.PatientSex = "F"
+        ds.AccessionNumber = "A2026-0042"
+        ds.StudyDescription = "CT CHEST WITHOUT CONTRAST"
+        ds.SeriesDescription = "AXIAL 5MM"
+        ds.ReferringPhysicianName = "WELBY^MARCUS"
+        ds.StudyDate = ds.SeriesDate = "20261102"
+        ds.StudyTime = "093000"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = index + 1
+        ds.SliceLocation = -100.0 + index * 5
+        ds.ImagePositionPatient = [-158.1, -179.0, -100.0 + index * 5]
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        slices.append(buffer.getvalue())
+    return slices
+
+
+class Command(BaseCommand):
+    help = "Load the demo facilities, people and a sample study (once), then print the logins."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not Facility.objects.filter(slug="krmc").exists():
+            self._seed()
+        if logins_file().exists():
+            self.stdout.write(logins_file().read_text())
+
+    @transaction.atomic
+    def _seed(self) -> None:
+        lines = ["Demo logins (e-mail / password):"]
+        operator_password = secrets.token_urlsafe(9)
+        User.objects.create_superuser(email="operator@relay.example", password=operator_password, full_name="Platform Operator")
+        lines.append(f"  {'operator@relay.example':32} {operator_password}   staff (admin site)")
+        first_sender = None
+        for slug, name, city, ae_title, has_pacs in FACILITIES:
+            facility = Facility.objects.create(slug=slug, name=name, city=city, ae_title=ae_title, has_pacs=has_pacs)
+            for role in (Role.ADMIN, Role.SENDER, Role.READER):
+                email = f"{role}@{slug}.example"
+                password = secrets.token_urlsafe(9)
+                user = User.objects.create_user(email=email, password=password, full_name=f"{name} {role.label}")
+                Membership.objects.create(user=user, facility=facility, role=role)
+                lines.append(f"  {email:32} {password}   {role.label.lower()} at {name}")
+                if first_sender is None and role == Role.SENDER:
+                    first_sender = (facility, user)
+        assert first_sender is not None
+        facility, sender = first_sender
+        samples = demo_ct_series() + [Path(get_testdata_file("MR_small.dcm")).read_bytes()]
+        for data in samples:
+            result = instance_ingest(facility=facility, user=sender, chunks=[data], filename="demo.dcm", source="demo")
+            if result.status != "stored":
+                self.stderr.write(f"demo study: {result.status} {result.reason}")
+        logins_file().parent.mkdir(parents=True, exist_ok=True)
+        logins_file().write_text("\n".join(lines) + "\n")
+        logins_file().chmod(0o600)

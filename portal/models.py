@@ -1,0 +1,249 @@
+"""Accounts, facilities, memberships, invitations, API tokens and the audit trail."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+
+
+def hash_token(raw: str) -> str:
+    """Tokens are stored as their SHA-256; the raw value is shown once and never kept."""
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class UserManager(BaseUserManager["User"]):
+    use_in_migrations = True
+
+    def _create(self, email: str, password: str | None, **extra: Any) -> User:
+        if not email:
+            raise ValueError("An e-mail address is required.")
+        user = self.model(email=self.normalize_email(email).lower(), **extra)
+        user.set_password(password)
+        user.save(using=self._db)
+        return user
+
+    def create_user(self, email: str, password: str | None = None, **extra: Any) -> User:
+        extra.setdefault("is_staff", False)
+        extra.setdefault("is_superuser", False)
+        return self._create(email, password, **extra)
+
+    def create_superuser(self, email: str, password: str | None = None, **extra: Any) -> User:
+        extra["is_staff"] = True
+        extra["is_superuser"] = True
+        return self._create(email, password, **extra)
+
+    def get_by_natural_key(self, username: str | None) -> User:
+        return self.get(email__iexact=username)
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    """A person who logs in with their e-mail address."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    email = models.EmailField(unique=True)
+    full_name = models.CharField(max_length=150, blank=True)
+    is_active = models.BooleanField(default=True)
+    is_staff = models.BooleanField(default=False)
+    date_joined = models.DateTimeField(default=timezone.now)
+
+    objects = UserManager()
+
+    USERNAME_FIELD = "email"
+    EMAIL_FIELD = "email"
+    REQUIRED_FIELDS: ClassVar[list[str]] = []
+
+    class Meta:
+        ordering = ("email",)
+
+    def __str__(self) -> str:
+        return self.email
+
+    def get_full_name(self) -> str:
+        return self.full_name or self.email
+
+    def get_short_name(self) -> str:
+        return self.full_name.split(" ")[0] if self.full_name else self.email
+
+
+ae_title_validator = RegexValidator(
+    r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$",
+    "An AE title is 1 to 16 printable ASCII characters, no backslash, no leading or trailing space.",
+)
+
+
+class Facility(models.Model):
+    """A hospital, clinic or practice that sends and receives studies."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=60, unique=True)
+    city = models.CharField(max_length=100, blank=True)
+    ae_title = models.CharField(
+        "DICOM AE title", max_length=16, unique=True, null=True, blank=True, validators=[ae_title_validator]
+    )
+    has_pacs = models.BooleanField("has a PACS", default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("name",)
+        verbose_name_plural = "facilities"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    ADMIN = "admin", "Admin"
+    SENDER = "sender", "Sender"
+    READER = "reader", "Reader"
+
+
+# Which roles may do what. Admins do everything a sender does; senders everything a reader does.
+UPLOAD_ROLES = (Role.ADMIN, Role.SENDER)
+MANAGE_ROLES = (Role.ADMIN,)
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    facility = models.ForeignKey(Facility, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.READER)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "facility"], name="membership_unique")]
+        ordering = ("facility__name", "user__email")
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.facility} ({self.role})"
+
+    @property
+    def can_upload(self) -> bool:
+        return self.role in UPLOAD_ROLES
+
+    @property
+    def can_manage(self) -> bool:
+        return self.role in MANAGE_ROLES
+
+
+class Invitation(models.Model):
+    """An e-mailed invitation to join a facility; the link carries a token stored hashed."""
+
+    facility = models.ForeignKey(Facility, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.READER)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+
+    def __str__(self) -> str:
+        return f"Invitation of {self.email} to {self.facility}"
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_urlsafe(32)
+
+    @staticmethod
+    def default_expiry() -> Any:
+        return timezone.now() + timedelta(days=settings.RELAY_INVITATION_DAYS)
+
+    @property
+    def is_usable(self) -> bool:
+        return self.accepted_at is None and self.revoked_at is None and self.expires_at > timezone.now()
+
+
+class ApiToken(models.Model):
+    """A per-user token for the upload API and the desktop uploader, stored hashed."""
+
+    PREFIX = "rly_"
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True)
+    # The first characters, kept so a person can tell their tokens apart; not enough to use one.
+    hint = models.CharField(max_length=12)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.hint}…)"
+
+    @classmethod
+    def issue(cls, *, user: User, name: str) -> tuple[ApiToken, str]:
+        raw = cls.PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, token_hash=hash_token(raw), hint=raw[:10])
+        return token, raw
+
+
+class AuditAction(models.TextChoices):
+    LOGIN = "login", "Logged in"
+    LOGOUT = "logout", "Logged out"
+    LOGIN_FAILED = "login_failed", "Failed login"
+    UPLOAD = "upload", "Uploaded an instance"
+    STUDY_VIEW = "study_view", "Viewed a study"
+    STUDY_LIST = "study_list", "Listed studies"
+    IMAGE_VIEW = "image_view", "Viewed images"
+    MEMBER_INVITE = "member_invite", "Invited a member"
+    MEMBER_JOIN = "member_join", "Joined a facility"
+    MEMBER_CHANGE = "member_change", "Changed a member's role"
+    MEMBER_REMOVE = "member_remove", "Removed a member"
+    TOKEN_CREATE = "token_create", "Created an API token"
+    TOKEN_REVOKE = "token_revoke", "Revoked an API token"
+    PASSWORD_CHANGE = "password_change", "Changed password"
+
+
+class Outcome(models.TextChoices):
+    SUCCESS = "success", "Success"
+    FAILURE = "failure", "Failure"
+
+
+class AuditEvent(models.Model):
+    """One audited event, modelled on IHE ATNA: who, what, when, where, which patient, outcome.
+
+    Append-only: the application offers no way to change or delete one, the admin is read-only,
+    and a database trigger (see the migration) refuses UPDATE, and DELETE on PostgreSQL.
+    Users and facilities are referenced with PROTECT and their e-mail / name is copied in, so the
+    record reads the same whatever happens to them later.
+    """
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(User, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    actor_email = models.CharField(max_length=254, blank=True)
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    action = models.CharField(max_length=20, choices=AuditAction.choices)
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.SUCCESS)
+    study_instance_uid = models.CharField(max_length=64, blank=True)
+    patient_id = models.CharField(max_length=64, blank=True)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ("-at", "-id")
+        indexes = [
+            models.Index(fields=["facility", "-at"], name="audit_facility_at"),
+            models.Index(fields=["study_instance_uid"], name="audit_study"),
+            models.Index(fields=["patient_id"], name="audit_patient"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_email or '-'} {self.action} {self.outcome}"

@@ -1,0 +1,248 @@
+"""Account pages (profile, API tokens, invitations) and facility administration (members, audit)."""
+
+from __future__ import annotations
+
+from datetime import datetime, time
+
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse_lazy
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from .access import get_membership_for_user, memberships_of
+from .audit import audit_record
+from .emails import email_render
+from .forms import AcceptInvitationForm, ApiTokenForm, AuditFilterForm, InviteForm, LoginForm, RoleForm
+from .models import ApiToken, AuditAction, AuditEvent, Invitation, Membership, User
+from .services import (
+    ServiceError,
+    api_token_create,
+    api_token_revoke,
+    invitation_accept,
+    invitation_create,
+    invitation_for_token,
+    membership_change_role,
+    membership_remove,
+)
+from .tasks import email_send
+
+
+class LoginView(auth_views.LoginView):
+    form_class = LoginForm
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+
+class PasswordChangeView(auth_views.PasswordChangeView):
+    success_url = reverse_lazy("password_change_done")
+
+    def form_valid(self, form):  # type: ignore[no-untyped-def]
+        response = super().form_valid(form)
+        audit_record(action=AuditAction.PASSWORD_CHANGE, request=self.request)
+        return response
+
+
+class PasswordResetView(auth_views.PasswordResetView):
+    """Sends the reset link through the same Celery e-mail task as every other e-mail."""
+
+    success_url = reverse_lazy("password_reset_done")
+
+    def form_valid(self, form):  # type: ignore[no-untyped-def]
+        form.send_mail = _queue_reset_mail  # type: ignore[method-assign]
+        return super().form_valid(form)
+
+
+def _queue_reset_mail(subject_template_name, email_template_name, context, from_email, to_email, html_email_template_name=None):  # type: ignore[no-untyped-def]
+    subject, text, html = email_render("password_reset", context)
+    email_send.delay(to=to_email, subject=subject, text=text, html=html)
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    return redirect("studies" if request.user.is_authenticated else "login")
+
+
+# --- profile and API tokens ---------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def profile(request: HttpRequest) -> HttpResponse:
+    tokens = ApiToken.objects.filter(user=request.user, revoked_at__isnull=True)  # type: ignore[misc]
+    new_token = request.session.pop("new_api_token", None)
+    return render(
+        request,
+        "portal/profile.html",
+        {"memberships": memberships_of(request.user), "tokens": tokens, "form": ApiTokenForm(), "new_token": new_token},  # type: ignore[arg-type]
+    )
+
+
+@require_POST
+@login_required
+def token_create(request: HttpRequest) -> HttpResponse:
+    form = ApiTokenForm(request.POST)
+    if form.is_valid():
+        _, raw = api_token_create(user=request.user, name=form.cleaned_data["name"], request=request)  # type: ignore[arg-type]
+        # Shown once, on the next page, then gone: only its hash is stored.
+        request.session["new_api_token"] = raw
+    else:
+        messages.error(request, "Give the token a name.")
+    return redirect("profile")
+
+
+@require_POST
+@login_required
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    token = ApiToken.objects.filter(pk=token_id, user=request.user).first()  # type: ignore[misc]
+    if token is None:
+        raise Http404("No such token.")
+    api_token_revoke(token=token, request=request)
+    messages.success(request, f"Token '{token.name}' revoked.")
+    return redirect("profile")
+
+
+# --- invitations --------------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
+    invitation = invitation_for_token(token)
+    if invitation is None:
+        return render(request, "portal/invitation_invalid.html", status=404)
+    existing = User.objects.filter(email__iexact=invitation.email).first()
+    if request.user.is_authenticated or existing is not None:
+        if not request.user.is_authenticated:
+            messages.info(request, f"Sign in as {invitation.email} to accept the invitation.")
+            return redirect(f"{reverse_lazy('login')}?next={request.path}")
+        if request.method == "POST":
+            try:
+                membership = invitation_accept(raw_token=token, user=request.user, request=request)  # type: ignore[arg-type]
+            except ServiceError as exc:
+                messages.error(request, str(exc))
+                return redirect("studies")
+            messages.success(request, f"You joined {membership.facility.name} as {membership.get_role_display()}.")
+            return redirect("studies")
+        return render(request, "portal/invitation_accept.html", {"invitation": invitation, "form": None})
+
+    form = AcceptInvitationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = User.objects.create_user(
+            email=invitation.email, password=form.cleaned_data["password1"], full_name=form.cleaned_data["full_name"]
+        )
+        try:
+            membership = invitation_accept(raw_token=token, user=user, request=request)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+            return redirect("login")
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, f"Welcome to Relay. You joined {membership.facility.name}.")
+        return redirect("studies")
+    return render(request, "portal/invitation_accept.html", {"invitation": invitation, "form": form})
+
+
+# --- facility administration ---------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def facility_members(request: HttpRequest, slug: str) -> HttpResponse:
+    membership = get_membership_for_user(request, slug, manage=True)
+    facility = membership.facility
+    form = InviteForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            invitation_create(
+                facility=facility,
+                email=form.cleaned_data["email"],
+                role=form.cleaned_data["role"],
+                invited_by=request.user,  # type: ignore[arg-type]
+                request=request,
+            )
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, f"Invitation sent to {form.cleaned_data['email']}.")
+            return redirect("facility_members", slug=slug)
+    members = Membership.objects.filter(facility=facility).select_related("user").order_by("user__email")
+    invitations = Invitation.objects.filter(
+        facility=facility, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+    )
+    return render(
+        request,
+        "portal/facility_members.html",
+        {"facility": facility, "members": members, "invitations": invitations, "form": form, "roles": RoleForm.base_fields["role"].choices},  # type: ignore[attr-defined]
+    )
+
+
+@require_POST
+@login_required
+def member_update(request: HttpRequest, slug: str, member_id: int) -> HttpResponse:
+    admin = get_membership_for_user(request, slug, manage=True)
+    member = Membership.objects.filter(pk=member_id, facility=admin.facility).select_related("user").first()
+    if member is None:
+        raise Http404("No such member.")
+    try:
+        if request.POST.get("action") == "remove":
+            membership_remove(membership=member, by=request.user, request=request)  # type: ignore[arg-type]
+            messages.success(request, f"{member.user.email} removed.")
+        else:
+            form = RoleForm(request.POST)
+            if not form.is_valid():
+                messages.error(request, "Choose a role.")
+            else:
+                membership_change_role(membership=member, role=form.cleaned_data["role"], by=request.user, request=request)  # type: ignore[arg-type]
+                messages.success(request, f"{member.user.email} is now {form.cleaned_data['role']}.")
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("facility_members", slug=slug)
+
+
+@require_POST
+@login_required
+def invitation_revoke(request: HttpRequest, slug: str, invitation_id: int) -> HttpResponse:
+    admin = get_membership_for_user(request, slug, manage=True)
+    Invitation.objects.filter(pk=invitation_id, facility=admin.facility, accepted_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+    messages.success(request, "Invitation withdrawn.")
+    return redirect("facility_members", slug=slug)
+
+
+@require_GET
+@login_required
+def facility_audit(request: HttpRequest, slug: str) -> HttpResponse:
+    membership = get_membership_for_user(request, slug, manage=True)
+    facility = membership.facility
+    form = AuditFilterForm(request.GET or None)
+    events = AuditEvent.objects.filter(facility=facility).select_related("actor")
+    if form.is_valid():
+        data = form.cleaned_data
+        if data["action"]:
+            events = events.filter(action=data["action"])
+        if data["outcome"]:
+            events = events.filter(outcome=data["outcome"])
+        if data["who"]:
+            events = events.filter(actor_email__iexact=data["who"].strip())
+        if data["patient_id"]:
+            events = events.filter(patient_id=data["patient_id"].strip())
+        if data["study_uid"]:
+            events = events.filter(study_instance_uid=data["study_uid"].strip())
+        tz = timezone.get_current_timezone()
+        if data["date_from"]:
+            events = events.filter(at__gte=datetime.combine(data["date_from"], time.min, tzinfo=tz))
+        if data["date_to"]:
+            events = events.filter(at__lte=datetime.combine(data["date_to"], time.max, tzinfo=tz))
+    page = Paginator(events, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(
+        request,
+        "portal/facility_audit.html",
+        {"facility": facility, "form": form, "page": page, "query": query.urlencode()},
+    )

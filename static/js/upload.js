@@ -1,0 +1,150 @@
+// The browser upload page: files or whole folders, by drag-and-drop or picker, sent one request
+// per file to the upload API (several at a time) with a progress bar each and overall.
+const root = document.getElementById("uploader");
+const endpoint = root.dataset.endpoint;
+const maxBytes = Number(root.dataset.maxBytes);
+const csrf = root.querySelector("input[name=csrfmiddlewaretoken]").value;
+const facilitySelect = document.getElementById("facility");
+const table = document.getElementById("files");
+const tbody = table.querySelector("tbody");
+const overall = document.getElementById("overall");
+const overallBar = document.getElementById("overall-bar");
+const overallText = document.getElementById("overall-text");
+const summary = document.getElementById("summary");
+const CONCURRENCY = 4;
+
+const queue = [];
+const counts = { stored: 0, duplicate: 0, conflict: 0, rejected: 0 };
+let totalBytes = 0;
+let doneBytes = 0;
+let active = 0;
+let finished = 0;
+let total = 0;
+
+const labels = {
+  stored: "Stored",
+  duplicate: "Already stored",
+  conflict: "Conflict",
+  rejected: "Rejected",
+};
+
+function addFiles(files) {
+  for (const { file, path } of files) {
+    const row = tbody.insertRow();
+    row.insertCell().textContent = path;
+    const bar = document.createElement("progress");
+    bar.max = file.size || 1;
+    bar.value = 0;
+    row.insertCell().append(bar);
+    const result = row.insertCell();
+    result.textContent = "Waiting";
+    queue.push({ file, path, row, bar, result, sent: 0 });
+    totalBytes += file.size;
+    total += 1;
+  }
+  table.hidden = false;
+  overall.hidden = false;
+  render();
+  pump();
+}
+
+function render() {
+  overallBar.max = totalBytes || 1;
+  overallBar.value = doneBytes;
+  overallText.textContent = `${finished} of ${total} files, ${(doneBytes / 1048576).toFixed(1)} of ${(totalBytes / 1048576).toFixed(1)} MB`;
+  const parts = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k].toLowerCase()}`);
+  summary.hidden = parts.length === 0;
+  summary.textContent = (finished === total ? "Done: " : "So far: ") + parts.join(", ");
+}
+
+function settle(item, status, reason) {
+  counts[status] = (counts[status] || 0) + 1;
+  item.row.className = status;
+  item.result.textContent = labels[status] + (reason ? `: ${reason}` : "");
+  doneBytes += item.file.size - item.sent;
+  item.sent = item.file.size;
+  item.bar.value = item.bar.max;
+  finished += 1;
+  active -= 1;
+  render();
+  pump();
+}
+
+function send(item) {
+  active += 1;
+  item.result.textContent = "Sending";
+  if (item.file.size > maxBytes) {
+    settle(item, "rejected", "larger than the upload limit");
+    return;
+  }
+  const xhr = new XMLHttpRequest();
+  const url = `${endpoint}?facility=${encodeURIComponent(facilitySelect.value)}`;
+  xhr.open("POST", url);
+  xhr.setRequestHeader("X-CSRFToken", csrf);
+  xhr.setRequestHeader("Content-Type", "application/dicom");
+  xhr.setRequestHeader("X-Filename", encodeURIComponent(item.path));
+  xhr.upload.onprogress = (event) => {
+    doneBytes += event.loaded - item.sent;
+    item.sent = event.loaded;
+    item.bar.value = event.loaded;
+    render();
+  };
+  xhr.onload = () => {
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch { body = {}; }
+    const status = labels[body.status] ? body.status : "rejected";
+    settle(item, status, body.status === "stored" ? "" : body.reason || `server answered ${xhr.status}`);
+  };
+  xhr.onerror = () => settle(item, "rejected", "the connection failed; try this file again");
+  xhr.send(item.file);
+}
+
+function pump() {
+  while (active < CONCURRENCY && queue.length) send(queue.shift());
+}
+
+// Folders dropped on the page arrive as entries to walk.
+function readEntry(entry, prefix) {
+  return new Promise((resolve) => {
+    if (entry.isFile) {
+      entry.file((file) => resolve([{ file, path: prefix + file.name }]), () => resolve([]));
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      const all = [];
+      const next = () => reader.readEntries(async (entries) => {
+        if (!entries.length) {
+          const nested = await Promise.all(all.map((e) => readEntry(e, `${prefix}${entry.name}/`)));
+          resolve(nested.flat());
+        } else {
+          all.push(...entries);
+          next();
+        }
+      }, () => resolve([]));
+      next();
+    } else {
+      resolve([]);
+    }
+  });
+}
+
+const dropzone = document.getElementById("dropzone");
+dropzone.addEventListener("dragover", (event) => { event.preventDefault(); dropzone.classList.add("over"); });
+dropzone.addEventListener("dragleave", () => dropzone.classList.remove("over"));
+dropzone.addEventListener("drop", async (event) => {
+  event.preventDefault();
+  dropzone.classList.remove("over");
+  const entries = [...event.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+  if (entries.length) {
+    const files = (await Promise.all(entries.map((e) => readEntry(e, "")))).flat();
+    addFiles(files);
+  } else {
+    addFiles([...event.dataTransfer.files].map((file) => ({ file, path: file.name })));
+  }
+});
+for (const id of ["pick-files", "pick-folder"]) {
+  const input = document.getElementById(id);
+  input.addEventListener("change", () => {
+    addFiles([...input.files].map((file) => ({ file, path: file.webkitRelativePath || file.name })));
+    input.value = "";
+  });
+}

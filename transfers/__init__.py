@@ -1,0 +1,1 @@
+"""Studies and everything that moves them: ingest, worklist, sharing, viewing, export."""

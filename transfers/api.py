@@ -1,0 +1,169 @@
+"""The HTTP upload API used by the browser upload page, the `relay` uploader and scripts.
+
+Authentication is an API token (`Authorization: Bearer rly_...`) or, for the browser, the
+session cookie plus the CSRF token. Every answer is JSON with a human-readable `reason` when
+something was refused.
+
+- POST /api/v1/instances?facility=SLUG   one DICOM file as the body (application/dicom), or
+                                         several as multipart/form-data fields named "file"
+- POST /api/v1/instances/known           {"facility": SLUG, "sop_instance_uids": [...]} ->
+                                         the ones this facility already stores (resume)
+- GET  /api/v1/facilities                the facilities the caller may upload to
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from portal.access import bearer_token, upload_facilities, user_from_token
+from portal.models import Facility, User
+
+from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_valid_uid, read_chunks
+from .models import Instance
+
+MAX_KNOWN_UIDS = 10_000
+
+
+def _error(reason: str, status: int) -> JsonResponse:
+    return JsonResponse({"status": "error", "reason": reason}, status=status)
+
+
+def api_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Token or session authentication; CSRF is enforced for the session only."""
+
+    @csrf_exempt
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        raw = bearer_token(request)
+        if raw is not None:
+            user = user_from_token(raw)
+            if user is None:
+                return _error("The API token is not valid (unknown or revoked).", 401)
+            request.user = user
+        elif request.user.is_authenticated:
+            refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, view, args, kwargs)
+            if refused is not None:
+                return _error("The CSRF check failed; reload the page.", 403)
+        else:
+            return _error("Sign in, or send an API token as 'Authorization: Bearer <token>'.", 401)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _upload_facility(user: User, slug: str | None) -> Facility | JsonResponse:
+    allowed = list(upload_facilities(user))
+    if slug:
+        for facility in allowed:
+            if facility.slug == slug:
+                return facility
+        return _error(f"You cannot upload to a facility '{slug}'.", 403)
+    if len(allowed) == 1:
+        return allowed[0]
+    if not allowed:
+        return _error("You are not a sender at any facility.", 403)
+    names = ", ".join(f.slug for f in allowed)
+    return _error(f"Say which facility to upload to (?facility=...): one of {names}.", 400)
+
+
+@require_GET
+@api_view
+def facilities(request: HttpRequest) -> JsonResponse:
+    rows = [{"slug": f.slug, "name": f.name} for f in upload_facilities(request.user)]  # type: ignore[arg-type]
+    return JsonResponse({"facilities": rows})
+
+
+@require_POST
+@api_view
+def instances_upload(request: HttpRequest) -> JsonResponse:
+    facility = _upload_facility(request.user, request.GET.get("facility"))  # type: ignore[arg-type]
+    if isinstance(facility, JsonResponse):
+        return facility
+    limit = settings.RELAY_MAX_UPLOAD_BYTES
+    content_type = request.content_type or ""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if content_type == "multipart/form-data":
+        if length > limit:
+            return _error(f"The request is larger than the {human_size(limit)} limit.", 413)
+        files = request.FILES.getlist("file")
+        if not files:
+            return _error("No file fields named 'file' in the form.", 400)
+        results = [
+            instance_ingest(
+                facility=facility,
+                user=request.user,  # type: ignore[arg-type]
+                chunks=upload.chunks(),
+                filename=upload.name or "",
+                source="api",
+                request=request,
+            )
+            for upload in files
+        ]
+        return _results_response(results)
+    if not length:
+        return _error("Send the DICOM file as the request body with a Content-Length.", 411)
+    filename = unquote(request.META.get("HTTP_X_FILENAME", ""))[:255]
+    if length > limit:
+        # Refused before reading a byte of it.
+        result = IngestResult(
+            REJECTED, filename=filename, reason=f"The file is larger than the {human_size(limit)} limit.", http_status=413
+        )
+        return JsonResponse(result.as_dict(), status=413)
+    result = instance_ingest(
+        facility=facility,
+        user=request.user,  # type: ignore[arg-type]
+        chunks=read_chunks(request),
+        filename=filename,
+        expected_size=length,
+        source="browser" if bearer_token(request) is None else "api",
+        request=request,
+    )
+    return JsonResponse(result.as_dict(), status=result.http_status)
+
+
+def _results_response(results: list[IngestResult]) -> JsonResponse:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    status = 200 if all(r.http_status < 300 for r in results) else 207
+    return JsonResponse({"counts": counts, "results": [r.as_dict() for r in results]}, status=status)
+
+
+@require_POST
+@api_view
+def instances_known(request: HttpRequest) -> JsonResponse:
+    try:
+        payload = json.loads(request.body or b"{}")
+        uids = payload.get("sop_instance_uids", [])
+        slug = payload.get("facility")
+    except (ValueError, AttributeError):
+        return _error("The body must be JSON: {\"facility\": ..., \"sop_instance_uids\": [...]}.", 400)
+    if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+        return _error("'sop_instance_uids' must be a list of strings.", 400)
+    if len(uids) > MAX_KNOWN_UIDS:
+        return _error(f"Ask about at most {MAX_KNOWN_UIDS} UIDs at a time.", 400)
+    facility = _upload_facility(request.user, slug)  # type: ignore[arg-type]
+    if isinstance(facility, JsonResponse):
+        return facility
+    wanted = [u for u in uids if is_valid_uid(u)]
+    known: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        known.update(
+            Instance.objects.filter(facility=facility, sop_instance_uid__in=wanted[start : start + 500]).values_list(
+                "sop_instance_uid", flat=True
+            )
+        )
+    return JsonResponse({"facility": facility.slug, "known": sorted(known)})

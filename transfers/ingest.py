@@ -1,0 +1,540 @@
+"""Ingest: the one service every entry point (browser, API, uploader, gateway, CD) stores through.
+
+For each file, on its own:
+1. spool the bytes to a temporary file (in memory while small), hashing them on the way and
+   zeroing the 128-byte preamble (CVE-2019-11687: a preamble can hold an executable header, so
+   the stored copy never carries one);
+2. parse the header with pydicom, stopping before the pixel data, and check it: identifiers
+   present and valid UIDs, sequence nesting bounded, pixel data as long as its header says;
+3. deduplicate by SOP Instance UID within the facility (same bytes: nothing to do; other bytes:
+   the first copy is kept and the conflict reported);
+4. write the object to storage under a key nobody else can pick, then commit the rows; if the rows
+   cannot be committed, the object is removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, time
+from typing import IO, Any
+
+import pydicom
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import storages
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.http import HttpRequest
+from django.utils import timezone
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility, Outcome, User
+
+from .models import Instance, Series, Study, StudyStatus
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+CHUNK = 1024 * 1024
+
+STORED = "stored"
+DUPLICATE = "duplicate"
+CONFLICT = "conflict"
+REJECTED = "rejected"
+
+
+class Rejected(Exception):
+    """The file is refused; `reason` is shown to the person who sent it."""
+
+    def __init__(self, reason: str, http_status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.http_status = http_status
+
+
+@dataclass
+class IngestResult:
+    status: str
+    filename: str = ""
+    reason: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    study_uuid: str = ""
+    size: int = 0
+    sha256: str = ""
+    preamble_zeroed: bool = False
+    http_status: int = 200
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("http_status")
+        data.pop("extra")
+        data.update(self.extra)
+        return data
+
+
+def is_valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and bool(UID_RE.match(value))
+
+
+@dataclass
+class Spooled:
+    file: IO[bytes]
+    size: int
+    sha256: str
+    preamble_zeroed: bool
+
+
+def human_size(num: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num < 1024 or unit == "GiB":
+            return f"{num:.0f} {unit}" if unit == "bytes" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num:.1f} GiB"
+
+
+@contextmanager
+def spool(chunks: Iterable[bytes], *, expected_size: int | None = None) -> Iterator[Spooled]:
+    """Copy an incoming stream to a temporary file, hashing it and zeroing the preamble."""
+    limit = settings.RELAY_MAX_UPLOAD_BYTES
+    out = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in the finally below
+        max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, dir=settings.FILE_UPLOAD_TEMP_DIR
+    )
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        head_done = False
+        zeroed = False
+        for chunk in chunks:
+            if not chunk:
+                continue
+            size += len(chunk)
+            if size > limit:
+                raise Rejected(f"The file is larger than the {human_size(limit)} limit.", 413)
+            if not head_done:
+                head += chunk
+                if len(head) < 132:
+                    continue
+                chunk, head, head_done = head, b"", True
+                if chunk[128:132] == b"DICM" and any(chunk[:128]):
+                    chunk = bytes(128) + chunk[128:]
+                    zeroed = True
+            digest.update(chunk)
+            out.write(chunk)
+        if not head_done and head:
+            digest.update(head)
+            out.write(head)
+        if expected_size is not None and size < expected_size:
+            raise Rejected(
+                f"The upload was cut off: {size} of {expected_size} bytes arrived. Nothing was stored; send the file again."
+            )
+        out.seek(0)
+        yield Spooled(out, size, digest.hexdigest(), zeroed)
+    finally:
+        out.close()
+
+
+def read_chunks(stream: Any, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    while True:
+        data = stream.read(chunk_size)
+        if not data:
+            return
+        yield data
+
+
+# --- parsing and checks -------------------------------------------------------------------------
+
+
+def _parse(spooled: Spooled) -> Dataset:
+    if spooled.size == 0:
+        raise Rejected("The file is empty (0 bytes).")
+    spooled.file.seek(128)
+    if spooled.size < 132 or spooled.file.read(4) != b"DICM":
+        raise Rejected("Not a DICOM file: there is no 'DICM' marker after the 128-byte preamble (DICOM Part 10).")
+    spooled.file.seek(0)
+    try:
+        ds = pydicom.dcmread(spooled.file, stop_before_pixels=True)
+    except RecursionError:
+        raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
+    except Exception as exc:
+        raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def _check_depth(ds: Dataset, limit: int) -> None:
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for elem in current:
+            if elem.VR == "SQ":
+                if depth + 1 > limit:
+                    raise Rejected(f"The DICOM header nests sequences more than {limit} levels deep.")
+                stack.extend((item, depth + 1) for item in elem.value)
+
+
+def _check_pixel_data(fp: IO[bytes], ds: Dataset, ts: UID, file_size: int) -> None:
+    """Refuse a file whose pixel data is shorter than its own header says."""
+    if ts.is_deflated:
+        return  # positions are in the inflated stream; pydicom reads these whole anyway
+    start = fp.tell()
+    if start >= file_size:
+        return  # no pixel data (a report, a presentation state)
+    endian = "<" if ts.is_little_endian else ">"
+    header = fp.read(8)
+    if len(header) < 8:
+        raise Rejected("The file is cut short inside the pixel data header.")
+    tag = struct.unpack(endian + "HH", header[:4])
+    if tag not in PIXEL_TAGS:
+        return
+    if ts.is_implicit_VR:
+        (length,) = struct.unpack(endian + "I", header[4:8])
+    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        more = fp.read(4)
+        if len(more) < 4:
+            raise Rejected("The file is cut short inside the pixel data header.")
+        (length,) = struct.unpack(endian + "I", more)
+    else:
+        (length,) = struct.unpack(endian + "H", header[6:8])
+    value_start = fp.tell()
+    remaining = file_size - value_start
+    if length == 0xFFFFFFFF:
+        _check_fragments(fp, endian, file_size)
+        return
+    if length > remaining:
+        raise Rejected(
+            f"The file is truncated: its pixel data should hold {length} bytes but only {remaining} are there."
+        )
+    if ts.is_encapsulated:
+        return
+    rows = int(ds.get("Rows") or 0)
+    columns = int(ds.get("Columns") or 0)
+    try:
+        frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        frames = 1
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if tag == (0x7FE0, 0x0008):
+        bits = 32
+    elif tag == (0x7FE0, 0x0009):
+        bits = 64
+    pixels = rows * columns * frames * samples
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * bits // 8
+    if length < expected:
+        raise Rejected(
+            f"The file is truncated: Rows x Columns x frames ({rows} x {columns} x {frames}) needs "
+            f"{expected} bytes of pixel data but the file holds {length}."
+        )
+
+
+def _check_fragments(fp: IO[bytes], endian: str, file_size: int) -> None:
+    """Walk the items of encapsulated pixel data up to the sequence delimiter."""
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            raise Rejected("The file is truncated: its compressed pixel data ends before the last frame.")
+        group, element, length = struct.unpack(endian + "HHI", header)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise Rejected("The compressed pixel data is malformed (an unexpected tag among its fragments).")
+        if fp.tell() + length > file_size:
+            raise Rejected("The file is truncated: a compressed frame runs past the end of the file.")
+        fp.seek(length, 1)
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+
+def _text(ds: Dataset, keyword: str, max_length: int) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    # NUL bytes are legal padding in DICOM but PostgreSQL refuses them in text.
+    return str(value).replace("\x00", "").strip()[:max_length]
+
+
+def _date(ds: Dataset, keyword: str) -> date | None:
+    raw = _text(ds, keyword, 32).replace(".", "").replace("-", "")
+    try:
+        return datetime.strptime(raw[:8], "%Y%m%d").date() if len(raw) >= 8 else None  # noqa: DTZ007
+    except ValueError:
+        return None
+
+
+def _time(ds: Dataset, keyword: str) -> time | None:
+    raw = _text(ds, keyword, 32).replace(":", "").split(".")[0]
+    if not raw.isdigit() or len(raw) not in (2, 4, 6):
+        return None
+    raw = raw.ljust(6, "0")
+    try:
+        return time(int(raw[:2]), int(raw[2:4]), int(raw[4:6]))
+    except ValueError:
+        return None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+@dataclass
+class Header:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    ds: Dataset
+
+
+def _identify(ds: Dataset) -> Header:
+    meta = getattr(ds, "file_meta", Dataset())
+    sop_class = _text(ds, "SOPClassUID", 64) or _text(meta, "MediaStorageSOPClassUID", 64)
+    if sop_class == MEDIA_STORAGE_DIRECTORY:
+        raise Rejected("This is a DICOMDIR (the index of a disc), not an image; the files it lists are sent instead.")
+    ts = _text(meta, "TransferSyntaxUID", 64)
+    if not ts:
+        raise Rejected("The file meta information has no Transfer Syntax UID.")
+    ids = {
+        "Study Instance UID": _text(ds, "StudyInstanceUID", 200),
+        "Series Instance UID": _text(ds, "SeriesInstanceUID", 200),
+        "SOP Instance UID": _text(ds, "SOPInstanceUID", 200) or _text(meta, "MediaStorageSOPInstanceUID", 200),
+        "SOP Class UID": sop_class,
+    }
+    for label, value in ids.items():
+        if not value:
+            raise Rejected(f"The file has no {label}.")
+        if not is_valid_uid(value):
+            raise Rejected(f"The {label} is not a valid DICOM UID (digits and dots, at most 64 characters).")
+    return Header(
+        study_uid=ids["Study Instance UID"],
+        series_uid=ids["Series Instance UID"],
+        sop_uid=ids["SOP Instance UID"],
+        sop_class=sop_class,
+        transfer_syntax=ts,
+        ds=ds,
+    )
+
+
+def _study_fields(ds: Dataset) -> dict[str, Any]:
+    return {
+        "patient_name": _text(ds, "PatientName", 324),
+        "patient_id": _text(ds, "PatientID", 64),
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
+        "patient_birth_date": _date(ds, "PatientBirthDate"),
+        "patient_sex": _text(ds, "PatientSex", 16),
+        "accession_number": _text(ds, "AccessionNumber", 16),
+        "study_id": _text(ds, "StudyID", 16),
+        "study_date": _date(ds, "StudyDate"),
+        "study_time": _time(ds, "StudyTime"),
+        "description": _text(ds, "StudyDescription", 64),
+        "referring_physician": _text(ds, "ReferringPhysicianName", 324),
+    }
+
+
+def _series_fields(ds: Dataset) -> dict[str, Any]:
+    return {
+        "modality": _text(ds, "Modality", 16).upper(),
+        "series_number": _int(ds, "SeriesNumber"),
+        "description": _text(ds, "SeriesDescription", 64),
+        "body_part": _text(ds, "BodyPartExamined", 16),
+    }
+
+
+def storage_key(*, facility: Facility, header: Header) -> str:
+    # UIDs were checked against UID_RE, so none of them can climb out of the folder. The random
+    # suffix means two uploads of one SOP Instance UID never write to the same object, so the
+    # loser of a race can delete what it wrote without touching the winner's copy.
+    return (
+        f"dicom/{facility.uuid}/{header.study_uid}/{header.series_uid}/"
+        f"{header.sop_uid}.{uuid.uuid4().hex[:12]}.dcm"
+    )
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+def instance_ingest(
+    *,
+    facility: Facility,
+    user: User | None,
+    chunks: Iterable[bytes],
+    filename: str = "",
+    expected_size: int | None = None,
+    source: str = "api",
+    request: HttpRequest | None = None,
+) -> IngestResult:
+    """Store one incoming file. Never raises for bad input: the result says what happened."""
+    try:
+        with spool(chunks, expected_size=expected_size) as spooled:
+            result = _ingest_spooled(facility=facility, user=user, spooled=spooled, filename=filename)
+    except Rejected as exc:
+        result = IngestResult(REJECTED, filename=filename, reason=exc.reason, http_status=exc.http_status)
+    audit_record(
+        action=AuditAction.UPLOAD,
+        request=request,
+        actor=user,
+        facility=facility,
+        study_instance_uid=result.study_instance_uid,
+        patient_id=result.extra.get("patient_id", ""),
+        outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
+        detail={
+            "status": result.status,
+            "source": source,
+            "filename": filename[:200],
+            "sop_instance_uid": result.sop_instance_uid,
+            "size": result.size,
+            "reason": result.reason,
+        },
+    )
+    result.extra.pop("patient_id", None)
+    return result
+
+
+def _ingest_spooled(*, facility: Facility, user: User | None, spooled: Spooled, filename: str) -> IngestResult:
+    ds = _parse(spooled)
+    try:
+        header = _identify(ds)
+        ts = UID(header.transfer_syntax)
+        # A private transfer syntax says nothing pydicom can use about its encoding.
+        if ts.is_transfer_syntax and not ts.is_private:
+            _check_pixel_data(spooled.file, ds, ts, spooled.size)
+        _check_depth(ds, settings.RELAY_MAX_SEQUENCE_DEPTH)
+        study_fields = _study_fields(ds)
+        series_fields = _series_fields(ds)
+        frames = _int(ds, "NumberOfFrames") or 1
+        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+        instance_number = _int(ds, "InstanceNumber")
+    except Rejected:
+        raise
+    except RecursionError:
+        raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
+    except Exception as exc:
+        raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
+
+    result = IngestResult(
+        STORED,
+        filename=filename,
+        sop_instance_uid=header.sop_uid,
+        study_instance_uid=header.study_uid,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        preamble_zeroed=spooled.preamble_zeroed,
+        extra={"patient_id": study_fields["patient_id"]},
+    )
+    existing = _existing(facility, header.sop_uid)
+    if existing is not None:
+        return _dedup_result(result, existing, spooled.sha256)
+
+    storage = storages["default"]
+    try:
+        key = storage.save(storage_key(facility=facility, header=header), File(spooled.file, name="upload.dcm"))
+    except Exception as exc:  # disk full, bucket unreachable: the sender should retry
+        log.exception("storage write failed for %s", header.sop_uid)
+        raise Rejected("The image store is unavailable; nothing was stored. Try again shortly.", 503) from exc
+    try:
+        with transaction.atomic():
+            study, _ = Study.objects.get_or_create(
+                facility=facility,
+                study_instance_uid=header.study_uid,
+                defaults={**study_fields, "uploaded_by": user},
+            )
+            series, series_created = Series.objects.get_or_create(
+                study=study, series_instance_uid=header.series_uid, defaults=series_fields
+            )
+            with transaction.atomic():
+                Instance.objects.create(
+                    facility=facility,
+                    series=series,
+                    sop_instance_uid=header.sop_uid,
+                    sop_class_uid=header.sop_class,
+                    transfer_syntax_uid=header.transfer_syntax,
+                    instance_number=instance_number,
+                    size_bytes=spooled.size,
+                    sha256=spooled.sha256,
+                    storage_key=key,
+                    rows=rows,
+                    columns=columns,
+                    number_of_frames=max(frames, 1),
+                    uploaded_by=user,
+                )
+            Series.objects.filter(pk=series.pk).update(
+                num_instances=F("num_instances") + 1, size_bytes=F("size_bytes") + spooled.size
+            )
+            study_update: dict[str, Any] = {
+                "num_instances": F("num_instances") + 1,
+                "size_bytes": F("size_bytes") + spooled.size,
+                "last_received_at": timezone.now(),
+                "status": StudyStatus.RECEIVING,
+                "completed_at": None,
+            }
+            if series_created:
+                modalities = sorted({m for m in study.series.values_list("modality", flat=True) if m})
+                study_update["num_series"] = F("num_series") + 1
+                study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
+            Study.objects.filter(pk=study.pk).update(**study_update)
+    except IntegrityError:
+        # Another upload of the same SOP Instance UID committed first.
+        storage.delete(key)
+        existing = _existing(facility, header.sop_uid)
+        if existing is None:
+            raise
+        return _dedup_result(result, existing, spooled.sha256)
+    except BaseException:
+        storage.delete(key)
+        raise
+    result.study_uuid = str(study.uuid)
+    result.http_status = 201
+    return result
+
+
+def _existing(facility: Facility, sop_uid: str) -> Instance | None:
+    return (
+        Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid)
+        .select_related("series__study")
+        .first()
+    )
+
+
+def _dedup_result(result: IngestResult, existing: Instance, sha256: str) -> IngestResult:
+    result.study_uuid = str(existing.series.study.uuid)
+    if existing.sha256 == sha256:
+        result.status = DUPLICATE
+        result.reason = "Already stored with the same content; nothing to do."
+        result.http_status = 200
+    else:
+        result.status = CONFLICT
+        result.reason = (
+            "An instance with this SOP Instance UID is already stored with different content; "
+            "the first copy was kept."
+        )
+        result.http_status = 409
+    return result

@@ -1,0 +1,124 @@
+"""Worklist, study page and the browser upload page."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from portal.access import facilities_of, upload_facilities
+from portal.audit import audit_record
+from portal.models import AuditAction
+
+from .models import Study
+
+PAGE_SIZE = 25
+SORTS = {
+    "date": ("-study_date", "-study_time", "-id"),
+    "-date": ("study_date", "study_time", "id"),
+    "name": ("patient_name", "-study_date", "id"),
+    "-name": ("-patient_name", "-study_date", "-id"),
+    "received": ("-created_at", "-id"),
+    "-received": ("created_at", "id"),
+}
+COMMON_MODALITIES = ["CR", "CT", "DX", "MG", "MR", "NM", "OT", "PT", "RF", "SR", "US", "XA"]
+
+
+def _visible_studies(request: HttpRequest) -> QuerySet[Study]:
+    """Every study the signed-in user may see: those of the facilities they belong to."""
+    return Study.objects.filter(facility__in=facilities_of(request.user))  # type: ignore[arg-type]
+
+
+def _get_study_for_user(request: HttpRequest, study_uuid: str) -> Study:
+    study = _visible_studies(request).select_related("facility", "uploaded_by").filter(uuid=study_uuid).first()
+    if study is None:
+        raise Http404("No such study.")
+    return study
+
+
+def _parse_date(value: str) -> date | None:
+    try:
+        return date.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+@require_GET
+@login_required
+def study_list(request: HttpRequest) -> HttpResponse:
+    params = request.GET
+    q = params.get("q", "").strip()[:100]
+    modality = params.get("modality", "").strip().upper()[:16]
+    date_from = _parse_date(params.get("from", ""))
+    date_to = _parse_date(params.get("to", ""))
+    sort = params.get("sort", "date")
+    if sort not in SORTS:
+        sort = "date"
+
+    studies = _visible_studies(request).select_related("facility")
+    if q:
+        # The worklist's one search box: patient name (any part), patient ID or accession.
+        name_q = q.replace(",", " ").replace("^", " ")
+        name_filter = Q()
+        for word in name_q.split():
+            name_filter &= Q(patient_name__icontains=word)
+        studies = studies.filter(name_filter | Q(patient_id__iexact=q) | Q(accession_number__iexact=q))
+    if modality:
+        studies = studies.filter(modalities__contains=f",{modality},")
+    if date_from:
+        studies = studies.filter(study_date__gte=date_from)
+    if date_to:
+        studies = studies.filter(study_date__lte=date_to)
+    studies = studies.order_by(*SORTS[sort])
+
+    page = Paginator(studies, PAGE_SIZE).get_page(params.get("page"))
+    audit_record(
+        action=AuditAction.STUDY_LIST,
+        request=request,
+        detail={"q": q, "modality": modality, "page": page.number, "count": len(page.object_list)},
+    )
+    query = params.copy()
+    query.pop("page", None)
+    return render(
+        request,
+        "transfers/study_list.html",
+        {
+            "page": page,
+            "q": q,
+            "modality": modality,
+            "date_from": date_from,
+            "date_to": date_to,
+            "sort": sort,
+            "modalities": COMMON_MODALITIES,
+            "query": query.urlencode(),
+            "can_upload": upload_facilities(request.user).exists(),  # type: ignore[arg-type]
+        },
+    )
+
+
+@require_GET
+@login_required
+def study_detail(request: HttpRequest, study_uuid: str) -> HttpResponse:
+    study = _get_study_for_user(request, study_uuid)
+    series = list(study.series.all())
+    audit_record(action=AuditAction.STUDY_VIEW, request=request, study=study)
+    return render(request, "transfers/study_detail.html", {"study": study, "series_list": series})
+
+
+@require_GET
+@login_required
+def upload_page(request: HttpRequest) -> HttpResponse:
+    facilities = list(upload_facilities(request.user))  # type: ignore[arg-type]
+    if not facilities:
+        raise Http404("You are not a sender at any facility.")
+    return render(
+        request,
+        "transfers/upload.html",
+        {"facilities": facilities, "max_upload_bytes": settings.RELAY_MAX_UPLOAD_BYTES},
+    )
