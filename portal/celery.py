@@ -6,7 +6,7 @@ import os
 
 from celery import Celery
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
@@ -24,7 +24,9 @@ app.conf.update(
     task_time_limit=360,
     broker_connection_retry_on_startup=True,
     task_default_queue="quick",
-    task_queues=[Queue("quick"), Queue("slow")],
+    task_queues=[Queue(name, Exchange(name), routing_key=name) for name in ("quick", "slow")],
+    task_default_exchange="quick",
+    task_default_routing_key="quick",
     # The queue for each task is named where it is declared (queue=...), so a new slow task
     # cannot end up behind e-mail by accident.
     beat_schedule={

@@ -43,7 +43,7 @@ class Command(BaseCommand):
             # Own process group each, so a stop reaches everything a child started.
             children[name] = subprocess.Popen(command, start_new_session=True)  # noqa: S603
         self.stdout.write(f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)")
-        self.stdout.write(f"E-mail is written to {settings.EMAIL_FILE_PATH if hasattr(settings, 'EMAIL_FILE_PATH') else 'SMTP'}")
+        self.stdout.write(f"E-mail goes to {getattr(settings, 'EMAIL_FILE_PATH', None) or settings.EMAIL_HOST}")
         exit_code = 0
         try:
             while not stopping:
@@ -55,7 +55,8 @@ class Command(BaseCommand):
         finally:
             for child in children.values():
                 if child.poll() is None:
-                    os.killpg(child.pid, signal.SIGTERM)
+                    # The leader only: Celery shuts its own pool down cleanly on SIGTERM.
+                    child.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 15
             for child in children.values():
                 try:
