@@ -20,6 +20,7 @@ import re
 import struct
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -167,12 +168,23 @@ def _parse(spooled: Spooled) -> Dataset:
         raise Rejected("Not a DICOM file: there is no 'DICM' marker after the 128-byte preamble (DICOM Part 10).")
     spooled.file.seek(0)
     try:
-        ds = pydicom.dcmread(spooled.file, stop_before_pixels=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(spooled.file, stop_before_pixels=True)
     except RecursionError:
         raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
     except Exception as exc:
         raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
+    _reject_if_cut_short(caught)
     return ds
+
+
+def _reject_if_cut_short(caught: list[warnings.WarningMessage]) -> None:
+    # pydicom reads on past an early end of file and only warns (filereader.read_dataset).
+    for warning in caught:
+        text = str(warning.message)
+        if "end of file" in text.lower():
+            raise Rejected(f"The file is truncated: {text.split(' in file ')[0]}.")
 
 
 def _short(exc: BaseException) -> str:
@@ -180,10 +192,19 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def _check_depth(ds: Dataset, limit: int) -> None:
+def _check_structure(ds: Dataset, limit: int) -> None:
+    """Walk every element once: values as long as their headers say, sequences nested at
+    most `limit` deep. A file cut off inside its header shows up here as a short value."""
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
+        for raw in list(current._dict.values()):
+            value = getattr(raw, "value", None)
+            length = getattr(raw, "length", 0xFFFFFFFF)
+            if isinstance(value, bytes) and length != 0xFFFFFFFF and len(value) < length:
+                raise Rejected(
+                    f"The file is truncated: element {raw.tag} should hold {length} bytes but only {len(value)} are there."
+                )
         for elem in current:
             if elem.VR == "SQ":
                 if depth + 1 > limit:
@@ -205,7 +226,10 @@ def _check_pixel_data(fp: IO[bytes], ds: Dataset, ts: UID, file_size: int) -> No
     tag = struct.unpack(endian + "HH", header[:4])
     if tag not in PIXEL_TAGS:
         return
-    if ts.is_implicit_VR:
+    # Some writers encode implicit VR under an explicit transfer syntax (pydicom reads on with a
+    # warning), so the bytes decide: an explicit VR is two upper-case letters.
+    explicit = header[4:6].isalpha() and header[4:6].isupper()
+    if not explicit:
         (length,) = struct.unpack(endian + "I", header[4:8])
     elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
         more = fp.read(4)
@@ -238,6 +262,8 @@ def _check_pixel_data(fp: IO[bytes], ds: Dataset, ts: UID, file_size: int) -> No
     elif tag == (0x7FE0, 0x0009):
         bits = 64
     pixels = rows * columns * frames * samples
+    if samples == 3 and str(ds.get("PhotometricInterpretation", "")).startswith("YBR_FULL_422"):
+        pixels = rows * columns * frames * 2  # chroma subsampled 2:1 horizontally
     expected = (pixels + 7) // 8 if bits == 1 else pixels * bits // 8
     if length < expected:
         raise Rejected(
@@ -427,7 +453,10 @@ def _ingest_spooled(*, facility: Facility, user: User | None, spooled: Spooled, 
         # A private transfer syntax says nothing pydicom can use about its encoding.
         if ts.is_transfer_syntax and not ts.is_private:
             _check_pixel_data(spooled.file, ds, ts, spooled.size)
-        _check_depth(ds, settings.RELAY_MAX_SEQUENCE_DEPTH)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _check_structure(ds, settings.RELAY_MAX_SEQUENCE_DEPTH)
+        _reject_if_cut_short(caught)
         study_fields = _study_fields(ds)
         series_fields = _series_fields(ds)
         frames = _int(ds, "NumberOfFrames") or 1
