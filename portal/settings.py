@@ -105,8 +105,12 @@ TEMPLATES = [
 
 # Database: SQLite under var/ unless DATABASE_URL names PostgreSQL.
 DATABASE_URL = env_str("DATABASE_URL")
+_SQLITE_OPTIONS = {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+    if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+        DATABASES["default"]["OPTIONS"] = dict(_SQLITE_OPTIONS)
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -114,7 +118,7 @@ else:
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "relay.sqlite3",
             # Several processes (web, worker, beat) share the file; wait for locks.
-            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+            "OPTIONS": dict(_SQLITE_OPTIONS),
             "TEST": {"NAME": str(VAR_DIR / "test-relay.sqlite3")},
         }
     }
