@@ -119,7 +119,9 @@ else:
             "NAME": VAR_DIR / "relay.sqlite3",
             # Several processes (web, worker, beat) share the file; wait for locks.
             "OPTIONS": dict(_SQLITE_OPTIONS),
-            "TEST": {"NAME": str(VAR_DIR / "test-relay.sqlite3")},
+            # A file, not memory, so that a Celery worker started by a test can open it; one per
+            # test process so that two test runs on one machine do not share it.
+            "TEST": {"NAME": str(VAR_DIR / f"test-relay-{os.getpid()}.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

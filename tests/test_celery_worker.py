@@ -34,13 +34,17 @@ def _database_url() -> str:
     return f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
-@pytest.fixture
-def worker(tmp_path: Path, transactional_db: None) -> Iterator[Path]:
+@pytest.fixture(scope="module")
+def _worker_process(tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker) -> Iterator[Path]:
+    """One worker for the module; each test brings its own (transactional) data."""
+    tmp_path = tmp_path_factory.mktemp("worker")
     mail = tmp_path / "mail"
     broker = tmp_path / "broker"
+    with django_db_blocker.unblock():
+        database_url = _database_url()
     env = {
         **os.environ,
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url,
         "EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
         "EMAIL_FILE_PATH": str(mail),
         "RELAY_BROKER_DIR": str(broker),
@@ -71,10 +75,13 @@ def worker(tmp_path: Path, transactional_db: None) -> Iterator[Path]:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
         print(output.decode(errors="replace")[-4000:])
-        # The next test may use another broker folder: drop pooled connections to this one.
-        app.pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def worker(_worker_process: Path, transactional_db: None) -> Iterator[Path]:
+    app.conf.task_always_eager = False  # after conftest's autouse fixture made it eager
+    yield _worker_process
+    app.conf.task_always_eager = True
 
 
 def _wait_for(check, seconds: float = 90) -> None:

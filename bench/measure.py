@@ -1,0 +1,214 @@
+"""What the benchmark measures: a server's memory while it works, and the upload of a series.
+
+The same client code uploads to Relay and to Orthanc, so that the two servers are compared and
+not two clients: 4 threads (a desktop uploader's concurrency), one HTTP connection per thread,
+every file sent as its raw bytes with an explicit Content-Length.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+MiB = 1024 * 1024
+
+
+class UploadFailed(RuntimeError):
+    """A server gave an answer other than the one expected for a fresh instance."""
+
+
+class RssSampler:
+    """Samples the resident memory of a process and all its descendants in a thread.
+
+    gunicorn's master forks the workers, so the server's footprint is the sum over the tree;
+    Orthanc is one process and the same code gives its own RSS. RSS of forked workers counts
+    pages they still share with the master twice, so the sum is an upper bound; without
+    --preload each worker imports Django itself after the fork, so little is shared anyway.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05, rescan_every: int = 20) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        # Finding descendants walks /proc; doing it every 50 ms on a small machine would take CPU
+        # from the servers being measured, so the tree is re-read once a second (every 20
+        # samples), which still catches a gunicorn worker being replaced.
+        self.rescan_every = rescan_every
+        self.idle_bytes = 0  # before the upload starts
+        self.peak_bytes = 0
+        self.cpu_start = self.cpu_end = 0.0
+        self.samples = 0
+        self._procs: list[psutil.Process] = []
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _rescan(self) -> None:
+        try:
+            self._procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            self._procs = []
+
+    def sample(self) -> int:
+        """The current RSS sum in bytes (and remember each process's CPU time)."""
+        total = 0
+        for proc in self._procs:
+            try:
+                with proc.oneshot():
+                    total += proc.memory_info().rss
+                    cpu = proc.cpu_times()
+                    self._cpu[proc.pid] = cpu.user + cpu.system
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue  # a worker that exited between the scan and now
+        return total
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of every process seen so far (exited ones at their last sample)."""
+        return sum(self._cpu.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.samples % self.rescan_every == 0:
+                self._rescan()
+            self.peak_bytes = max(self.peak_bytes, self.sample())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._rescan()
+        self.idle_bytes = self.sample()
+        self.cpu_start = self.cpu_seconds()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._rescan()
+        self.peak_bytes = max(self.peak_bytes, self.sample())
+        self.cpu_end = self.cpu_seconds()
+
+
+@dataclass
+class UploadRun:
+    """The measurements of one series uploaded to one server."""
+
+    server: str
+    files: int
+    total_bytes: int
+    wall_s: float
+    idle_rss_bytes: int
+    peak_rss_bytes: int
+    server_cpu_s: float
+    latencies_s: list[float] = field(repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput_mib_s(self) -> float:
+        return self.total_bytes / MiB / self.wall_s
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_s)
+        return {
+            "server": self.server,
+            "files": self.files,
+            "total_bytes": self.total_bytes,
+            "total_mib": round(self.total_bytes / MiB, 2),
+            "wall_s": round(self.wall_s, 3),
+            "throughput_mib_s": round(self.throughput_mib_s, 2),
+            "files_per_s": round(self.files / self.wall_s, 2),
+            "idle_rss_mib": round(self.idle_rss_bytes / MiB, 1),
+            "peak_rss_mib": round(self.peak_rss_bytes / MiB, 1),
+            "server_cpu_s": round(self.server_cpu_s, 2),
+            "latency_median_s": round(statistics.median(lat), 4),
+            "latency_p95_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.95))], 4),
+            "latency_max_s": round(lat[-1], 4),
+            **self.extra,
+        }
+
+
+# Check one answer: raise UploadFailed with the reason if it is not what a fresh store gives.
+AnswerCheck = Callable[[Path, httpx.Response], None]
+
+
+def upload_series(
+    *,
+    server: str,
+    url: str,
+    headers: dict[str, str],
+    files: list[Path],
+    check: AnswerCheck,
+    server_pid: int,
+    threads: int = 4,
+    timeout_s: float = 300.0,
+) -> UploadRun:
+    """POST every file to `url` from `threads` threads while sampling the server's memory."""
+    local = threading.local()
+    clients: list[httpx.Client] = []
+    clients_lock = threading.Lock()
+    failed = threading.Event()
+    latencies: list[float] = []
+
+    def client() -> httpx.Client:
+        # One client (one keep-alive connection) per thread: nothing shared between threads.
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=timeout_s)
+            with clients_lock:
+                clients.append(local.client)
+        return local.client
+
+    def send(path: Path) -> None:
+        if failed.is_set():
+            return  # another file already failed; do not keep loading the server
+        body = path.read_bytes()
+        request_headers = {
+            **headers,
+            "Content-Type": "application/dicom",
+            "Content-Length": str(len(body)),
+        }
+        started = time.perf_counter()
+        try:
+            response = client().post(url, content=body, headers=request_headers)
+            check(path, response)
+        except Exception:
+            failed.set()
+            raise
+        latencies.append(time.perf_counter() - started)  # list.append is atomic under the GIL
+
+    total_bytes = sum(path.stat().st_size for path in files)
+    try:
+        with RssSampler(server_pid) as sampler, ThreadPoolExecutor(threads, thread_name_prefix="upload") as pool:
+            started = time.perf_counter()
+            futures = [pool.submit(send, path) for path in files]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                if future.done() and future.exception() is not None:
+                    failed.set()
+                    for other in futures:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+            wait(futures)
+            wall = time.perf_counter() - started
+    finally:
+        for c in clients:
+            c.close()
+    if len(latencies) != len(files):
+        raise UploadFailed(f"{server}: {len(latencies)} of {len(files)} uploads completed")
+    return UploadRun(
+        server=server,
+        files=len(files),
+        total_bytes=total_bytes,
+        wall_s=wall,
+        idle_rss_bytes=sampler.idle_bytes,
+        peak_rss_bytes=sampler.peak_bytes,
+        server_cpu_s=sampler.cpu_end - sampler.cpu_start,
+        latencies_s=latencies,
+    )

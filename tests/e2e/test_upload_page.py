@@ -1,0 +1,200 @@
+"""The browser upload page, end to end: real Chromium, the live server, real DICOM files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from playwright.sync_api import expect
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from portal.models import Facility, Membership, User
+from transfers.models import Instance
+
+PASSWORD = "e2e upload page 7 horses"
+# Long enough for a slow CI machine to send a handful of small files.
+UPLOAD_TIMEOUT = 30_000
+SCREENSHOT_COPY = Path("/tmp/relay-upload-page.png")
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def e2e_facility(transactional_db: None) -> Facility:
+    return Facility.objects.create(name="Whitefish Imaging", slug="whitefish")
+
+
+@pytest.fixture
+def e2e_other_facility(transactional_db: None) -> Facility:
+    return Facility.objects.create(name="Havre Clinic", slug="havre")
+
+
+@pytest.fixture
+def e2e_sender(e2e_facility: Facility, e2e_other_facility: Facility) -> User:
+    # A sender at two facilities, so the page's facility choice matters.
+    user = User.objects.create_user(email="tech@whitefish.example", password=PASSWORD)
+    Membership.objects.create(user=user, facility=e2e_other_facility, role="sender")
+    Membership.objects.create(user=user, facility=e2e_facility, role="sender")
+    return user
+
+
+@pytest.fixture
+def e2e_upload_page(
+    e2e_page: Any, e2e_sender: User, e2e_facility: Facility, e2e_storage: Path, live_server: Any
+) -> Any:
+    """The upload page, reached by signing in through the login form, facility chosen."""
+    page = e2e_page
+    page.goto(f"{live_server.url}/upload/")
+    expect(page).to_have_url(re.compile(r"/accounts/login/"))
+    page.fill("input[name=username]", e2e_sender.email)
+    page.fill("input[name=password]", PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{live_server.url}/upload/")
+    expect(page.get_by_role("heading", name="Upload studies")).to_be_visible()
+    page.select_option("#facility", e2e_facility.slug)
+    return page
+
+
+def _copy_testdata(folder: Path, *names: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(get_testdata_file(name), folder / name)) for name in names]
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _row(page: Any, path: str) -> Any:
+    return page.locator("#files tbody tr").filter(has=page.get_by_role("cell", name=path, exact=True))
+
+
+def _upload_mixed_batch(page: Any, tmp_path: Path) -> list[Path]:
+    """Three DICOM files and a text file through 'Choose files'; waits for the summary."""
+    dicoms = _copy_testdata(tmp_path / "picked", "CT_small.dcm", "MR_small.dcm", "rtplan.dcm")
+    notes = tmp_path / "picked" / "notes.txt"
+    notes.write_text("Patient brought a CD and a referral letter.\n")
+    page.set_input_files("#pick-files", [*dicoms, notes])
+    expect(page.locator("#summary")).to_have_text(
+        "Done: 3 stored, 1 rejected", timeout=UPLOAD_TIMEOUT
+    )
+    return dicoms
+
+
+def test_it_uploads_chosen_files_and_rejects_what_is_not_dicom(
+    e2e_upload_page: Any,
+    e2e_facility: Facility,
+    e2e_js_errors: list[str],
+    live_server: Any,
+    tmp_path: Path,
+) -> None:
+    page = e2e_upload_page
+    dicoms = _upload_mixed_batch(page, tmp_path)
+
+    expect(page.locator("#overall-text")).to_contain_text("4 of 4 files")
+    assert page.eval_on_selector("#overall-bar", "bar => bar.value === bar.max")
+    rejected = _row(page, "notes.txt")
+    expect(rejected).to_have_class("rejected")
+    expect(rejected.locator("td").last).to_contain_text("Not a DICOM file")
+    for path in dicoms:
+        row = _row(page, path.name)
+        expect(row).to_have_class("stored")
+        expect(row.locator("td").last).to_have_text("Stored")
+
+    stored = Instance.objects.filter(facility=e2e_facility)
+    assert sorted(stored.values_list("sop_instance_uid", flat=True)) == sorted(
+        _sop_uid(p) for p in dicoms
+    )
+    assert Instance.objects.count() == 3
+
+    page.goto(f"{live_server.url}/studies/")
+    worklist = page.locator("table.worklist")
+    expect(worklist.get_by_role("link", name="CompressedSamples, CT1")).to_be_visible()
+    expect(worklist.get_by_role("link", name="CompressedSamples, MR1")).to_be_visible()
+    expect(worklist.get_by_role("link", name="Last, First mid")).to_be_visible()
+    expect(page.get_by_text("3 studies")).to_be_visible()
+    assert e2e_js_errors == []
+
+
+def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
+    e2e_upload_page: Any,
+    e2e_facility: Facility,
+    e2e_js_errors: list[str],
+    tmp_path: Path,
+) -> None:
+    page = e2e_upload_page
+    folder = tmp_path / "CD0417"
+    files = [
+        *_copy_testdata(folder, "CT_small.dcm", "MR_small.dcm"),
+        *_copy_testdata(folder / "SERIES2", "rtdose.dcm"),
+    ]
+    page.set_input_files("#pick-folder", folder)
+    expect(page.locator("#summary")).to_have_text("Done: 3 stored", timeout=UPLOAD_TIMEOUT)
+    # The table names each file by its path inside the chosen folder.
+    expect(_row(page, "CD0417/SERIES2/rtdose.dcm")).to_have_class("stored")
+    assert Instance.objects.filter(facility=e2e_facility).count() == 3
+    keys = set(Instance.objects.values_list("storage_key", flat=True))
+
+    page.set_input_files("#pick-folder", folder)
+    expect(page.locator("#summary")).to_have_text(
+        "Done: 3 stored, 3 already stored", timeout=UPLOAD_TIMEOUT
+    )
+    duplicates = page.locator("#files tbody tr.duplicate")
+    expect(duplicates).to_have_count(3)
+    for path in files:
+        relative = path.relative_to(tmp_path).as_posix()
+        row = _row(page, relative).and_(duplicates)
+        expect(row.locator("td").last).to_contain_text("Already stored")
+    assert Instance.objects.count() == 3
+    assert set(Instance.objects.values_list("storage_key", flat=True)) == keys
+    assert e2e_js_errors == []
+
+
+def test_it_shows_a_patient_name_holding_html_as_text(
+    e2e_upload_page: Any,
+    e2e_js_errors: list[str],
+    live_server: Any,
+    tmp_path: Path,
+) -> None:
+    page = e2e_upload_page
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName = "<script>window.__pwned=1</script>^X"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    hostile = tmp_path / "hostile.dcm"
+    ds.save_as(hostile, enforce_file_format=True)
+
+    page.set_input_files("#pick-files", hostile)
+    expect(page.locator("#summary")).to_have_text("Done: 1 stored", timeout=UPLOAD_TIMEOUT)
+
+    page.goto(f"{live_server.url}/studies/")
+    name = page.locator("table.worklist").get_by_role(
+        "link", name="<script>window.__pwned=1</script>, X", exact=True
+    )
+    expect(name).to_be_visible()
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+
+    name.click()
+    expect(page.get_by_text("<script>window.__pwned=1</script>", exact=False).first).to_be_visible()
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert e2e_js_errors == []
+
+
+def test_it_leaves_a_screenshot_of_the_finished_upload_page(
+    e2e_upload_page: Any, e2e_js_errors: list[str], tmp_path: Path
+) -> None:
+    page = e2e_upload_page
+    _upload_mixed_batch(page, tmp_path)
+    shot = tmp_path / "upload-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes().startswith(b"\x89PNG")
+    assert shot.stat().st_size > 10_000
+    # For a person to look at after the run.
+    shutil.copyfile(shot, SCREENSHOT_COPY)
+    assert e2e_js_errors == []
