@@ -185,7 +185,10 @@ def upload_series(
 
     total_bytes = sum(path.stat().st_size for path in files)
     try:
-        with RssSampler(server_pid) as sampler, ThreadPoolExecutor(threads, thread_name_prefix="upload") as pool:
+        with (
+            RssSampler(server_pid) as sampler,
+            ThreadPoolExecutor(threads, thread_name_prefix="upload") as pool,
+        ):
             started = time.perf_counter()
             futures = [pool.submit(send, path) for path in files]
             wait(futures, return_when=FIRST_EXCEPTION)
@@ -212,3 +215,21 @@ def upload_series(
         server_cpu_s=sampler.cpu_end - sampler.cpu_start,
         latencies_s=latencies,
     )
+
+
+# Peak memory is the worst case over the repeats; everything else is the median run's value,
+# which is what a busy shared machine (CI, several engineers) can measure reproducibly.
+_WORST = {"peak_rss_mib"}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of results out of the repeats of the same upload to the same kind of server."""
+    summary = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = [run[key] for run in runs]
+            summary[key] = max(values) if key in _WORST else statistics.median(values)
+    summary["repeats"] = len(runs)
+    summary["wall_s_all"] = [run["wall_s"] for run in runs]
+    summary["wall_s_min"] = min(summary["wall_s_all"])
+    return summary

@@ -25,7 +25,12 @@ from datetime import date
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 SIZE = 512
 # Stored value = HU + 1024 (RescaleIntercept -1024), the convention of most CT scanners.
@@ -68,7 +73,10 @@ def _noise_buffers(rng: random.Random) -> dict[str, bytes]:
     for name, (mean, sigma) in TISSUES.items():
         values = array(
             "h",
-            (max(-32768, min(32767, round(mean - INTERCEPT + rng.gauss(0.0, sigma)))) for _ in range(NOISE_VALUES)),
+            (
+                max(-32768, min(32767, round(mean - INTERCEPT + rng.gauss(0.0, sigma))))
+                for _ in range(NOISE_VALUES)
+            ),
         )
         if sys.byteorder == "big":
             values.byteswap()  # DICOM Explicit VR Little Endian
@@ -163,7 +171,9 @@ def _slice_pixels(z: float, rng: random.Random, noise: dict[str, bytes]) -> byte
     return pixels
 
 
-def _dataset(*, index: int, study_uid: str, series_uid: str, frame_uid: str, pixels: bytes) -> Dataset:
+def _dataset(
+    *, index: int, study_uid: str, series_uid: str, frame_uid: str, pixels: bytes
+) -> Dataset:
     """One CT Image Storage instance with the attributes a scanner writes."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()

@@ -9,12 +9,20 @@ from django.utils import timezone
 from .models import ApiToken, Facility, Membership, User, hash_token
 
 
+class AuthedRequest(HttpRequest):
+    """The request of a view behind login_required (or the API's authentication)."""
+
+    user: User  # type: ignore[assignment]
+
+
 def user_from_token(raw: str) -> User | None:
     """The active user an API token belongs to, or None (unknown, revoked, user disabled)."""
     if not raw.startswith(ApiToken.PREFIX):
         return None
     token = (
-        ApiToken.objects.filter(token_hash=hash_token(raw), revoked_at__isnull=True, user__is_active=True)
+        ApiToken.objects.filter(
+            token_hash=hash_token(raw), revoked_at__isnull=True, user__is_active=True
+        )
         .select_related("user")
         .first()
     )
@@ -44,14 +52,20 @@ def facilities_of(user: User) -> QuerySet[Facility]:
 
 
 def upload_facilities(user: User) -> QuerySet[Facility]:
-    return Facility.objects.filter(memberships__user=user, memberships__role__in=("admin", "sender"))
+    return Facility.objects.filter(
+        memberships__user=user, memberships__role__in=("admin", "sender")
+    )
 
 
-def get_membership_for_user(request: HttpRequest, slug: str, *, manage: bool = False) -> Membership:
+def get_membership_for_user(
+    request: AuthedRequest, slug: str, *, manage: bool = False
+) -> Membership:
     """The signed-in user's membership of the facility `slug`; 404 if none (or not an admin
     when `manage` is asked), so that outsiders cannot tell which facilities exist."""
     membership = (
-        Membership.objects.filter(user=request.user, facility__slug=slug).select_related("facility").first()
+        Membership.objects.filter(user=request.user, facility__slug=slug)
+        .select_related("facility")
+        .first()
     )
     if membership is None or (manage and not membership.can_manage):
         raise Http404("No such facility.")

@@ -74,7 +74,9 @@ def _on_logout(sender: Any, request: HttpRequest, user: User | None, **kwargs: A
 
 
 @receiver(user_login_failed)
-def _on_login_failed(sender: Any, credentials: dict[str, Any], request: HttpRequest | None = None, **kwargs: Any) -> None:
+def _on_login_failed(
+    sender: Any, credentials: dict[str, Any], request: HttpRequest | None = None, **kwargs: Any
+) -> None:
     # The attempted address is kept (it is what an investigator searches for); never the password.
     email = str(credentials.get("username") or credentials.get("email") or "")[:254]
     audit_record(

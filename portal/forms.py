@@ -12,7 +12,9 @@ from .models import AuditAction, Role
 
 
 class LoginForm(AuthenticationForm):
-    username = forms.EmailField(label="E-mail", widget=forms.EmailInput(attrs={"autofocus": True, "autocomplete": "email"}))
+    username = forms.EmailField(
+        label="E-mail", widget=forms.EmailInput(attrs={"autofocus": True, "autocomplete": "email"})
+    )
 
 
 class InviteForm(forms.Form):
@@ -28,8 +30,12 @@ class AcceptInvitationForm(forms.Form):
     """For someone who has no account yet: their name and a password."""
 
     full_name = forms.CharField(max_length=150, label="Your name")
-    password1 = forms.CharField(label="Password", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}))
-    password2 = forms.CharField(label="Password again", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}))
+    password1 = forms.CharField(
+        label="Password", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
+    )
+    password2 = forms.CharField(
+        label="Password again", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
+    )
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -41,14 +47,23 @@ class AcceptInvitationForm(forms.Form):
 
 
 class ApiTokenForm(forms.Form):
-    name = forms.CharField(max_length=100, label="Name", help_text="Where it is used, e.g. 'CT workstation uploader'.")
+    name = forms.CharField(
+        max_length=100, label="Name", help_text="Where it is used, e.g. 'CT workstation uploader'."
+    )
 
 
 class AuditFilterForm(forms.Form):
     action = forms.ChoiceField(choices=[("", "Any action"), *AuditAction.choices], required=False)
-    outcome = forms.ChoiceField(choices=[("", "Any outcome"), ("success", "Success"), ("failure", "Failure")], required=False)
+    outcome = forms.ChoiceField(
+        choices=[("", "Any outcome"), ("success", "Success"), ("failure", "Failure")],
+        required=False,
+    )
     who = forms.CharField(required=False, max_length=254, label="User e-mail")
     patient_id = forms.CharField(required=False, max_length=64, label="Patient ID")
     study_uid = forms.CharField(required=False, max_length=64, label="Study UID")
-    date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
-    date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
+    date_from = forms.DateField(
+        required=False, label="From", widget=forms.DateInput(attrs={"type": "date"})
+    )
+    date_to = forms.DateField(
+        required=False, label="To", widget=forms.DateInput(attrs={"type": "date"})
+    )

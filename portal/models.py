@@ -88,7 +88,12 @@ class Facility(models.Model):
     slug = models.SlugField(max_length=60, unique=True)
     city = models.CharField(max_length=100, blank=True)
     ae_title = models.CharField(
-        "DICOM AE title", max_length=16, unique=True, null=True, blank=True, validators=[ae_title_validator]
+        "DICOM AE title",
+        max_length=16,
+        unique=True,
+        null=True,
+        blank=True,
+        validators=[ae_title_validator],
     )
     has_pacs = models.BooleanField("has a PACS", default=False)
     created_at = models.DateTimeField(default=timezone.now)
@@ -119,7 +124,9 @@ class Membership(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["user", "facility"], name="membership_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "facility"], name="membership_unique")
+        ]
         ordering = ("facility__name", "user__email")
 
     def __str__(self) -> str:
@@ -145,7 +152,9 @@ class Invitation(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
     accepted_at = models.DateTimeField(null=True, blank=True)
-    accepted_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    accepted_by = models.ForeignKey(
+        User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -164,7 +173,11 @@ class Invitation(models.Model):
 
     @property
     def is_usable(self) -> bool:
-        return self.accepted_at is None and self.revoked_at is None and self.expires_at > timezone.now()
+        return (
+            self.accepted_at is None
+            and self.revoked_at is None
+            and self.expires_at > timezone.now()
+        )
 
 
 class ApiToken(models.Model):
@@ -226,9 +239,13 @@ class AuditEvent(models.Model):
     """
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
-    actor = models.ForeignKey(User, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    actor = models.ForeignKey(
+        User, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     actor_email = models.CharField(max_length=254, blank=True)
-    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    facility = models.ForeignKey(
+        Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     action = models.CharField(max_length=20, choices=AuditAction.choices)
     outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.SUCCESS)
     study_instance_uid = models.CharField(max_length=64, blank=True)

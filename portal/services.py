@@ -15,7 +15,14 @@ class ServiceError(Exception):
     """A refusal to show the person who asked."""
 
 
-def invitation_create(*, facility: Facility, email: str, role: str, invited_by: User, request: HttpRequest | None = None) -> Invitation:
+def invitation_create(
+    *,
+    facility: Facility,
+    email: str,
+    role: str,
+    invited_by: User,
+    request: HttpRequest | None = None,
+) -> Invitation:
     email = email.strip().lower()
     if Membership.objects.filter(facility=facility, user__email__iexact=email).exists():
         raise ServiceError(f"{email} is already a member of {facility.name}.")
@@ -23,7 +30,10 @@ def invitation_create(*, facility: Facility, email: str, role: str, invited_by: 
     with transaction.atomic():
         # A new invitation replaces any earlier one still open for the same address.
         Invitation.objects.filter(
-            facility=facility, email__iexact=email, accepted_at__isnull=True, revoked_at__isnull=True
+            facility=facility,
+            email__iexact=email,
+            accepted_at__isnull=True,
+            revoked_at__isnull=True,
         ).update(revoked_at=timezone.now())
         invitation = Invitation.objects.create(
             facility=facility,
@@ -34,29 +44,45 @@ def invitation_create(*, facility: Facility, email: str, role: str, invited_by: 
             expires_at=Invitation.default_expiry(),
         )
         audit_record(
-            action=AuditAction.MEMBER_INVITE, request=request, actor=invited_by, facility=facility,
+            action=AuditAction.MEMBER_INVITE,
+            request=request,
+            actor=invited_by,
+            facility=facility,
             detail={"email": email, "role": role},
         )
         email_queue(
             name="invitation",
             to=email,
-            context={"invitation": invitation, "facility": facility, "inviter": invited_by, "token": raw},
+            context={
+                "invitation": invitation,
+                "facility": facility,
+                "inviter": invited_by,
+                "token": raw,
+            },
         )
     return invitation
 
 
 def invitation_for_token(raw: str) -> Invitation | None:
-    invitation = Invitation.objects.select_related("facility").filter(token_hash=hash_token(raw)).first()
+    invitation = (
+        Invitation.objects.select_related("facility").filter(token_hash=hash_token(raw)).first()
+    )
     return invitation if invitation is not None and invitation.is_usable else None
 
 
-def invitation_accept(*, raw_token: str, user: User, request: HttpRequest | None = None) -> Membership:
+def invitation_accept(
+    *, raw_token: str, user: User, request: HttpRequest | None = None
+) -> Membership:
     with transaction.atomic():
-        invitation = Invitation.objects.select_for_update().filter(token_hash=hash_token(raw_token)).first()
+        invitation = (
+            Invitation.objects.select_for_update().filter(token_hash=hash_token(raw_token)).first()
+        )
         if invitation is None or not invitation.is_usable:
             raise ServiceError("This invitation link is no longer valid. Ask for a new one.")
         if user.email.lower() != invitation.email.lower():
-            raise ServiceError(f"This invitation is for {invitation.email}; sign in with that address.")
+            raise ServiceError(
+                f"This invitation is for {invitation.email}; sign in with that address."
+            )
         membership, created = Membership.objects.get_or_create(
             user=user, facility=invitation.facility, defaults={"role": invitation.role}
         )
@@ -64,13 +90,18 @@ def invitation_accept(*, raw_token: str, user: User, request: HttpRequest | None
         invitation.accepted_by = user
         invitation.save(update_fields=["accepted_at", "accepted_by"])
         audit_record(
-            action=AuditAction.MEMBER_JOIN, request=request, actor=user, facility=invitation.facility,
+            action=AuditAction.MEMBER_JOIN,
+            request=request,
+            actor=user,
+            facility=invitation.facility,
             detail={"role": membership.role, "new": created},
         )
     return membership
 
 
-def membership_change_role(*, membership: Membership, role: str, by: User, request: HttpRequest | None = None) -> None:
+def membership_change_role(
+    *, membership: Membership, role: str, by: User, request: HttpRequest | None = None
+) -> None:
     with transaction.atomic():
         locked = Membership.objects.select_for_update().get(pk=membership.pk)
         if locked.role == "admin" and role != "admin" and _last_admin(locked):
@@ -79,36 +110,62 @@ def membership_change_role(*, membership: Membership, role: str, by: User, reque
         locked.role = role
         locked.save(update_fields=["role"])
         audit_record(
-            action=AuditAction.MEMBER_CHANGE, request=request, actor=by, facility=locked.facility,
+            action=AuditAction.MEMBER_CHANGE,
+            request=request,
+            actor=by,
+            facility=locked.facility,
             detail={"member": locked.user.email, "from": old, "to": role},
         )
 
 
-def membership_remove(*, membership: Membership, by: User, request: HttpRequest | None = None) -> None:
+def membership_remove(
+    *, membership: Membership, by: User, request: HttpRequest | None = None
+) -> None:
     with transaction.atomic():
         locked = Membership.objects.select_for_update().get(pk=membership.pk)
         if locked.role == "admin" and _last_admin(locked):
             raise ServiceError("A facility keeps at least one admin.")
         audit_record(
-            action=AuditAction.MEMBER_REMOVE, request=request, actor=by, facility=locked.facility,
+            action=AuditAction.MEMBER_REMOVE,
+            request=request,
+            actor=by,
+            facility=locked.facility,
             detail={"member": locked.user.email, "role": locked.role},
         )
         locked.delete()
 
 
 def _last_admin(membership: Membership) -> bool:
-    return not Membership.objects.filter(facility=membership.facility, role="admin").exclude(pk=membership.pk).exists()
+    return (
+        not Membership.objects.filter(facility=membership.facility, role="admin")
+        .exclude(pk=membership.pk)
+        .exists()
+    )
 
 
-def api_token_create(*, user: User, name: str, request: HttpRequest | None = None) -> tuple[ApiToken, str]:
+def api_token_create(
+    *, user: User, name: str, request: HttpRequest | None = None
+) -> tuple[ApiToken, str]:
     with transaction.atomic():
         token, raw = ApiToken.issue(user=user, name=name)
-        audit_record(action=AuditAction.TOKEN_CREATE, request=request, actor=user, detail={"token": token.hint, "name": name})
+        audit_record(
+            action=AuditAction.TOKEN_CREATE,
+            request=request,
+            actor=user,
+            detail={"token": token.hint, "name": name},
+        )
     return token, raw
 
 
 def api_token_revoke(*, token: ApiToken, request: HttpRequest | None = None) -> None:
     with transaction.atomic():
-        updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
         if updated:
-            audit_record(action=AuditAction.TOKEN_REVOKE, request=request, actor=token.user, detail={"token": token.hint})
+            audit_record(
+                action=AuditAction.TOKEN_REVOKE,
+                request=request,
+                actor=token.user,
+                detail={"token": token.hint},
+            )

@@ -19,21 +19,29 @@ urlpatterns = [
         name="password_change_done",
     ),
     path("accounts/password/reset/", views.PasswordResetView.as_view(), name="password_reset"),
-    path("accounts/password/reset/done/", auth_views.PasswordResetDoneView.as_view(), name="password_reset_done"),
+    path(
+        "accounts/password/reset/done/",
+        auth_views.PasswordResetDoneView.as_view(),
+        name="password_reset_done",
+    ),
     path(
         "accounts/reset/<uidb64>/<token>/",
         auth_views.PasswordResetConfirmView.as_view(),
         name="password_reset_confirm",
     ),
     path(
-        "accounts/reset/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"
+        "accounts/reset/done/",
+        auth_views.PasswordResetCompleteView.as_view(),
+        name="password_reset_complete",
     ),
     path("accounts/profile/", views.profile, name="profile"),
     path("accounts/tokens/", views.token_create, name="token_create"),
     path("accounts/tokens/<int:token_id>/revoke/", views.token_revoke, name="token_revoke"),
     path("invitations/<str:token>/", views.invitation_open, name="invitation_open"),
     path("facilities/<slug:slug>/members/", views.facility_members, name="facility_members"),
-    path("facilities/<slug:slug>/members/<int:member_id>/", views.member_update, name="member_update"),
+    path(
+        "facilities/<slug:slug>/members/<int:member_id>/", views.member_update, name="member_update"
+    ),
     path(
         "facilities/<slug:slug>/invitations/<int:invitation_id>/revoke/",
         views.invitation_revoke,

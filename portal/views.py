@@ -15,11 +15,18 @@ from django.urls import reverse_lazy
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from .access import get_membership_for_user, memberships_of
+from .access import AuthedRequest, get_membership_for_user, memberships_of
 from .audit import audit_record
 from .emails import email_render
-from .forms import AcceptInvitationForm, ApiTokenForm, AuditFilterForm, InviteForm, LoginForm, RoleForm
-from .models import ApiToken, AuditAction, AuditEvent, Invitation, Membership, User
+from .forms import (
+    AcceptInvitationForm,
+    ApiTokenForm,
+    AuditFilterForm,
+    InviteForm,
+    LoginForm,
+    RoleForm,
+)
+from .models import ApiToken, AuditAction, AuditEvent, Invitation, Membership, Role, User
 from .services import (
     ServiceError,
     api_token_create,
@@ -58,7 +65,14 @@ class PasswordResetView(auth_views.PasswordResetView):
         return super().form_valid(form)
 
 
-def _queue_reset_mail(subject_template_name, email_template_name, context, from_email, to_email, html_email_template_name=None):  # type: ignore[no-untyped-def]
+def _queue_reset_mail(
+    subject_template_name,
+    email_template_name,
+    context,
+    from_email,
+    to_email,
+    html_email_template_name=None,
+):  # type: ignore[no-untyped-def]
     subject, text, html = email_render("password_reset", context)
     email_send.delay(to=to_email, subject=subject, text=text, html=html)
 
@@ -73,22 +87,29 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @login_required
-def profile(request: HttpRequest) -> HttpResponse:
-    tokens = ApiToken.objects.filter(user=request.user, revoked_at__isnull=True)  # type: ignore[misc]
+def profile(request: AuthedRequest) -> HttpResponse:
+    tokens = ApiToken.objects.filter(user=request.user, revoked_at__isnull=True)
     new_token = request.session.pop("new_api_token", None)
     return render(
         request,
         "portal/profile.html",
-        {"memberships": memberships_of(request.user), "tokens": tokens, "form": ApiTokenForm(), "new_token": new_token},  # type: ignore[arg-type]
+        {
+            "memberships": memberships_of(request.user),
+            "tokens": tokens,
+            "form": ApiTokenForm(),
+            "new_token": new_token,
+        },
     )
 
 
 @require_POST
 @login_required
-def token_create(request: HttpRequest) -> HttpResponse:
+def token_create(request: AuthedRequest) -> HttpResponse:
     form = ApiTokenForm(request.POST)
     if form.is_valid():
-        _, raw = api_token_create(user=request.user, name=form.cleaned_data["name"], request=request)  # type: ignore[arg-type]
+        _, raw = api_token_create(
+            user=request.user, name=form.cleaned_data["name"], request=request
+        )
         # Shown once, on the next page, then gone: only its hash is stored.
         request.session["new_api_token"] = raw
     else:
@@ -98,8 +119,8 @@ def token_create(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @login_required
-def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
-    token = ApiToken.objects.filter(pk=token_id, user=request.user).first()  # type: ignore[misc]
+def token_revoke(request: AuthedRequest, token_id: int) -> HttpResponse:
+    token = ApiToken.objects.filter(pk=token_id, user=request.user).first()
     if token is None:
         raise Http404("No such token.")
     api_token_revoke(token=token, request=request)
@@ -122,18 +143,25 @@ def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
             return redirect(f"{reverse_lazy('login')}?next={request.path}")
         if request.method == "POST":
             try:
-                membership = invitation_accept(raw_token=token, user=request.user, request=request)  # type: ignore[arg-type]
+                membership = invitation_accept(raw_token=token, user=request.user, request=request)
             except ServiceError as exc:
                 messages.error(request, str(exc))
                 return redirect("studies")
-            messages.success(request, f"You joined {membership.facility.name} as {membership.get_role_display()}.")
+            messages.success(
+                request,
+                f"You joined {membership.facility.name} as {membership.get_role_display()}.",
+            )
             return redirect("studies")
-        return render(request, "portal/invitation_accept.html", {"invitation": invitation, "form": None})
+        return render(
+            request, "portal/invitation_accept.html", {"invitation": invitation, "form": None}
+        )
 
     form = AcceptInvitationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = User.objects.create_user(
-            email=invitation.email, password=form.cleaned_data["password1"], full_name=form.cleaned_data["full_name"]
+            email=invitation.email,
+            password=form.cleaned_data["password1"],
+            full_name=form.cleaned_data["full_name"],
         )
         try:
             membership = invitation_accept(raw_token=token, user=user, request=request)
@@ -143,7 +171,9 @@ def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         messages.success(request, f"Welcome to Relay. You joined {membership.facility.name}.")
         return redirect("studies")
-    return render(request, "portal/invitation_accept.html", {"invitation": invitation, "form": form})
+    return render(
+        request, "portal/invitation_accept.html", {"invitation": invitation, "form": form}
+    )
 
 
 # --- facility administration ---------------------------------------------------------------------
@@ -151,7 +181,7 @@ def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 @login_required
-def facility_members(request: HttpRequest, slug: str) -> HttpResponse:
+def facility_members(request: AuthedRequest, slug: str) -> HttpResponse:
     membership = get_membership_for_user(request, slug, manage=True)
     facility = membership.facility
     form = InviteForm(request.POST or None)
@@ -161,7 +191,7 @@ def facility_members(request: HttpRequest, slug: str) -> HttpResponse:
                 facility=facility,
                 email=form.cleaned_data["email"],
                 role=form.cleaned_data["role"],
-                invited_by=request.user,  # type: ignore[arg-type]
+                invited_by=request.user,
                 request=request,
             )
         except ServiceError as exc:
@@ -169,35 +199,57 @@ def facility_members(request: HttpRequest, slug: str) -> HttpResponse:
         else:
             messages.success(request, f"Invitation sent to {form.cleaned_data['email']}.")
             return redirect("facility_members", slug=slug)
-    members = Membership.objects.filter(facility=facility).select_related("user").order_by("user__email")
+    members = (
+        Membership.objects.filter(facility=facility).select_related("user").order_by("user__email")
+    )
     invitations = Invitation.objects.filter(
-        facility=facility, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        facility=facility,
+        accepted_at__isnull=True,
+        revoked_at__isnull=True,
+        expires_at__gt=timezone.now(),
     )
     return render(
         request,
         "portal/facility_members.html",
-        {"facility": facility, "members": members, "invitations": invitations, "form": form, "roles": RoleForm.base_fields["role"].choices},  # type: ignore[attr-defined]
+        {
+            "facility": facility,
+            "members": members,
+            "invitations": invitations,
+            "form": form,
+            "roles": Role.choices,
+        },  # type: ignore[attr-defined]
     )
 
 
 @require_POST
 @login_required
-def member_update(request: HttpRequest, slug: str, member_id: int) -> HttpResponse:
+def member_update(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
     admin = get_membership_for_user(request, slug, manage=True)
-    member = Membership.objects.filter(pk=member_id, facility=admin.facility).select_related("user").first()
+    member = (
+        Membership.objects.filter(pk=member_id, facility=admin.facility)
+        .select_related("user")
+        .first()
+    )
     if member is None:
         raise Http404("No such member.")
     try:
         if request.POST.get("action") == "remove":
-            membership_remove(membership=member, by=request.user, request=request)  # type: ignore[arg-type]
+            membership_remove(membership=member, by=request.user, request=request)
             messages.success(request, f"{member.user.email} removed.")
         else:
             form = RoleForm(request.POST)
             if not form.is_valid():
                 messages.error(request, "Choose a role.")
             else:
-                membership_change_role(membership=member, role=form.cleaned_data["role"], by=request.user, request=request)  # type: ignore[arg-type]
-                messages.success(request, f"{member.user.email} is now {form.cleaned_data['role']}.")
+                membership_change_role(
+                    membership=member,
+                    role=form.cleaned_data["role"],
+                    by=request.user,
+                    request=request,
+                )
+                messages.success(
+                    request, f"{member.user.email} is now {form.cleaned_data['role']}."
+                )
     except ServiceError as exc:
         messages.error(request, str(exc))
     return redirect("facility_members", slug=slug)
@@ -205,18 +257,18 @@ def member_update(request: HttpRequest, slug: str, member_id: int) -> HttpRespon
 
 @require_POST
 @login_required
-def invitation_revoke(request: HttpRequest, slug: str, invitation_id: int) -> HttpResponse:
+def invitation_revoke(request: AuthedRequest, slug: str, invitation_id: int) -> HttpResponse:
     admin = get_membership_for_user(request, slug, manage=True)
-    Invitation.objects.filter(pk=invitation_id, facility=admin.facility, accepted_at__isnull=True).update(
-        revoked_at=timezone.now()
-    )
+    Invitation.objects.filter(
+        pk=invitation_id, facility=admin.facility, accepted_at__isnull=True
+    ).update(revoked_at=timezone.now())
     messages.success(request, "Invitation withdrawn.")
     return redirect("facility_members", slug=slug)
 
 
 @require_GET
 @login_required
-def facility_audit(request: HttpRequest, slug: str) -> HttpResponse:
+def facility_audit(request: AuthedRequest, slug: str) -> HttpResponse:
     membership = get_membership_for_user(request, slug, manage=True)
     facility = membership.facility
     form = AuditFilterForm(request.GET or None)

@@ -21,8 +21,20 @@ MATRIX: dict[str, dict[str, int | str]] = {
     "/studies/": {"alice": 200, "bob": 200, "carol": 200, "charlie": 200, "anon": LOGIN},
     "/studies/{study}/": {"alice": 200, "bob": 200, "carol": 200, "charlie": 404, "anon": LOGIN},
     "/upload/": {"alice": 200, "bob": 200, "carol": 404, "charlie": 200, "anon": LOGIN},
-    "/facilities/krmc/members/": {"alice": 200, "bob": 404, "carol": 404, "charlie": 404, "anon": LOGIN},
-    "/facilities/krmc/audit/": {"alice": 200, "bob": 404, "carol": 404, "charlie": 404, "anon": LOGIN},
+    "/facilities/krmc/members/": {
+        "alice": 200,
+        "bob": 404,
+        "carol": 404,
+        "charlie": 404,
+        "anon": LOGIN,
+    },
+    "/facilities/krmc/audit/": {
+        "alice": 200,
+        "bob": 404,
+        "carol": 404,
+        "charlie": 404,
+        "anon": LOGIN,
+    },
     "/accounts/profile/": {"alice": 200, "bob": 200, "carol": 200, "charlie": 200, "anon": LOGIN},
 }
 
@@ -52,5 +64,7 @@ def test_only_admins_change_members(request, persona, alice, krmc):
     response = client_for(user).post(f"/facilities/krmc/members/{target.pk}/", {"action": "remove"})
     assert response.status_code == 404
     assert Membership.objects.filter(pk=target.pk).exists()
-    response = client_for(user).post("/facilities/krmc/members/", {"email": "x@example.org", "role": "admin"})
+    response = client_for(user).post(
+        "/facilities/krmc/members/", {"email": "x@example.org", "role": "admin"}
+    )
     assert response.status_code == 404

@@ -35,7 +35,9 @@ def _database_url() -> str:
 
 
 @pytest.fixture(scope="module")
-def _worker_process(tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker) -> Iterator[Path]:
+def _worker_process(
+    tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker
+) -> Iterator[Path]:
     """One worker for the module; each test brings its own (transactional) data."""
     tmp_path = tmp_path_factory.mktemp("worker")
     mail = tmp_path / "mail"
@@ -55,14 +57,42 @@ def _worker_process(tmp_path_factory: pytest.TempPathFactory, django_db_setup: N
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     if not settings.REDIS_URL:
         # Point this process's producer at the same private broker folder as the worker.
-        folders = {"data_folder_in": broker / "queue", "data_folder_out": broker / "queue", "processed_folder": broker / "processed", "control_folder": broker / "control"}
+        folders = {
+            "data_folder_in": broker / "queue",
+            "data_folder_out": broker / "queue",
+            "processed_folder": broker / "processed",
+            "control_folder": broker / "control",
+        }
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        app.conf.broker_transport_options = {**{k: str(v) for k, v in folders.items()}, "store_processed": False}
+        app.conf.broker_transport_options = {
+            **{k: str(v) for k, v in folders.items()},
+            "store_processed": False,
+        }
+        # Connections made earlier in this run point at the default folder: start afresh.
+        app._pool = None
+        app.amqp._producer_pool = None
     app.conf.task_always_eager = False
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", "quick,slow", "--pool", "solo", "-l", "INFO"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "portal",
+            "worker",
+            "-Q",
+            "quick,slow",
+            "--pool",
+            "solo",
+            "-l",
+            "INFO",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         yield mail
@@ -94,7 +124,12 @@ def _wait_for(check, seconds: float = 90) -> None:
 
 
 def test_the_worker_sends_an_invitation_email(worker: Path, alice) -> None:
-    invitation_create(facility=alice.memberships.get().facility, email="new.reader@clinic.example", role="reader", invited_by=alice)
+    invitation_create(
+        facility=alice.memberships.get().facility,
+        email="new.reader@clinic.example",
+        role="reader",
+        invited_by=alice,
+    )
     _wait_for(lambda: worker.exists() and any(worker.iterdir()))
     message = next(worker.iterdir()).read_text()
     assert "To: new.reader@clinic.example" in message
@@ -103,7 +138,9 @@ def test_the_worker_sends_an_invitation_email(worker: Path, alice) -> None:
 
 def test_the_worker_completes_quiet_studies_in_the_database(worker: Path, krmc) -> None:
     study = Study.objects.create(
-        facility=krmc, study_instance_uid="1.2.3.77", last_received_at=timezone.now() - timedelta(minutes=10)
+        facility=krmc,
+        study_instance_uid="1.2.3.77",
+        last_received_at=timezone.now() - timedelta(minutes=10),
     )
     studies_complete_quiet.delay()
     _wait_for(lambda: Study.objects.get(pk=study.pk).status == StudyStatus.COMPLETE)

@@ -14,10 +14,10 @@ something was refused.
 from __future__ import annotations
 
 import json
-from urllib.parse import unquote
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import unquote
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -25,7 +25,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from portal.access import bearer_token, upload_facilities, user_from_token
+from portal.access import AuthedRequest, bearer_token, upload_facilities, user_from_token
 from portal.models import Facility, User
 
 from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_valid_uid, read_chunks
@@ -51,7 +51,9 @@ def api_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
                 return _error("The API token is not valid (unknown or revoked).", 401)
             request.user = user
         elif request.user.is_authenticated:
-            refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, view, args, kwargs)
+            refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
+                request, view, args, kwargs
+            )
             if refused is not None:
                 return _error("The CSRF check failed; reload the page.", 403)
         else:
@@ -78,15 +80,15 @@ def _upload_facility(user: User, slug: str | None) -> Facility | JsonResponse:
 
 @require_GET
 @api_view
-def facilities(request: HttpRequest) -> JsonResponse:
-    rows = [{"slug": f.slug, "name": f.name} for f in upload_facilities(request.user)]  # type: ignore[arg-type]
+def facilities(request: AuthedRequest) -> JsonResponse:
+    rows = [{"slug": f.slug, "name": f.name} for f in upload_facilities(request.user)]
     return JsonResponse({"facilities": rows})
 
 
 @require_POST
 @api_view
-def instances_upload(request: HttpRequest) -> JsonResponse:
-    facility = _upload_facility(request.user, request.GET.get("facility"))  # type: ignore[arg-type]
+def instances_upload(request: AuthedRequest) -> JsonResponse:
+    facility = _upload_facility(request.user, request.GET.get("facility"))
     if isinstance(facility, JsonResponse):
         return facility
     limit = settings.RELAY_MAX_UPLOAD_BYTES
@@ -104,7 +106,7 @@ def instances_upload(request: HttpRequest) -> JsonResponse:
         results = [
             instance_ingest(
                 facility=facility,
-                user=request.user,  # type: ignore[arg-type]
+                user=request.user,
                 chunks=upload.chunks(),
                 filename=upload.name or "",
                 source="api",
@@ -113,18 +115,21 @@ def instances_upload(request: HttpRequest) -> JsonResponse:
             for upload in files
         ]
         return _results_response(results)
-    if not length:
+    if "CONTENT_LENGTH" not in request.META or request.META["CONTENT_LENGTH"] == "":
         return _error("Send the DICOM file as the request body with a Content-Length.", 411)
     filename = unquote(request.META.get("HTTP_X_FILENAME", ""))[:255]
     if length > limit:
         # Refused before reading a byte of it.
         result = IngestResult(
-            REJECTED, filename=filename, reason=f"The file is larger than the {human_size(limit)} limit.", http_status=413
+            REJECTED,
+            filename=filename,
+            reason=f"The file is larger than the {human_size(limit)} limit.",
+            http_status=413,
         )
         return JsonResponse(result.as_dict(), status=413)
     result = instance_ingest(
         facility=facility,
-        user=request.user,  # type: ignore[arg-type]
+        user=request.user,
         chunks=read_chunks(request),
         filename=filename,
         expected_size=length,
@@ -139,31 +144,33 @@ def _results_response(results: list[IngestResult]) -> JsonResponse:
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     status = 200 if all(r.http_status < 300 for r in results) else 207
-    return JsonResponse({"counts": counts, "results": [r.as_dict() for r in results]}, status=status)
+    return JsonResponse(
+        {"counts": counts, "results": [r.as_dict() for r in results]}, status=status
+    )
 
 
 @require_POST
 @api_view
-def instances_known(request: HttpRequest) -> JsonResponse:
+def instances_known(request: AuthedRequest) -> JsonResponse:
     try:
         payload = json.loads(request.body or b"{}")
         uids = payload.get("sop_instance_uids", [])
         slug = payload.get("facility")
     except (ValueError, AttributeError):
-        return _error("The body must be JSON: {\"facility\": ..., \"sop_instance_uids\": [...]}.", 400)
+        return _error('The body must be JSON: {"facility": ..., "sop_instance_uids": [...]}.', 400)
     if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
         return _error("'sop_instance_uids' must be a list of strings.", 400)
     if len(uids) > MAX_KNOWN_UIDS:
         return _error(f"Ask about at most {MAX_KNOWN_UIDS} UIDs at a time.", 400)
-    facility = _upload_facility(request.user, slug)  # type: ignore[arg-type]
+    facility = _upload_facility(request.user, slug)
     if isinstance(facility, JsonResponse):
         return facility
     wanted = [u for u in uids if is_valid_uid(u)]
     known: set[str] = set()
     for start in range(0, len(wanted), 500):
         known.update(
-            Instance.objects.filter(facility=facility, sop_instance_uid__in=wanted[start : start + 500]).values_list(
-                "sop_instance_uid", flat=True
-            )
+            Instance.objects.filter(
+                facility=facility, sop_instance_uid__in=wanted[start : start + 500]
+            ).values_list("sop_instance_uid", flat=True)
         )
     return JsonResponse({"facility": facility.slug, "known": sorted(known)})

@@ -54,6 +54,8 @@ STORED = "stored"
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
 REJECTED = "rejected"
+# Not the file's fault (storage briefly unreachable): the sender should try again later.
+UNAVAILABLE = "unavailable"
 
 
 class Rejected(Exception):
@@ -165,7 +167,9 @@ def _parse(spooled: Spooled) -> Dataset:
         raise Rejected("The file is empty (0 bytes).")
     spooled.file.seek(128)
     if spooled.size < 132 or spooled.file.read(4) != b"DICM":
-        raise Rejected("Not a DICOM file: there is no 'DICM' marker after the 128-byte preamble (DICOM Part 10).")
+        raise Rejected(
+            "Not a DICOM file: there is no 'DICM' marker after the 128-byte preamble (DICOM Part 10)."
+        )
     spooled.file.seek(0)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -208,7 +212,9 @@ def _check_structure(ds: Dataset, limit: int) -> None:
         for elem in current:
             if elem.VR == "SQ":
                 if depth + 1 > limit:
-                    raise Rejected(f"The DICOM header nests sequences more than {limit} levels deep.")
+                    raise Rejected(
+                        f"The DICOM header nests sequences more than {limit} levels deep."
+                    )
                 stack.extend((item, depth + 1) for item in elem.value)
 
 
@@ -277,14 +283,20 @@ def _check_fragments(fp: IO[bytes], endian: str, file_size: int) -> None:
     while True:
         header = fp.read(8)
         if len(header) < 8:
-            raise Rejected("The file is truncated: its compressed pixel data ends before the last frame.")
+            raise Rejected(
+                "The file is truncated: its compressed pixel data ends before the last frame."
+            )
         group, element, length = struct.unpack(endian + "HHI", header)
         if (group, element) == (0xFFFE, 0xE0DD):
             return
         if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
-            raise Rejected("The compressed pixel data is malformed (an unexpected tag among its fragments).")
+            raise Rejected(
+                "The compressed pixel data is malformed (an unexpected tag among its fragments)."
+            )
         if fp.tell() + length > file_size:
-            raise Rejected("The file is truncated: a compressed frame runs past the end of the file.")
+            raise Rejected(
+                "The file is truncated: a compressed frame runs past the end of the file."
+            )
         fp.seek(length, 1)
 
 
@@ -345,21 +357,26 @@ def _identify(ds: Dataset) -> Header:
     meta = getattr(ds, "file_meta", Dataset())
     sop_class = _text(ds, "SOPClassUID", 64) or _text(meta, "MediaStorageSOPClassUID", 64)
     if sop_class == MEDIA_STORAGE_DIRECTORY:
-        raise Rejected("This is a DICOMDIR (the index of a disc), not an image; the files it lists are sent instead.")
+        raise Rejected(
+            "This is a DICOMDIR (the index of a disc), not an image; the files it lists are sent instead."
+        )
     ts = _text(meta, "TransferSyntaxUID", 64)
     if not ts:
         raise Rejected("The file meta information has no Transfer Syntax UID.")
     ids = {
         "Study Instance UID": _text(ds, "StudyInstanceUID", 200),
         "Series Instance UID": _text(ds, "SeriesInstanceUID", 200),
-        "SOP Instance UID": _text(ds, "SOPInstanceUID", 200) or _text(meta, "MediaStorageSOPInstanceUID", 200),
+        "SOP Instance UID": _text(ds, "SOPInstanceUID", 200)
+        or _text(meta, "MediaStorageSOPInstanceUID", 200),
         "SOP Class UID": sop_class,
     }
     for label, value in ids.items():
         if not value:
             raise Rejected(f"The file has no {label}.")
         if not is_valid_uid(value):
-            raise Rejected(f"The {label} is not a valid DICOM UID (digits and dots, at most 64 characters).")
+            raise Rejected(
+                f"The {label} is not a valid DICOM UID (digits and dots, at most 64 characters)."
+            )
     return Header(
         study_uid=ids["Study Instance UID"],
         series_uid=ids["Series Instance UID"],
@@ -421,9 +438,12 @@ def instance_ingest(
     """Store one incoming file. Never raises for bad input: the result says what happened."""
     try:
         with spool(chunks, expected_size=expected_size) as spooled:
-            result = _ingest_spooled(facility=facility, user=user, spooled=spooled, filename=filename)
+            result = _ingest_spooled(
+                facility=facility, user=user, spooled=spooled, filename=filename
+            )
     except Rejected as exc:
-        result = IngestResult(REJECTED, filename=filename, reason=exc.reason, http_status=exc.http_status)
+        status = UNAVAILABLE if exc.http_status == 503 else REJECTED
+        result = IngestResult(status, filename=filename, reason=exc.reason, http_status=exc.http_status)
     audit_record(
         action=AuditAction.UPLOAD,
         request=request,
@@ -445,7 +465,9 @@ def instance_ingest(
     return result
 
 
-def _ingest_spooled(*, facility: Facility, user: User | None, spooled: Spooled, filename: str) -> IngestResult:
+def _ingest_spooled(
+    *, facility: Facility, user: User | None, spooled: Spooled, filename: str
+) -> IngestResult:
     ds = _parse(spooled)
     try:
         header = _identify(ds)
@@ -485,10 +507,14 @@ def _ingest_spooled(*, facility: Facility, user: User | None, spooled: Spooled, 
 
     storage = storages["default"]
     try:
-        key = storage.save(storage_key(facility=facility, header=header), File(spooled.file, name="upload.dcm"))
+        key = storage.save(
+            storage_key(facility=facility, header=header), File(spooled.file, name="upload.dcm")
+        )
     except Exception as exc:  # disk full, bucket unreachable: the sender should retry
         log.exception("storage write failed for %s", header.sop_uid)
-        raise Rejected("The image store is unavailable; nothing was stored. Try again shortly.", 503) from exc
+        raise Rejected(
+            "The image store is unavailable; nothing was stored. Try again shortly.", 503
+        ) from exc
     try:
         with transaction.atomic():
             study, _ = Study.objects.get_or_create(
@@ -526,9 +552,13 @@ def _ingest_spooled(*, facility: Facility, user: User | None, spooled: Spooled, 
                 "completed_at": None,
             }
             if series_created:
-                modalities = sorted({m for m in study.series.values_list("modality", flat=True) if m})
+                modalities = sorted(
+                    {m for m in study.series.values_list("modality", flat=True) if m}
+                )
                 study_update["num_series"] = F("num_series") + 1
-                study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
+                study_update["modalities"] = (
+                    ("," + ",".join(modalities) + ",") if modalities else ""
+                )
             Study.objects.filter(pk=study.pk).update(**study_update)
     except IntegrityError:
         # Another upload of the same SOP Instance UID committed first.

@@ -47,7 +47,9 @@ class Study(models.Model):
     num_series = models.PositiveIntegerField(default=0)
     num_instances = models.PositiveIntegerField(default=0)
     size_bytes = models.PositiveBigIntegerField(default=0)
-    status = models.CharField(max_length=12, choices=StudyStatus.choices, default=StudyStatus.RECEIVING)
+    status = models.CharField(
+        max_length=12, choices=StudyStatus.choices, default=StudyStatus.RECEIVING
+    )
     created_at = models.DateTimeField(default=timezone.now)
     last_received_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -55,7 +57,9 @@ class Study(models.Model):
     class Meta:
         verbose_name_plural = "studies"
         constraints = [
-            models.UniqueConstraint(fields=["facility", "study_instance_uid"], name="study_unique_per_facility")
+            models.UniqueConstraint(
+                fields=["facility", "study_instance_uid"], name="study_unique_per_facility"
+            )
         ]
         indexes = [
             models.Index(fields=["facility", "-study_date"], name="study_fac_date"),
@@ -67,7 +71,9 @@ class Study(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.patient_name_display or '(no name)'} {self.study_date or ''} {self.description}"
+        return (
+            f"{self.patient_name_display or '(no name)'} {self.study_date or ''} {self.description}"
+        )
 
     @property
     def modality_list(self) -> list[str]:
@@ -105,7 +111,11 @@ class Series(models.Model):
     class Meta:
         verbose_name_plural = "series"
         ordering = ("series_number", "created_at")
-        constraints = [models.UniqueConstraint(fields=["study", "series_instance_uid"], name="series_unique_per_study")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["study", "series_instance_uid"], name="series_unique_per_study"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.modality} #{self.series_number} {self.description}"
@@ -135,7 +145,9 @@ class Instance(models.Model):
     class Meta:
         ordering = ("instance_number", "id")
         constraints = [
-            models.UniqueConstraint(fields=["facility", "sop_instance_uid"], name="instance_unique_per_facility")
+            models.UniqueConstraint(
+                fields=["facility", "sop_instance_uid"], name="instance_unique_per_facility"
+            )
         ]
 
     def __str__(self) -> str:

@@ -8,11 +8,11 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from portal.access import facilities_of, upload_facilities
+from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
 from portal.models import AuditAction
 
@@ -30,13 +30,18 @@ SORTS = {
 COMMON_MODALITIES = ["CR", "CT", "DX", "MG", "MR", "NM", "OT", "PT", "RF", "SR", "US", "XA"]
 
 
-def _visible_studies(request: HttpRequest) -> QuerySet[Study]:
+def _visible_studies(request: AuthedRequest) -> QuerySet[Study]:
     """Every study the signed-in user may see: those of the facilities they belong to."""
-    return Study.objects.filter(facility__in=facilities_of(request.user))  # type: ignore[arg-type]
+    return Study.objects.filter(facility__in=facilities_of(request.user))
 
 
-def _get_study_for_user(request: HttpRequest, study_uuid: str) -> Study:
-    study = _visible_studies(request).select_related("facility", "uploaded_by").filter(uuid=study_uuid).first()
+def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
+    study = (
+        _visible_studies(request)
+        .select_related("facility", "uploaded_by")
+        .filter(uuid=study_uuid)
+        .first()
+    )
     if study is None:
         raise Http404("No such study.")
     return study
@@ -51,7 +56,7 @@ def _parse_date(value: str) -> date | None:
 
 @require_GET
 @login_required
-def study_list(request: HttpRequest) -> HttpResponse:
+def study_list(request: AuthedRequest) -> HttpResponse:
     params = request.GET
     q = params.get("q", "").strip()[:100]
     modality = params.get("modality", "").strip().upper()[:16]
@@ -68,7 +73,9 @@ def study_list(request: HttpRequest) -> HttpResponse:
         name_filter = Q()
         for word in name_q.split():
             name_filter &= Q(patient_name__icontains=word)
-        studies = studies.filter(name_filter | Q(patient_id__iexact=q) | Q(accession_number__iexact=q))
+        studies = studies.filter(
+            name_filter | Q(patient_id__iexact=q) | Q(accession_number__iexact=q)
+        )
     if modality:
         studies = studies.filter(modalities__contains=f",{modality},")
     if date_from:
@@ -97,14 +104,14 @@ def study_list(request: HttpRequest) -> HttpResponse:
             "sort": sort,
             "modalities": COMMON_MODALITIES,
             "query": query.urlencode(),
-            "can_upload": upload_facilities(request.user).exists(),  # type: ignore[arg-type]
+            "can_upload": upload_facilities(request.user).exists(),
         },
     )
 
 
 @require_GET
 @login_required
-def study_detail(request: HttpRequest, study_uuid: str) -> HttpResponse:
+def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
     study = _get_study_for_user(request, study_uuid)
     series = list(study.series.all())
     audit_record(action=AuditAction.STUDY_VIEW, request=request, study=study)
@@ -113,8 +120,8 @@ def study_detail(request: HttpRequest, study_uuid: str) -> HttpResponse:
 
 @require_GET
 @login_required
-def upload_page(request: HttpRequest) -> HttpResponse:
-    facilities = list(upload_facilities(request.user))  # type: ignore[arg-type]
+def upload_page(request: AuthedRequest) -> HttpResponse:
+    facilities = list(upload_facilities(request.user))
     if not facilities:
         raise Http404("You are not a sender at any facility.")
     return render(

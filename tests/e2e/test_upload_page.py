@@ -14,12 +14,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from portal.models import Facility, Membership, User
-from transfers.models import Instance
+from transfers.models import Instance, person_name_display
 
 PASSWORD = "e2e upload page 7 horses"
 # Long enough for a slow CI machine to send a handful of small files.
 UPLOAD_TIMEOUT = 30_000
 SCREENSHOT_COPY = Path("/tmp/relay-upload-page.png")
+HOSTILE_NAME = "<script>window.__pwned=1</script>^X"
+HOSTILE_DESCRIPTION = "<script>window.__pwned=2</script>"
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,7 +72,9 @@ def _sop_uid(path: Path) -> str:
 
 
 def _row(page: Any, path: str) -> Any:
-    return page.locator("#files tbody tr").filter(has=page.get_by_role("cell", name=path, exact=True))
+    return page.locator("#files tbody tr").filter(
+        has=page.get_by_role("cell", name=path, exact=True)
+    )
 
 
 def _upload_mixed_batch(page: Any, tmp_path: Path) -> list[Path]:
@@ -123,6 +127,7 @@ def test_it_uploads_chosen_files_and_rejects_what_is_not_dicom(
 def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
     e2e_upload_page: Any,
     e2e_facility: Facility,
+    e2e_storage: Path,
     e2e_js_errors: list[str],
     tmp_path: Path,
 ) -> None:
@@ -130,12 +135,12 @@ def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
     folder = tmp_path / "CD0417"
     files = [
         *_copy_testdata(folder, "CT_small.dcm", "MR_small.dcm"),
-        *_copy_testdata(folder / "SERIES2", "rtdose.dcm"),
+        *_copy_testdata(folder / "SERIES2", "JPEG2000.dcm"),
     ]
     page.set_input_files("#pick-folder", folder)
     expect(page.locator("#summary")).to_have_text("Done: 3 stored", timeout=UPLOAD_TIMEOUT)
     # The table names each file by its path inside the chosen folder.
-    expect(_row(page, "CD0417/SERIES2/rtdose.dcm")).to_have_class("stored")
+    expect(_row(page, "CD0417/SERIES2/JPEG2000.dcm")).to_have_class("stored")
     assert Instance.objects.filter(facility=e2e_facility).count() == 3
     keys = set(Instance.objects.values_list("storage_key", flat=True))
 
@@ -151,6 +156,7 @@ def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
         expect(row.locator("td").last).to_contain_text("Already stored")
     assert Instance.objects.count() == 3
     assert set(Instance.objects.values_list("storage_key", flat=True)) == keys
+    assert len(list(e2e_storage.rglob("*.dcm"))) == 3
     assert e2e_js_errors == []
 
 
@@ -162,7 +168,10 @@ def test_it_shows_a_patient_name_holding_html_as_text(
 ) -> None:
     page = e2e_upload_page
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.PatientName = "<script>window.__pwned=1</script>^X"
+    ds.PatientName = HOSTILE_NAME
+    # '=' separates the component groups of a DICOM person name, so the worklist shows only
+    # '<script>window.__pwned' of the name; the description carries a whole script element.
+    ds.StudyDescription = HOSTILE_DESCRIPTION
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
@@ -174,14 +183,20 @@ def test_it_shows_a_patient_name_holding_html_as_text(
     expect(page.locator("#summary")).to_have_text("Done: 1 stored", timeout=UPLOAD_TIMEOUT)
 
     page.goto(f"{live_server.url}/studies/")
-    name = page.locator("table.worklist").get_by_role(
-        "link", name="<script>window.__pwned=1</script>, X", exact=True
-    )
+    shown_name = person_name_display(HOSTILE_NAME)
+    assert shown_name == "<script>window.__pwned"
+    row = page.locator("table.worklist tbody tr")
+    expect(row).to_have_count(1)
+    name = row.get_by_role("link", name=shown_name, exact=True)
     expect(name).to_be_visible()
+    expect(row.get_by_role("cell", name=HOSTILE_DESCRIPTION, exact=True)).to_be_visible()
+    expect(page.locator("main script")).to_have_count(0)
     assert page.evaluate("typeof window.__pwned") == "undefined"
 
     name.click()
-    expect(page.get_by_text("<script>window.__pwned=1</script>", exact=False).first).to_be_visible()
+    expect(page.get_by_role("heading", level=1)).to_have_text(shown_name)
+    expect(page.get_by_text(HOSTILE_DESCRIPTION, exact=True)).to_be_visible()
+    expect(page.locator("main script")).to_have_count(0)
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert e2e_js_errors == []
 

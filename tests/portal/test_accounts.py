@@ -80,7 +80,8 @@ def test_password_change_is_audited(bob):
     client = client_for(bob)
     new = "another long passphrase 7"
     response = client.post(
-        "/accounts/password/change/", {"old_password": PASSWORD, "new_password1": new, "new_password2": new}
+        "/accounts/password/change/",
+        {"old_password": PASSWORD, "new_password1": new, "new_password2": new},
     )
     assert response.status_code == 302
     assert AuditEvent.objects.filter(action="password_change", actor=bob).exists()
@@ -88,6 +89,8 @@ def test_password_change_is_audited(bob):
 
 def test_the_login_page_signs_in_by_email(bob):
     client = Client()
-    response = client.post("/accounts/login/", {"username": "bob@krmc.example", "password": PASSWORD})
+    response = client.post(
+        "/accounts/login/", {"username": "bob@krmc.example", "password": PASSWORD}
+    )
     assert response.status_code == 302
     assert response["Location"] == "/studies/"

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.django_db
 
 def test_login_logout_and_failed_login_are_audited(bob):
     client = Client(HTTP_USER_AGENT="Firefox/140", REMOTE_ADDR="10.1.2.3")
-    response = client.post("/accounts/login/", {"username": "bob@krmc.example", "password": "wrong"})
+    response = client.post(
+        "/accounts/login/", {"username": "bob@krmc.example", "password": "wrong"}
+    )
     assert response.status_code == 200
     assert b"Wrong e-mail or password" in response.content
     failed = AuditEvent.objects.get(action="login_failed")
@@ -24,7 +26,9 @@ def test_login_logout_and_failed_login_are_audited(bob):
     assert failed.client_ip == "10.1.2.3"
     assert "wrong" not in str(failed.detail)
 
-    response = client.post("/accounts/login/", {"username": "BOB@krmc.example", "password": PASSWORD})
+    response = client.post(
+        "/accounts/login/", {"username": "BOB@krmc.example", "password": PASSWORD}
+    )
     assert response.status_code == 302
     login = AuditEvent.objects.get(action="login")
     assert (login.actor, login.outcome, login.user_agent) == (bob, "success", "Firefox/140")
@@ -38,7 +42,10 @@ def test_viewing_a_study_is_audited_with_the_patient(bob, krmc):
     client_for(bob).get(f"/studies/{study.uuid}/")
     event = AuditEvent.objects.get(action="study_view")
     assert (event.actor, event.facility, event.patient_id, event.study_instance_uid) == (
-        bob, krmc, "MRN-77", study.study_instance_uid,
+        bob,
+        krmc,
+        "MRN-77",
+        study.study_instance_uid,
     )
 
 
@@ -65,11 +72,18 @@ def test_the_admin_site_offers_no_way_to_edit_the_audit_trail(admin_client, bob)
     event = AuditEvent.objects.get(action="login_failed")
     assert admin_client.get("/admin/portal/auditevent/").status_code == 200
     assert admin_client.get("/admin/portal/auditevent/add/").status_code == 403
-    assert admin_client.post(f"/admin/portal/auditevent/{event.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert (
+        admin_client.post(
+            f"/admin/portal/auditevent/{event.pk}/delete/", {"post": "yes"}
+        ).status_code
+        == 403
+    )
     assert AuditEvent.objects.filter(pk=event.pk).exists()
 
 
-def test_the_facility_admin_reads_and_filters_their_facilitys_log(client, alice, bob, bob_token, charlie):
+def test_the_facility_admin_reads_and_filters_their_facilitys_log(
+    client, alice, bob, bob_token, charlie
+):
     upload(client, read_testdata("CT_small.dcm"), token=bob_token)
     upload(client, b"garbage" * 50, token=bob_token, filename="garbage.bin")
     other = client_for(charlie)
@@ -81,8 +95,12 @@ def test_the_facility_admin_reads_and_filters_their_facilitys_log(client, alice,
     assert "garbage.bin" in body
     assert "charlie@gfc.example" not in body
 
-    failures = client_for(alice).get("/facilities/krmc/audit/", {"outcome": "failure"}).content.decode()
+    failures = (
+        client_for(alice).get("/facilities/krmc/audit/", {"outcome": "failure"}).content.decode()
+    )
     assert "garbage.bin" in failures
     assert "CompressedSamples" not in failures
-    by_patient = client_for(alice).get("/facilities/krmc/audit/", {"patient_id": "1CT1"}).content.decode()
+    by_patient = (
+        client_for(alice).get("/facilities/krmc/audit/", {"patient_id": "1CT1"}).content.decode()
+    )
     assert "x.dcm" in by_patient and "garbage.bin" not in by_patient

@@ -25,7 +25,11 @@ def test_it_loads_the_demo_once_and_prints_working_logins(settings, tmp_path):
         ("St. Luke Community Healthcare", False),
     }
     assert Membership.objects.count() == 9
-    assert {m.role for m in Membership.objects.filter(facility__slug="stluke")} == {"admin", "sender", "reader"}
+    assert {m.role for m in Membership.objects.filter(facility__slug="stluke")} == {
+        "admin",
+        "sender",
+        "reader",
+    }
     study = Study.objects.get(description="CT CHEST WITHOUT CONTRAST")
     assert study.num_instances == 12
     password = re.search(r"sender@krmc\.example\s+(\S+)", out.getvalue()).group(1)  # type: ignore[union-attr]

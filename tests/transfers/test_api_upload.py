@@ -45,14 +45,22 @@ def test_it_counts_series_and_modalities_as_instances_arrive(client, bob_token):
     study = Study.objects.get(study_instance_uid="1.2.3.4")
     assert (study.num_series, study.num_instances) == (2, 3)
     assert study.modality_list == ["CT", "MR"]
-    assert list(Series.objects.order_by("series_instance_uid").values_list("num_instances", flat=True)) == [2, 1]
+    assert list(
+        Series.objects.order_by("series_instance_uid").values_list("num_instances", flat=True)
+    ) == [2, 1]
 
 
 def test_it_accepts_several_files_in_one_multipart_request(client, bob_token):
-    files = [io.BytesIO(read_testdata("CT_small.dcm")), io.BytesIO(b"not dicom"), io.BytesIO(read_testdata("MR_small.dcm"))]
+    files = [
+        io.BytesIO(read_testdata("CT_small.dcm")),
+        io.BytesIO(b"not dicom"),
+        io.BytesIO(read_testdata("MR_small.dcm")),
+    ]
     for f, name in zip(files, ("ct.dcm", "notes.txt", "mr.dcm"), strict=True):
         f.name = name
-    response = client.post("/api/v1/instances?facility=krmc", {"file": files}, HTTP_AUTHORIZATION=f"Bearer {bob_token}")
+    response = client.post(
+        "/api/v1/instances?facility=krmc", {"file": files}, HTTP_AUTHORIZATION=f"Bearer {bob_token}"
+    )
     assert response.status_code == 207
     body = response.json()
     assert body["counts"] == {"stored": 2, "rejected": 1}
@@ -103,19 +111,26 @@ def test_an_outsider_cannot_upload_into_another_facility(client, charlie):
 def test_it_asks_which_facility_when_the_user_sends_for_several(client, bob, bob_token, gfc):
     Membership.objects.create(user=bob, facility=gfc, role="sender")
     response = client.post(
-        "/api/v1/instances", data=read_testdata("CT_small.dcm"), content_type="application/dicom",
+        "/api/v1/instances",
+        data=read_testdata("CT_small.dcm"),
+        content_type="application/dicom",
         HTTP_AUTHORIZATION=f"Bearer {bob_token}",
     )
     assert response.status_code == 400
     assert "gfc" in response.json()["reason"] and "krmc" in response.json()["reason"]
-    assert upload(client, read_testdata("CT_small.dcm"), token=bob_token, facility="gfc").status_code == 201
+    assert (
+        upload(client, read_testdata("CT_small.dcm"), token=bob_token, facility="gfc").status_code
+        == 201
+    )
     assert Study.objects.get().facility == gfc
 
 
 def test_the_same_file_may_be_held_by_two_facilities_separately(client, bob, bob_token, charlie):
     raw = ApiToken.issue(user=charlie, name="t")[1]
     assert upload(client, read_testdata("CT_small.dcm"), token=bob_token).status_code == 201
-    assert upload(client, read_testdata("CT_small.dcm"), token=raw, facility="gfc").status_code == 201
+    assert (
+        upload(client, read_testdata("CT_small.dcm"), token=raw, facility="gfc").status_code == 201
+    )
     assert Study.objects.count() == 2
     assert len({i.storage_key for i in Instance.objects.all()}) == 2
 
@@ -129,7 +144,9 @@ def test_the_browser_session_needs_the_csrf_token(bob):
     client.get("/upload/")
     csrf = client.cookies["csrftoken"].value
     response = client.post(
-        "/api/v1/instances?facility=krmc", data=read_testdata("CT_small.dcm"), content_type="application/dicom",
+        "/api/v1/instances?facility=krmc",
+        data=read_testdata("CT_small.dcm"),
+        content_type="application/dicom",
         HTTP_X_CSRFTOKEN=csrf,
     )
     assert response.status_code == 201
@@ -154,7 +171,9 @@ def test_known_lists_only_what_this_facility_already_has(client, bob_token, char
 
 def test_known_refuses_a_body_that_is_not_json(client, bob_token):
     response = client.post(
-        "/api/v1/instances/known", data="uids please", content_type="application/json",
+        "/api/v1/instances/known",
+        data="uids please",
+        content_type="application/json",
         HTTP_AUTHORIZATION=f"Bearer {bob_token}",
     )
     assert response.status_code == 400
@@ -162,7 +181,9 @@ def test_known_refuses_a_body_that_is_not_json(client, bob_token):
 
 def test_facilities_lists_where_the_caller_may_upload(client, bob_token, carol, gfc):
     response = client.get("/api/v1/facilities", HTTP_AUTHORIZATION=f"Bearer {bob_token}")
-    assert response.json() == {"facilities": [{"slug": "krmc", "name": "Kalispell Regional Medical Center"}]}
+    assert response.json() == {
+        "facilities": [{"slug": "krmc", "name": "Kalispell Regional Medical Center"}]
+    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -183,5 +204,19 @@ def test_an_upload_cut_off_halfway_stores_nothing(live_server, bob_token):
             answer += chunk
     assert b" 400 " in answer.split(b"\r\n")[0]
     assert b"cut off" in answer
+    assert Instance.objects.count() == 0
+    assert Study.objects.count() == 0
+
+
+def test_an_unreachable_image_store_answers_503_and_stores_nothing(client, bob_token, settings, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the image store should be a folder")
+    storages = {key: dict(value) for key, value in settings.STORAGES.items()}
+    storages["default"]["OPTIONS"] = {**storages["default"]["OPTIONS"], "location": str(blocker)}
+    settings.STORAGES = storages
+    response = upload(client, read_testdata("CT_small.dcm"), token=bob_token)
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert "Try again" in response.json()["reason"]
     assert Instance.objects.count() == 0
     assert Study.objects.count() == 0

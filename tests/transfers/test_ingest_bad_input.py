@@ -93,15 +93,11 @@ def test_it_rejects_a_file_that_is_not_dicom(client, bob_token, baseline):
 
 
 def test_it_rejects_a_zero_byte_file(client, bob_token, baseline):
-    response = client.post(
-        "/api/v1/instances?facility=krmc",
-        data=b"",
-        content_type="application/dicom",
-        HTTP_AUTHORIZATION=f"Bearer {bob_token}",
-    )
-    # No body at all: the API asks for one.
-    assert response.status_code == 411
-    # An empty file inside a multipart upload is rejected as empty.
+    response = upload(client, b"", token=bob_token)
+    assert response.status_code == 400
+    assert response.json()["status"] == "rejected"
+    assert "empty" in response.json()["reason"]
+    # The same inside a multipart upload.
     response = client.post(
         "/api/v1/instances?facility=krmc",
         {"file": [_named(b"", "empty.dcm")]},

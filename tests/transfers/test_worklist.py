@@ -29,7 +29,9 @@ def make_study(facility: Facility, n: int, **fields: object) -> Study:
     }
     defaults.update(fields)
     study = Study.objects.create(facility=facility, **defaults)
-    Series.objects.create(study=study, series_instance_uid=f"{study.study_instance_uid}.1", modality="CT")
+    Series.objects.create(
+        study=study, series_instance_uid=f"{study.study_instance_uid}.1", modality="CT"
+    )
     return study
 
 
@@ -64,7 +66,10 @@ def test_it_filters_by_date_range_and_modality(bob, krmc):
     client = client_for(bob)
     assert rows(client.get("/studies/", {"modality": "US"})) == ["B, US"]
     assert rows(client.get("/studies/", {"modality": "CT"})) == ["D, CTPT", "A, CT"]
-    assert rows(client.get("/studies/", {"from": "2026-03-10", "to": "2026-03-31"})) == ["C, IVUS", "B, US"]
+    assert rows(client.get("/studies/", {"from": "2026-03-10", "to": "2026-03-31"})) == [
+        "C, IVUS",
+        "B, US",
+    ]
     # A malformed date is ignored rather than an error.
     assert client.get("/studies/", {"from": "03/10/2026"}).status_code == 200
 
@@ -114,7 +119,13 @@ def test_the_number_of_queries_does_not_grow_with_the_rows(bob, krmc, gfc):
 
 def test_the_study_page_lists_its_series(bob, krmc):
     study = make_study(krmc, 7, patient_name="SERIES^TEST")
-    Series.objects.create(study=study, series_instance_uid="9.9.9", modality="SR", description="Dose report", series_number=99)
+    Series.objects.create(
+        study=study,
+        series_instance_uid="9.9.9",
+        modality="SR",
+        description="Dose report",
+        series_number=99,
+    )
     response = client_for(bob).get(f"/studies/{study.uuid}/")
     assert response.status_code == 200
     body = response.content.decode()

@@ -27,8 +27,32 @@ class Command(BaseCommand):
         var = str(settings.VAR_DIR)
         commands = {
             "web": [python, "manage.py", "runserver", options["addr"], "--noreload"],
-            "worker": [python, "-m", "celery", "-A", "portal", "worker", "-Q", "quick,slow", "-c", "2", "-l", "INFO"],
-            "beat": [python, "-m", "celery", "-A", "portal", "beat", "-l", "INFO", "--schedule", f"{var}/celerybeat-schedule"],
+            "worker": [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "quick,slow",
+                "-c",
+                "2",
+                "-l",
+                "INFO",
+            ],
+            "beat": [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "beat",
+                "-l",
+                "INFO",
+                "--schedule",
+                f"{var}/celerybeat-schedule",
+            ],
         }
         children: dict[str, subprocess.Popen[bytes]] = {}
         stopping = False
@@ -42,14 +66,20 @@ class Command(BaseCommand):
         for name, command in commands.items():
             # Own process group each, so a stop reaches everything a child started.
             children[name] = subprocess.Popen(command, start_new_session=True)  # noqa: S603
-        self.stdout.write(f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)")
-        self.stdout.write(f"E-mail goes to {getattr(settings, 'EMAIL_FILE_PATH', None) or settings.EMAIL_HOST}")
+        self.stdout.write(
+            f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)"
+        )
+        self.stdout.write(
+            f"E-mail goes to {getattr(settings, 'EMAIL_FILE_PATH', None) or settings.EMAIL_HOST}"
+        )
         exit_code = 0
         try:
             while not stopping:
                 for name, child in children.items():
                     if child.poll() is not None:
-                        self.stderr.write(f"{name} exited with {child.returncode}; stopping the others.")
+                        self.stderr.write(
+                            f"{name} exited with {child.returncode}; stopping the others."
+                        )
                         stopping, exit_code = True, 1
                 time.sleep(0.5)
         finally:

@@ -35,7 +35,7 @@ def logins_file() -> Path:
 
 def demo_ct_series(count: int = 12) -> list[bytes]:
     """A small CT series made from pydicom's bundled CT_small.dcm, one slice per position."""
-    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     slices = []
     for index in range(count):
@@ -77,24 +77,34 @@ class Command(BaseCommand):
     def _seed(self) -> None:
         lines = ["Demo logins (e-mail / password):"]
         operator_password = secrets.token_urlsafe(9)
-        User.objects.create_superuser(email="operator@relay.example", password=operator_password, full_name="Platform Operator")
+        User.objects.create_superuser(
+            email="operator@relay.example",
+            password=operator_password,
+            full_name="Platform Operator",
+        )
         lines.append(f"  {'operator@relay.example':32} {operator_password}   staff (admin site)")
         first_sender = None
         for slug, name, city, ae_title, has_pacs in FACILITIES:
-            facility = Facility.objects.create(slug=slug, name=name, city=city, ae_title=ae_title, has_pacs=has_pacs)
+            facility = Facility.objects.create(
+                slug=slug, name=name, city=city, ae_title=ae_title, has_pacs=has_pacs
+            )
             for role in (Role.ADMIN, Role.SENDER, Role.READER):
                 email = f"{role}@{slug}.example"
                 password = secrets.token_urlsafe(9)
-                user = User.objects.create_user(email=email, password=password, full_name=f"{name} {role.label}")
+                user = User.objects.create_user(
+                    email=email, password=password, full_name=f"{name} {role.label}"
+                )
                 Membership.objects.create(user=user, facility=facility, role=role)
                 lines.append(f"  {email:32} {password}   {role.label.lower()} at {name}")
                 if first_sender is None and role == Role.SENDER:
                     first_sender = (facility, user)
         assert first_sender is not None
         facility, sender = first_sender
-        samples = demo_ct_series() + [Path(get_testdata_file("MR_small.dcm")).read_bytes()]
+        samples = demo_ct_series() + [Path(str(get_testdata_file("MR_small.dcm"))).read_bytes()]
         for data in samples:
-            result = instance_ingest(facility=facility, user=sender, chunks=[data], filename="demo.dcm", source="demo")
+            result = instance_ingest(
+                facility=facility, user=sender, chunks=[data], filename="demo.dcm", source="demo"
+            )
             if result.status != "stored":
                 self.stderr.write(f"demo study: {result.status} {result.reason}")
         logins_file().parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,422 @@
+"""Start and stop the servers under test: Relay on gunicorn, and Orthanc as the reference.
+
+Every server gets fresh state (a temporary directory, and a fresh PostgreSQL database when
+DATABASE_URL names one), listens on 127.0.0.1 only, and is stopped by its own process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PYTHON = VENV_BIN / "python"
+ORTHANC = Path("/usr/sbin/Orthanc")
+BENCH_DB = "relay_bench"
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServerError(RuntimeError):
+    """A server did not start, or a setup step failed; the message carries its log's tail."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it; a race is unlikely on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def wait_until_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    *,
+    headers: dict[str, str] | None = None,
+    ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+    timeout_s: float = START_TIMEOUT_S,
+) -> None:
+    """Poll `url` until it answers as `ready` says; fail early if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(
+                f"the server exited with {proc.returncode} while starting:\n{log_tail(log)}"
+            )
+        try:
+            response = httpx.get(url, headers=headers, timeout=5)
+            if ready(response):
+                return
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise ServerError(f"{url} not ready after {timeout_s:.0f} s ({last}):\n{log_tail(log)}")
+
+
+def stop_process_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (graceful), then SIGKILL what is left; only this process and its own children."""
+    if proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+# --- database -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """Where Relay keeps its rows: a SQLite file in the run's folder, or a fresh PostgreSQL
+    database next to the one DATABASE_URL names (never that one: it may hold someone's data)."""
+
+    label: str
+    url: str | None  # None: Relay's default SQLite under RELAY_VAR_DIR
+    admin_url: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> Database:
+        url = os.environ.get("DATABASE_URL", "")
+        parts = urlsplit(url)
+        if parts.scheme in ("postgres", "postgresql", "pgsql"):
+            admin = urlunsplit((parts.scheme, parts.netloc, "/postgres", "", ""))
+            bench = urlunsplit((parts.scheme, parts.netloc, "/" + BENCH_DB, parts.query, ""))
+            return cls(label="PostgreSQL", url=bench, admin_url=admin)
+        if url:
+            print(
+                f"DATABASE_URL scheme {parts.scheme!r} is not PostgreSQL; using a fresh SQLite file."
+            )
+        return cls(label="SQLite", url=None)
+
+    def _admin(self, statement: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        assert self.admin_url is not None
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL(statement).format(sql.Identifier(BENCH_DB)))
+
+    def reset(self) -> None:
+        if self.admin_url is not None:
+            # FORCE ends sessions a crashed earlier run may have left behind (PostgreSQL 13+).
+            self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            self._admin("CREATE DATABASE {}")
+
+    def drop(self) -> None:
+        if self.admin_url is not None:
+            self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+
+    def describe_server(self) -> str:
+        if self.admin_url is None:
+            import sqlite3
+
+            return f"SQLite {sqlite3.sqlite_version}"
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        return f"PostgreSQL {row[0] if row else '?'}"
+
+
+# --- Relay --------------------------------------------------------------------------------------
+
+SETUP_SCRIPT = """
+import json, django
+django.setup()
+from portal.models import ApiToken, Facility, Membership, User
+user = User.objects.create_user(email="bench@example.org", password="bench-password-not-secret-1")
+facility = Facility.objects.create(name="Benchmark General Hospital", slug="bench")
+Membership.objects.create(user=user, facility=facility, role="sender")
+_, raw = ApiToken.issue(user=user, name="benchmark")
+print("BENCH-SETUP " + json.dumps({"token": raw, "facility": facility.slug}))
+"""
+
+
+class RelayServer:
+    """Relay on gunicorn with 4 sync workers, as production runs it behind its proxy."""
+
+    name = "Relay"
+
+    def __init__(self, database: Database, workers: int = 4) -> None:
+        self.database = database
+        self.workers = workers
+        self.tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        self.var_dir = self.tmp / "var"
+        self.log = self.tmp / "gunicorn.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.token = ""
+        self.facility = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Everything Relay writes goes under the run's folder, whatever the caller's shell has set.
+        for name in ("MEDIA_ROOT", "RELAY_BROKER_DIR", "SECRET_KEY", "S3_BUCKET", "DATABASE_URL"):
+            env.pop(name, None)
+        env.update(
+            RELAY_VAR_DIR=str(self.var_dir), DEBUG="0", DJANGO_SETTINGS_MODULE="portal.settings"
+        )
+        if self.database.url:
+            env["DATABASE_URL"] = self.database.url
+        return env
+
+    def _run(self, args: list[str], what: str) -> str:
+        done = subprocess.run(
+            args,
+            cwd=REPO,
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ServerError(
+                f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            )
+        return done.stdout
+
+    def start(self) -> None:
+        self.database.reset()
+        self._run([str(PYTHON), "manage.py", "migrate", "--noinput"], "manage.py migrate")
+        out = self._run([str(PYTHON), "-c", SETUP_SCRIPT], "creating the benchmark user and token")
+        line = next((ln for ln in out.splitlines() if ln.startswith("BENCH-SETUP ")), None)
+        if line is None:
+            raise ServerError(f"the setup script printed no token:\n{out[-2000:]}")
+        setup = json.loads(line.removeprefix("BENCH-SETUP "))
+        self.token, self.facility = setup["token"], setup["facility"]
+        gunicorn = VENV_BIN / "gunicorn"
+        args = [
+            str(gunicorn),
+            "portal.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(self.workers),
+            "--timeout",
+            "300",
+            # gunicorn 27 opens a control socket at ~/.gunicorn/gunicorn.ctl by default, one path
+            # shared by every gunicorn of the user; keep the benchmark's in its own folder.
+            "--control-socket",
+            str(self.tmp / "gunicorn.ctl"),
+        ]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                args, cwd=REPO, env=self._env(), stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until_ready(
+            f"{self.base_url}/api/v1/facilities", self.proc, self.log, headers=self.auth_headers
+        )
+        # gunicorn answers as soon as one worker is up; wait until all of them are forked.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(psutil.Process(self.proc.pid).children()) < self.workers:
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"gunicorn did not start {self.workers} workers:\n{log_tail(self.log)}"
+                )
+            time.sleep(0.1)
+        self.warm_up()
+
+    def warm_up(self, rounds: int = 4) -> None:
+        """Have every worker load the URLconf before the clock starts.
+
+        Django imports the URLconf (and with it the views, the ingest code and pydicom) on a
+        worker's first request, not at boot: 0.3 s to over 1 s per worker on a small machine.
+        That is paid once per worker after each restart, so it is kept out of the ingest
+        numbers. Sync workers take one connection at a time, so a few rounds of 2 x workers
+        concurrent requests reach every worker in practice.
+        """
+        url = f"{self.base_url}/api/v1/facilities"
+        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(2 * self.workers) as pool:
+            for _ in range(rounds):
+                answers = list(
+                    pool.map(
+                        lambda _: client.get(url, headers=self.auth_headers),
+                        range(2 * self.workers),
+                    )
+                )
+                for answer in answers:
+                    if answer.status_code != 200:
+                        raise ServerError(
+                            f"warm-up answered HTTP {answer.status_code}: {answer.text[:300]}"
+                        )
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def upload_url(self) -> str:
+        return f"{self.base_url}/api/v1/instances?facility={self.facility}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stored_bytes(self) -> int:
+        return folder_bytes(self.var_dir / "media")
+
+    def stop(self) -> None:
+        try:
+            if self.proc is not None:
+                stop_process_tree(self.proc)
+        finally:
+            try:
+                self.database.drop()
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> RelayServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self.proc is not None:
+            print(f"--- gunicorn log (tail) ---\n{log_tail(self.log)}", file=sys.stderr)
+        self.stop()
+
+
+# --- Orthanc ------------------------------------------------------------------------------------
+
+
+class OrthancServer:
+    """Orthanc with its default settings except where it stores and who may connect."""
+
+    name = "Orthanc"
+
+    def __init__(self, extra_config: dict[str, object] | None = None) -> None:
+        # extra_config: settings to try on top of the defaults (not used by run.py).
+        self.extra_config = extra_config or {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="orthanc-bench-"))
+        self.log = self.tmp / "orthanc.log"
+        self.port = free_port()
+        self.dicom_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def version(self) -> str:
+        try:
+            return str(httpx.get(f"{self.base_url}/system", timeout=5).json().get("Version", "?"))
+        except (httpx.HTTPError, ValueError):
+            return "?"
+
+    def start(self) -> None:
+        if not ORTHANC.exists():
+            raise ServerError(f"{ORTHANC} is missing: install Debian's orthanc package")
+        config = {
+            "Name": "RelayBench",
+            "HttpPort": self.port,
+            "DicomPort": self.dicom_port,
+            "StorageDirectory": str(self.tmp / "storage"),
+            "IndexDirectory": str(self.tmp / "index"),
+            # Loopback clients only, no users: the benchmark never leaves 127.0.0.1.
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            # No plugins: the Debian package's system plugin folder is not loaded.
+            "Plugins": [],
+            **self.extra_config,
+        }
+        config_path = self.tmp / "orthanc.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC), str(config_path)], cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until_ready(f"{self.base_url}/system", self.proc, self.log)
+
+    @property
+    def upload_url(self) -> str:
+        return f"{self.base_url}/instances"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stored_bytes(self) -> int:
+        return folder_bytes(self.tmp / "storage")
+
+    def stop(self) -> None:
+        try:
+            if self.proc is not None:
+                stop_process_tree(self.proc)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> OrthancServer:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self.proc is not None:
+            print(f"--- Orthanc log (tail) ---\n{log_tail(self.log)}", file=sys.stderr)
+        self.stop()

@@ -1,0 +1,179 @@
+"""What to send from a folder or a patient's CD, and what each file is.
+
+A CD written to the IHE PDI profile has a DICOMDIR at its root that lists every image on it;
+the disc may also carry a viewer, autorun files and the like, which we should not even look at.
+So when a DICOMDIR is there, only the files it references are sent; otherwise every file under
+the folder is a candidate. Either way the DICOMDIR itself is an index, never an image to upload.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+DICOMDIR = "dicomdir"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+PREAMBLE = 128
+MAGIC = b"DICM"
+
+
+@dataclass
+class Listing:
+    root: Path  # names sent to the server are relative to this folder
+    paths: list[Path]
+    dicomdir: Path | None = None
+    missing: list[str] = field(default_factory=list)  # listed in the DICOMDIR, not on disk
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LocalFile:
+    path: Path
+    name: str  # relative POSIX path: shown in the summary and sent as X-Filename
+    size: int
+    is_dicom: bool
+    is_dicomdir: bool = False
+    sop_instance_uid: str | None = None
+
+
+def list_files(folder: Path) -> Listing:
+    """The files to consider under `folder` (a folder, a mounted CD, a DICOMDIR or one file)."""
+    if folder.is_file():
+        if _normalise(folder.name) == DICOMDIR:
+            return _from_dicomdir(folder.parent, folder)
+        return Listing(root=folder.parent, paths=[folder])
+    dicomdir = _find_child(folder, DICOMDIR)
+    if dicomdir is not None:
+        return _from_dicomdir(folder, dicomdir)
+    return Listing(root=folder, paths=_walk(folder))
+
+
+def examine(path: Path, root: Path) -> LocalFile:
+    """Is it DICOM, and which SOP Instance UID does it carry? Raises OSError if unreadable.
+
+    Only the header is parsed, and only as far as the UIDs, so reading a CD of thousands of
+    images costs a few kilobytes per file rather than the images themselves.
+    """
+    name = relative_name(path, root)
+    with path.open("rb") as fp:
+        size = os.fstat(fp.fileno()).st_size
+        head = fp.read(PREAMBLE + len(MAGIC))
+        if head[PREAMBLE:] != MAGIC:
+            return LocalFile(path, name, size, is_dicom=False)
+        fp.seek(0)
+        try:
+            # pydicom warns about every oddity of every file; the server is the judge of those.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(
+                    fp, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+                )
+        except Exception:
+            # Unparsable: send it anyway and let the server say what is wrong with it.
+            return LocalFile(path, name, size, is_dicom=True)
+    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+    sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+    uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+    return LocalFile(
+        path,
+        name,
+        size,
+        is_dicom=True,
+        is_dicomdir=sop_class == MEDIA_STORAGE_DIRECTORY,
+        sop_instance_uid=uid.strip("\x00 ") or None,
+    )
+
+
+def relative_name(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+
+def _walk(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()  # in place, so that os.walk descends in a stable order
+        found.extend(
+            Path(dirpath, filename)
+            for filename in sorted(filenames)
+            if _normalise(filename) != DICOMDIR
+        )
+    return found
+
+
+def _from_dicomdir(root: Path, dicomdir: Path) -> Listing:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(dicomdir)
+        records = list(ds.get("DirectoryRecordSequence") or [])
+    except Exception as exc:
+        # A damaged index should not stop the images on the disc from being sent.
+        listing = Listing(root=root, paths=_walk(root))
+        listing.warnings.append(
+            f"The DICOMDIR could not be read ({exc}); sending every file instead."
+        )
+        return listing
+    listing = Listing(root=root, paths=[], dicomdir=dicomdir)
+    seen: set[Path] = set()
+    tree = _Tree()
+    for record in records:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue  # patient, study and series records point at no file
+        parts = [file_id] if isinstance(file_id, str) else [str(part) for part in file_id]
+        path = tree.resolve(root, parts)
+        if path is None:
+            listing.missing.append("/".join(parts))
+        elif path not in seen:
+            seen.add(path)
+            listing.paths.append(path)
+    return listing
+
+
+def _normalise(name: str) -> str:
+    # DICOMDIR file IDs are upper case; a CD mounted on Linux shows lower-case names, and ISO 9660
+    # names may carry a version suffix (";1") and a trailing dot.
+    return name.split(";")[0].rstrip(".").casefold()
+
+
+def _find_child(folder: Path, wanted: str) -> Path | None:
+    for child in sorted(folder.iterdir()):
+        if _normalise(child.name) == wanted and child.is_file():
+            return child
+    return None
+
+
+class _Tree:
+    """Resolves DICOMDIR file IDs against the disk case-insensitively, listing each folder once."""
+
+    def __init__(self) -> None:
+        self._listings: dict[Path, dict[str, str]] = {}
+
+    def resolve(self, root: Path, parts: list[str]) -> Path | None:
+        current = root
+        for part in parts:
+            # An empty or dotted component ("..") normalises to "" and matches nothing, so a
+            # crafted DICOMDIR cannot point outside the disc.
+            actual = self._listing(current).get(_normalise(part))
+            if actual is None:
+                return None
+            current = current / actual
+        return current if current.is_file() else None
+
+    def _listing(self, folder: Path) -> dict[str, str]:
+        if folder not in self._listings:
+            try:
+                names = sorted(entry.name for entry in os.scandir(folder))
+            except OSError:
+                names = []
+            listing: dict[str, str] = {}
+            for name in names:
+                key = _normalise(name)
+                if key:
+                    listing.setdefault(key, name)
+            self._listings[folder] = listing
+        return self._listings[folder]

@@ -1,0 +1,472 @@
+"""`relay send`: the desktop uploader against a live Relay server, with real DICOM files.
+
+Personas: dana is a sender at North Valley Hospital; erin sends for North Valley and for Glacier
+Clinic, so she has to say which. The image store is a private folder per test (the autouse
+`_private_storage` fixture in tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pydicom
+import pytest
+from django.db import connection as db_connection
+from django.utils import timezone
+from pydicom.data import get_testdata_file
+from pydicom.fileset import FileSet
+from pydicom.uid import generate_uid
+
+from portal.models import ApiToken, AuditEvent, Facility, Membership, User
+from relay_client.cli import main
+from transfers.models import Instance
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the live server sees only committed rows
+
+RELAY = Path(sys.executable).with_name("relay")
+SENT_FILES = ("CT_small.dcm", "MR_small.dcm", "test-SR.dcm")
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_relay_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The developer's own RELAY_TOKEN / RELAY_SERVER must not leak into the tests.
+    monkeypatch.delenv("RELAY_TOKEN", raising=False)
+    monkeypatch.delenv("RELAY_SERVER", raising=False)
+
+
+@pytest.fixture
+def nvh(transactional_db: None) -> Facility:
+    return Facility.objects.create(name="North Valley Hospital", slug="nvh", city="Whitefish")
+
+
+@pytest.fixture
+def glacier(transactional_db: None) -> Facility:
+    return Facility.objects.create(name="Glacier Clinic", slug="glacier", city="Kalispell")
+
+
+@pytest.fixture
+def dana_token(nvh: Facility) -> str:
+    dana = User.objects.create_user(email="dana@nvh.example", password="x" * 20)
+    Membership.objects.create(user=dana, facility=nvh, role="sender")
+    return ApiToken.issue(user=dana, name="CD station")[1]
+
+
+@pytest.fixture
+def erin_token(nvh: Facility, glacier: Facility) -> str:
+    erin = User.objects.create_user(email="erin@glacier.example", password="x" * 20)
+    Membership.objects.create(user=erin, facility=nvh, role="sender")
+    Membership.objects.create(user=erin, facility=glacier, role="admin")
+    return ApiToken.issue(user=erin, name="laptop")[1]
+
+
+@pytest.fixture
+def study_folder(tmp_path: Path) -> Path:
+    """Three DICOM files in subfolders (one with a non-ASCII, spaced name) and a text file."""
+    folder = tmp_path / "study"
+    for subfolder, name in zip(("Röntgen CT", "MR", "reports"), SENT_FILES, strict=True):
+        (folder / subfolder).mkdir(parents=True)
+        shutil.copy(get_testdata_file(name), folder / subfolder / name)
+    (folder / "README.txt").write_text("Burned by the CD robot on the 3rd floor.\n")
+    return folder
+
+
+def _dataset(name: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+@pytest.fixture
+def patient_cd(tmp_path: Path) -> tuple[Path, set[str]]:
+    """A patient CD as Linux mounts one: a DICOMDIR and lower-cased names, plus a viewer
+    folder with a DICOM file the DICOMDIR does not list (and so must not be sent)."""
+    staging = tmp_path / "staging"
+    fileset = FileSet()
+    datasets = [_dataset("CT_small.dcm"), _dataset("CT_small.dcm"), _dataset("MR_small.dcm")]
+    for ds in datasets:
+        fileset.add(ds)
+    fileset.write(staging)
+    cd = tmp_path / "cdrom"
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = cd / path.relative_to(staging).as_posix().lower()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    (cd / "viewer").mkdir()
+    shutil.copy(get_testdata_file("test-SR.dcm"), cd / "viewer" / "sample.dcm")
+    (cd / "autorun.inf").write_text("[autorun]\nopen=viewer.exe\n")
+    return cd, {str(ds.SOPInstanceUID) for ds in datasets}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def relay_send(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `relay send ...` in this process; the live server answers from its own thread."""
+    code = main(["send", *args, "--retry-wait", "0"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary(out: str) -> dict[str, int]:
+    return {
+        label: int(count) for label, count in re.findall(r"^  (\S.*?) +(\d+)$", out, re.MULTILINE)
+    }
+
+
+def uploads_audited() -> int:
+    return AuditEvent.objects.filter(action="upload").count()
+
+
+# --- sending and resuming -----------------------------------------------------------------------
+
+
+def test_it_sends_a_folder_and_a_second_run_sends_nothing(
+    live_server, dana_token, nvh, study_folder, capsys
+):
+    # The installed console script, configured from the environment as on a facility PC.
+    env = {**os.environ, "RELAY_SERVER": live_server.url, "RELAY_TOKEN": dana_token}
+    first = subprocess.run(
+        [str(RELAY), "send", str(study_folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert summary(first.stdout) == {
+        "stored": 3,
+        "already on server": 0,
+        "duplicate": 0,
+        "conflict": 0,
+        "rejected": 0,
+        "skipped (not DICOM)": 1,
+        "failed": 0,
+    }
+    assert "nvh (North Valley Hospital)" in first.stdout
+    assert "Every DICOM file is on the server." in first.stdout
+    stored = Instance.objects.filter(facility=nvh)
+    assert {i.sop_instance_uid for i in stored} == {
+        pydicom.dcmread(get_testdata_file(name)).SOPInstanceUID for name in SENT_FILES
+    }
+    # X-Filename carries the relative path, quoted on the way and unquoted by the server.
+    filenames = set(
+        AuditEvent.objects.filter(action="upload").values_list("detail__filename", flat=True)
+    )
+    assert filenames == {"Röntgen CT/CT_small.dcm", "MR/MR_small.dcm", "reports/test-SR.dcm"}
+    # The text file was never sent: the server saw exactly three uploads.
+    assert uploads_audited() == 3
+
+    code, out, _ = relay_send(
+        capsys, str(study_folder), "--server", live_server.url, "--token", dana_token
+    )
+    assert code == 0
+    counts = summary(out)
+    assert (counts["stored"], counts["already on server"], counts["skipped (not DICOM)"]) == (
+        0,
+        3,
+        1,
+    )
+    assert Instance.objects.count() == 3
+    assert uploads_audited() == 3  # not sent again, not merely deduplicated by the server
+
+
+def test_it_sends_only_what_the_dicomdir_lists(live_server, dana_token, patient_cd, capsys):
+    cd, listed_uids = patient_cd
+    code, out, err = relay_send(capsys, str(cd), "--server", live_server.url, "--token", dana_token)
+    assert code == 0, out + err
+    assert summary(out)["stored"] == 3
+    assert set(Instance.objects.values_list("sop_instance_uid", flat=True)) == listed_uids
+    # Neither the DICOMDIR, nor the unlisted viewer sample, nor autorun.inf reached the server.
+    assert uploads_audited() == 3
+    assert summary(out)["skipped (not DICOM)"] == 0
+
+
+def test_it_reports_files_the_dicomdir_lists_but_the_disc_lacks(
+    live_server, dana_token, patient_cd, capsys
+):
+    cd, _ = patient_cd
+    image = next(p for p in sorted(cd.rglob("im*")) if p.is_file())
+    image.unlink()
+    code, out, _ = relay_send(capsys, str(cd), "--server", live_server.url, "--token", dana_token)
+    assert code == 1
+    assert summary(out)["stored"] == 2
+    assert summary(out)["failed"] == 1
+    assert "Listed in the DICOMDIR but not on the disc." in out
+
+
+def test_it_lists_rejected_and_conflicting_files_with_their_reasons(
+    live_server, dana_token, tmp_path, capsys
+):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    (folder / "cut.dcm").write_bytes(data[:-2000])  # a CD read error, say
+    shutil.copy(get_testdata_file("MR_small.dcm"), folder / "a.dcm")
+    # Same SOP Instance UID as a.dcm, other content: only one of the two can be kept.
+    changed = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    changed.PatientName = "Other^Patient"
+    changed.save_as(folder / "b.dcm")
+
+    code, out, _ = relay_send(
+        capsys, str(folder), "--server", live_server.url, "--token", dana_token
+    )
+
+    assert code == 1
+    counts = summary(out)
+    assert (counts["stored"], counts["conflict"], counts["rejected"]) == (1, 1, 1)
+    assert re.search(r"^  cut\.dcm: The file is truncated", out, re.MULTILINE)
+    assert "already stored with different content" in out
+    assert Instance.objects.count() == 1
+
+
+# --- refusals: the run stops with the reason ----------------------------------------------------
+
+
+def test_it_stops_at_once_on_a_bad_token(live_server, nvh, study_folder, capsys):
+    code, out, err = relay_send(
+        capsys, str(study_folder), "--server", live_server.url, "--token", "rly_notarealtoken"
+    )
+    assert code == 2
+    assert "The API token is not valid (unknown or revoked)." in err
+    assert "--token or RELAY_TOKEN" in err
+    assert Instance.objects.count() == 0
+    assert uploads_audited() == 0
+
+
+def test_it_stops_at_once_when_the_token_is_revoked_mid_run(
+    start_proxy, dana_token, study_folder, capsys
+):
+    def revoke() -> None:
+        # Someone revokes the token on the account page while the CD is being sent.
+        ApiToken.objects.update(revoked_at=timezone.now())
+        db_connection.close()  # this runs in a proxy thread with its own connection
+
+    proxy = start_proxy(before_upload=revoke)
+    code, out, err = relay_send(
+        capsys, str(study_folder), "--server", proxy.url, "--token", dana_token, "--jobs", "1"
+    )
+    assert code == 2
+    assert "The API token is not valid (unknown or revoked)." in err
+    assert [status for _, status in proxy.uploads] == [401]  # not one request per file
+    assert Instance.objects.count() == 0
+
+
+def test_a_sender_for_two_facilities_gets_the_servers_question(
+    live_server, erin_token, glacier, study_folder, capsys
+):
+    code, _, err = relay_send(
+        capsys, str(study_folder), "--server", live_server.url, "--token", erin_token
+    )
+    assert code == 2
+    assert "Say which facility to upload to (?facility=...): one of " in err
+    assert Instance.objects.count() == 0
+
+    code, out, _ = relay_send(
+        capsys,
+        str(study_folder),
+        "--server",
+        live_server.url,
+        "--token",
+        erin_token,
+        "--facility",
+        "glacier",
+    )
+    assert code == 0
+    assert summary(out)["stored"] == 3
+    assert set(Instance.objects.values_list("facility__slug", flat=True)) == {"glacier"}
+
+
+def test_it_refuses_a_facility_the_token_cannot_upload_to(
+    live_server, dana_token, glacier, study_folder, capsys
+):
+    code, _, err = relay_send(
+        capsys,
+        str(study_folder),
+        "--server",
+        live_server.url,
+        "--token",
+        dana_token,
+        "--facility",
+        "glacier",
+    )
+    assert code == 2
+    assert (
+        "You cannot upload to a facility 'glacier'. With this token you can upload to: nvh." in err
+    )
+    assert uploads_audited() == 0
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+class FlakyProxy(ThreadingHTTPServer):
+    """A loopback proxy in front of the live server. Its first `failures` uploads get the 503
+    Relay itself answers while the image store is unavailable; everything else goes through,
+    after `before_upload()` has run for an upload."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, upstream: str, *, failures: int = 0, before_upload: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "localhost", parts.port or 80)
+        self.failures = failures
+        self.before_upload = before_upload
+        self.lock = threading.Lock()
+        self.uploads: list[tuple[dict[str, str], int]] = []  # (request headers, status answered)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def take_failure(self) -> bool:
+        with self.lock:
+            if self.failures > 0:
+                self.failures -= 1
+                return True
+            return False
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    server: FlakyProxy
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upload = urlsplit(self.path).path == "/api/v1/instances"
+        if upload and self.server.take_failure():
+            reason = "The image store is unavailable; nothing was stored. Try again shortly."
+            status, data = 503, json.dumps({"status": "rejected", "reason": reason}).encode()
+            content_type = "application/json"
+        else:
+            if upload and self.server.before_upload is not None:
+                self.server.before_upload()
+            connection = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+            }
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            status, data = response.status, response.read()
+            content_type = response.getheader("Content-Type", "application/json")
+            connection.close()
+        if upload:
+            with self.server.lock:
+                self.server.uploads.append(
+                    ({k.lower(): v for k, v in self.headers.items()}, status)
+                )
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def start_proxy(live_server) -> Iterator[Callable[..., FlakyProxy]]:
+    started: list[tuple[FlakyProxy, threading.Thread]] = []
+
+    def start(**options: Any) -> FlakyProxy:
+        proxy = FlakyProxy(live_server.url, **options)
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        started.append((proxy, thread))
+        return proxy
+
+    yield start
+    for proxy, thread in started:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=10)
+
+
+def test_it_retries_while_the_image_store_is_unavailable(
+    start_proxy, dana_token, study_folder, capsys
+):
+    flaky_proxy = start_proxy(failures=2)
+    code, out, err = relay_send(
+        capsys, str(study_folder), "--server", flaky_proxy.url, "--token", dana_token, "--jobs", "1"
+    )
+    assert code == 0, out + err
+    assert summary(out)["stored"] == 3
+    assert Instance.objects.count() == 3
+    statuses = [status for _, status in flaky_proxy.uploads]
+    assert statuses == [503, 503, 201, 201, 201]
+    # The body went with an explicit length, never chunked (the Django dev server cannot read that).
+    for headers, _ in flaky_proxy.uploads:
+        assert "transfer-encoding" not in headers
+        assert headers["content-type"] == "application/dicom"
+        assert headers["authorization"] == f"Bearer {dana_token}"
+    sizes = sorted(int(h["content-length"]) for h, status in flaky_proxy.uploads if status == 201)
+    assert sizes == sorted(Path(get_testdata_file(name)).stat().st_size for name in SENT_FILES)
+
+
+def test_it_gives_up_on_a_file_after_the_retries(start_proxy, dana_token, study_folder, capsys):
+    flaky_proxy = start_proxy(failures=1_000)
+    code, out, _ = relay_send(
+        capsys,
+        str(study_folder),
+        "--server",
+        flaky_proxy.url,
+        "--token",
+        dana_token,
+        "--retries",
+        "2",
+    )
+    assert code == 1
+    assert summary(out)["failed"] == 3
+    assert (
+        "The image store is unavailable; nothing was stored. Try again shortly. (after 3 attempts)"
+        in out
+    )
+    assert "Run the same command again" in out
+    assert len(flaky_proxy.uploads) == 9  # three files, three attempts each
+    assert Instance.objects.count() == 0
+
+
+def test_it_stops_when_the_server_cannot_be_reached(dana_token, study_folder, capsys):
+    # A bound socket that does not listen: connections are refused at once.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        code, _, err = relay_send(
+            capsys,
+            str(study_folder),
+            "--server",
+            f"http://127.0.0.1:{port}",
+            "--token",
+            dana_token,
+            "--retries",
+            "2",
+        )
+    assert code == 2
+    assert f"No answer from http://127.0.0.1:{port} after 3 attempts: ConnectError" in err
