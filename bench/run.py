@@ -165,6 +165,7 @@ def main_table(relay: dict[str, Any], orthanc: dict[str, Any]) -> str:
         ("server CPU time (s)", "server_cpu_s", "{:.1f}"),
         ("request latency median (ms)", "latency_median_s", "{:.0f}"),
         ("request latency p95 (ms)", "latency_p95_s", "{:.0f}"),
+        ("request latency max (ms)", "latency_max_s", "{:.0f}"),
         ("stored on disk (MiB)", "stored_mib", "{:.1f}"),
     ):
         scale = 1000 if key.startswith("latency") else 1

@@ -93,7 +93,13 @@ def test_it_rejects_a_file_that_is_not_dicom(client, bob_token, baseline):
 
 
 def test_it_rejects_a_zero_byte_file(client, bob_token, baseline):
-    response = upload(client, b"", token=bob_token)
+    response = client.post(
+        "/api/v1/instances?facility=krmc",
+        data=b"",
+        content_type="application/dicom",
+        CONTENT_LENGTH="0",
+        HTTP_AUTHORIZATION=f"Bearer {bob_token}",
+    )
     assert response.status_code == 400
     assert response.json()["status"] == "rejected"
     assert "empty" in response.json()["reason"]
