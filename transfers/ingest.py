@@ -21,7 +21,7 @@ import struct
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time
@@ -31,7 +31,7 @@ import pydicom
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 from django.http import HttpRequest
 from django.utils import timezone
@@ -435,38 +435,64 @@ def instance_ingest(
     source: str = "api",
     request: HttpRequest | None = None,
 ) -> IngestResult:
-    """Store one incoming file. Never raises for bad input: the result says what happened."""
+    """Store one incoming file. Never raises for bad input: the result says what happened.
+
+    A stored file is audited in the same transaction as its rows; every other outcome is
+    audited afterwards.
+    """
+
+    def audit(result: IngestResult) -> None:
+        audit_record(
+            action=AuditAction.UPLOAD,
+            request=request,
+            actor=user,
+            facility=facility,
+            study_instance_uid=result.study_instance_uid,
+            patient_id=result.extra.get("patient_id", ""),
+            outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
+            detail={
+                "status": result.status,
+                "source": source,
+                "filename": filename[:200],
+                "sop_instance_uid": result.sop_instance_uid,
+                "size": result.size,
+                "reason": result.reason,
+            },
+        )
+
     try:
         with spool(chunks, expected_size=expected_size) as spooled:
             result = _ingest_spooled(
-                facility=facility, user=user, spooled=spooled, filename=filename
+                facility=facility, user=user, spooled=spooled, filename=filename, audit=audit
             )
     except Rejected as exc:
         status = UNAVAILABLE if exc.http_status == 503 else REJECTED
-        result = IngestResult(status, filename=filename, reason=exc.reason, http_status=exc.http_status)
-    audit_record(
-        action=AuditAction.UPLOAD,
-        request=request,
-        actor=user,
-        facility=facility,
-        study_instance_uid=result.study_instance_uid,
-        patient_id=result.extra.get("patient_id", ""),
-        outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
-        detail={
-            "status": result.status,
-            "source": source,
-            "filename": filename[:200],
-            "sop_instance_uid": result.sop_instance_uid,
-            "size": result.size,
-            "reason": result.reason,
-        },
-    )
+        result = IngestResult(
+            status, filename=filename, reason=exc.reason, http_status=exc.http_status
+        )
+    if result.status != STORED:
+        try:
+            audit(result)
+        except DatabaseError:
+            # Nothing was stored, and the database that would hold the record is down.
+            log.exception(
+                "could not audit a %s upload of %s", result.status, result.sop_instance_uid
+            )
     result.extra.pop("patient_id", None)
     return result
 
 
+DATABASE_DOWN = "The database is unavailable; nothing was stored. Try again shortly."
+STORAGE_DOWN = "The image store is unavailable; nothing was stored. Try again shortly."
+
+
 def _ingest_spooled(
-    *, facility: Facility, user: User | None, spooled: Spooled, filename: str
+    *,
+    facility: Facility,
+    user: User | None,
+    spooled: Spooled,
+    filename: str,
+    audit: Callable[[IngestResult], None],
 ) -> IngestResult:
     ds = _parse(spooled)
     try:
@@ -501,7 +527,11 @@ def _ingest_spooled(
         preamble_zeroed=spooled.preamble_zeroed,
         extra={"patient_id": study_fields["patient_id"]},
     )
-    existing = _existing(facility, header.sop_uid)
+    try:
+        existing = _existing(facility, header.sop_uid)
+    except DatabaseError as exc:
+        log.exception("database unavailable before storing %s", header.sop_uid)
+        raise Rejected(DATABASE_DOWN, 503) from exc
     if existing is not None:
         return _dedup_result(result, existing, spooled.sha256)
 
@@ -512,67 +542,98 @@ def _ingest_spooled(
         )
     except Exception as exc:  # disk full, bucket unreachable: the sender should retry
         log.exception("storage write failed for %s", header.sop_uid)
-        raise Rejected(
-            "The image store is unavailable; nothing was stored. Try again shortly.", 503
-        ) from exc
+        raise Rejected(STORAGE_DOWN, 503) from exc
     try:
         with transaction.atomic():
-            study, _ = Study.objects.get_or_create(
+            study = _index(
                 facility=facility,
-                study_instance_uid=header.study_uid,
-                defaults={**study_fields, "uploaded_by": user},
+                user=user,
+                header=header,
+                key=key,
+                size=spooled.size,
+                sha256=spooled.sha256,
+                study_fields=study_fields,
+                series_fields=series_fields,
+                instance_fields={
+                    "instance_number": instance_number,
+                    "rows": rows,
+                    "columns": columns,
+                    "number_of_frames": max(frames, 1),
+                },
             )
-            series, series_created = Series.objects.get_or_create(
-                study=study, series_instance_uid=header.series_uid, defaults=series_fields
-            )
-            with transaction.atomic():
-                Instance.objects.create(
-                    facility=facility,
-                    series=series,
-                    sop_instance_uid=header.sop_uid,
-                    sop_class_uid=header.sop_class,
-                    transfer_syntax_uid=header.transfer_syntax,
-                    instance_number=instance_number,
-                    size_bytes=spooled.size,
-                    sha256=spooled.sha256,
-                    storage_key=key,
-                    rows=rows,
-                    columns=columns,
-                    number_of_frames=max(frames, 1),
-                    uploaded_by=user,
-                )
-            Series.objects.filter(pk=series.pk).update(
-                num_instances=F("num_instances") + 1, size_bytes=F("size_bytes") + spooled.size
-            )
-            study_update: dict[str, Any] = {
-                "num_instances": F("num_instances") + 1,
-                "size_bytes": F("size_bytes") + spooled.size,
-                "last_received_at": timezone.now(),
-                "status": StudyStatus.RECEIVING,
-                "completed_at": None,
-            }
-            if series_created:
-                modalities = sorted(
-                    {m for m in study.series.values_list("modality", flat=True) if m}
-                )
-                study_update["num_series"] = F("num_series") + 1
-                study_update["modalities"] = (
-                    ("," + ",".join(modalities) + ",") if modalities else ""
-                )
-            Study.objects.filter(pk=study.pk).update(**study_update)
+            result.study_uuid = str(study.uuid)
+            result.http_status = 201
+            audit(result)
     except IntegrityError:
-        # Another upload of the same SOP Instance UID committed first.
+        # Another upload of the same SOP Instance UID committed first: ours is not needed.
         storage.delete(key)
         existing = _existing(facility, header.sop_uid)
         if existing is None:
-            raise
+            log.exception("rows for %s refused by the database", header.sop_uid)
+            raise Rejected(DATABASE_DOWN, 503) from None
         return _dedup_result(result, existing, spooled.sha256)
+    except DatabaseError as exc:
+        # The rows could not be committed, so the object must not stay behind either.
+        storage.delete(key)
+        log.exception("database unavailable while indexing %s", header.sop_uid)
+        raise Rejected(DATABASE_DOWN, 503) from exc
     except BaseException:
         storage.delete(key)
         raise
-    result.study_uuid = str(study.uuid)
-    result.http_status = 201
     return result
+
+
+def _index(
+    *,
+    facility: Facility,
+    user: User | None,
+    header: Header,
+    key: str,
+    size: int,
+    sha256: str,
+    study_fields: dict[str, Any],
+    series_fields: dict[str, Any],
+    instance_fields: dict[str, Any],
+) -> Study:
+    """The rows for one stored object; called inside the caller's transaction."""
+    study, _ = Study.objects.get_or_create(
+        facility=facility,
+        study_instance_uid=header.study_uid,
+        defaults={**study_fields, "uploaded_by": user},
+    )
+    series, series_created = Series.objects.get_or_create(
+        study=study, series_instance_uid=header.series_uid, defaults=series_fields
+    )
+    with transaction.atomic():
+        Instance.objects.create(
+            facility=facility,
+            series=series,
+            sop_instance_uid=header.sop_uid,
+            sop_class_uid=header.sop_class,
+            transfer_syntax_uid=header.transfer_syntax,
+            size_bytes=size,
+            sha256=sha256,
+            storage_key=key,
+            uploaded_by=user,
+            **instance_fields,
+        )
+    # F() increments: two uploads into one study at once both count.
+    Series.objects.filter(pk=series.pk).update(
+        num_instances=F("num_instances") + 1, size_bytes=F("size_bytes") + size
+    )
+    study_update: dict[str, Any] = {
+        "num_instances": F("num_instances") + 1,
+        "size_bytes": F("size_bytes") + size,
+        "last_received_at": timezone.now(),
+        "status": StudyStatus.RECEIVING,
+        "completed_at": None,
+    }
+    if series_created:
+        modalities = sorted({m for m in study.series.values_list("modality", flat=True) if m})
+        study_update["num_series"] = F("num_series") + 1
+        study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
+    Study.objects.filter(pk=study.pk).update(**study_update)
+    return study
 
 
 def _existing(facility: Facility, sop_uid: str) -> Instance | None:

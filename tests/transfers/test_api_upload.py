@@ -7,6 +7,7 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
+from django.db import connection
 from django.test import Client
 
 from portal.models import ApiToken, AuditEvent, Membership
@@ -220,3 +221,32 @@ def test_an_unreachable_image_store_answers_503_and_stores_nothing(client, bob_t
     assert "Try again" in response.json()["reason"]
     assert Instance.objects.count() == 0
     assert Study.objects.count() == 0
+
+
+def _refuse_instance_rows() -> None:
+    """Make the database refuse new instance rows, as a failing or full database would."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION refuse_row() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END; $$ LANGUAGE plpgsql"
+            )
+            cursor.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON transfers_instance FOR EACH ROW EXECUTE FUNCTION refuse_row()"
+            )
+        else:
+            cursor.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON transfers_instance BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+
+
+def test_when_the_rows_cannot_be_committed_the_object_is_removed(client, bob_token, _private_storage):
+    assert upload(client, read_testdata("MR_small.dcm"), token=bob_token).status_code == 201
+    files_before = sorted(p for p in _private_storage.rglob("*") if p.is_file())
+    _refuse_instance_rows()
+    response = upload(client, read_testdata("CT_small.dcm"), token=bob_token)
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert "database is unavailable" in response.json()["reason"]
+    assert sorted(p for p in _private_storage.rglob("*") if p.is_file()) == files_before
+    assert Study.objects.count() == 1
+    assert Instance.objects.count() == 1
