@@ -117,7 +117,6 @@ if DATABASE_URL:
         "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
     }
     if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-        DATABASES["default"]["CONN_MAX_AGE"] = 0
         DATABASES["default"]["OPTIONS"] = dict(_SQLITE_OPTIONS)
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -125,6 +124,7 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(VAR_DIR / "relay.sqlite3"),
+            "CONN_MAX_AGE": 60,
             # Several processes (web, worker, beat) share the file; wait for locks.
             "OPTIONS": dict(_SQLITE_OPTIONS),
             # A file, not memory, so that a Celery worker started by a test can open it; one per

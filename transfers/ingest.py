@@ -197,19 +197,26 @@ def _short(exc: BaseException) -> str:
 
 
 def _check_structure(ds: Dataset, limit: int) -> None:
-    """Walk every element once: values as long as their headers say, sequences nested at
-    most `limit` deep. A file cut off inside its header shows up here as a short value."""
+    """Walk the header once: values as long as their headers say (a file cut off inside its
+    header shows up as a short value), sequences nested at most `limit` deep.
+
+    Only elements that are or may be sequences are converted; turning every value into its
+    Python form would cost more than the rest of ingest together.
+    """
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
-        for raw in list(current._dict.values()):
+        for tag, raw in list(current._dict.items()):
             value = getattr(raw, "value", None)
             length = getattr(raw, "length", 0xFFFFFFFF)
             if isinstance(value, bytes) and length != 0xFFFFFFFF and len(value) < length:
                 raise Rejected(
                     f"The file is truncated: element {raw.tag} should hold {length} bytes but only {len(value)} are there."
                 )
-        for elem in current:
+            # An implicit-VR element (VR None) or an unknown one may turn out to be a sequence.
+            if raw.VR not in (None, "SQ", "UN"):
+                continue
+            elem = current[tag]
             if elem.VR == "SQ":
                 if depth + 1 > limit:
                     raise Rejected(
@@ -596,27 +603,41 @@ def _index(
     instance_fields: dict[str, Any],
 ) -> Study:
     """The rows for one stored object; called inside the caller's transaction."""
-    study, _ = Study.objects.get_or_create(
-        facility=facility,
-        study_instance_uid=header.study_uid,
-        defaults={**study_fields, "uploaded_by": user},
-    )
-    series, series_created = Series.objects.get_or_create(
-        study=study, series_instance_uid=header.series_uid, defaults=series_fields
-    )
-    with transaction.atomic():
-        Instance.objects.create(
-            facility=facility,
-            series=series,
-            sop_instance_uid=header.sop_uid,
-            sop_class_uid=header.sop_class,
-            transfer_syntax_uid=header.transfer_syntax,
-            size_bytes=size,
-            sha256=sha256,
-            storage_key=key,
-            uploaded_by=user,
-            **instance_fields,
+    # Most instances join a series that already exists: one query finds it and its study.
+    series = (
+        Series.objects.select_related("study")
+        .filter(
+            study__facility=facility,
+            study__study_instance_uid=header.study_uid,
+            series_instance_uid=header.series_uid,
         )
+        .first()
+    )
+    series_created = False
+    if series is not None:
+        study = series.study
+    else:
+        study, _ = Study.objects.get_or_create(
+            facility=facility,
+            study_instance_uid=header.study_uid,
+            defaults={**study_fields, "uploaded_by": user},
+        )
+        series, series_created = Series.objects.get_or_create(
+            study=study, series_instance_uid=header.series_uid, defaults=series_fields
+        )
+    # No savepoint: a unique-constraint failure undoes the caller's whole transaction.
+    Instance.objects.create(
+        facility=facility,
+        series=series,
+        sop_instance_uid=header.sop_uid,
+        sop_class_uid=header.sop_class,
+        transfer_syntax_uid=header.transfer_syntax,
+        size_bytes=size,
+        sha256=sha256,
+        storage_key=key,
+        uploaded_by=user,
+        **instance_fields,
+    )
     # F() increments: two uploads into one study at once both count.
     Series.objects.filter(pk=series.pk).update(
         num_instances=F("num_instances") + 1, size_bytes=F("size_bytes") + size
@@ -629,6 +650,9 @@ def _index(
         "completed_at": None,
     }
     if series_created:
+        # Lock the study row first, so that two new series committed at once both see each
+        # other's modality before writing the list.
+        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
         modalities = sorted({m for m in study.series.values_list("modality", flat=True) if m})
         study_update["num_series"] = F("num_series") + 1
         study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
@@ -636,17 +660,17 @@ def _index(
     return study
 
 
-def _existing(facility: Facility, sop_uid: str) -> Instance | None:
-    return (
-        Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid)
-        .select_related("series__study")
-        .first()
-    )
+def _existing(facility: Facility, sop_uid: str) -> tuple[str, str] | None:
+    """(sha256, study uuid) of the copy this facility already holds, if any."""
+    rows = Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid).values_list(
+        "sha256", "series__study__uuid"
+    )[:1]
+    return (rows[0][0], str(rows[0][1])) if rows else None
 
 
-def _dedup_result(result: IngestResult, existing: Instance, sha256: str) -> IngestResult:
-    result.study_uuid = str(existing.series.study.uuid)
-    if existing.sha256 == sha256:
+def _dedup_result(result: IngestResult, existing: tuple[str, str], sha256: str) -> IngestResult:
+    existing_sha256, result.study_uuid = existing
+    if existing_sha256 == sha256:
         result.status = DUPLICATE
         result.reason = "Already stored with the same content; nothing to do."
         result.http_status = 200

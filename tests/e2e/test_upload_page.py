@@ -17,8 +17,9 @@ from portal.models import Facility, Membership, User
 from transfers.models import Instance, person_name_display
 
 PASSWORD = "e2e upload page 7 horses"
-# Long enough for a slow CI machine to send a handful of small files.
-UPLOAD_TIMEOUT = 30_000
+# A handful of small files takes a second or two, but once, on a shared two-core machine under
+# load, a single file took longer than 30 s.
+UPLOAD_TIMEOUT = 60_000
 SCREENSHOT_COPY = Path("/tmp/relay-upload-page.png")
 HOSTILE_NAME = "<script>window.__pwned=1</script>^X"
 HOSTILE_DESCRIPTION = "<script>window.__pwned=2</script>"
