@@ -14,7 +14,7 @@ const summary = document.getElementById("summary");
 const CONCURRENCY = 4;
 
 const queue = [];
-const counts = { stored: 0, duplicate: 0, conflict: 0, rejected: 0 };
+const counts = { stored: 0, duplicate: 0, conflict: 0, rejected: 0, unavailable: 0 };
 let totalBytes = 0;
 let doneBytes = 0;
 let active = 0;
@@ -26,9 +26,19 @@ const labels = {
   duplicate: "Already stored",
   conflict: "Conflict",
   rejected: "Rejected",
+  unavailable: "Not stored",
 };
 
 function addFiles(files) {
+  if (!facilitySelect.value) {
+    facilitySelect.focus();
+    summary.hidden = false;
+    summary.textContent = "Choose the facility to upload to first.";
+    return;
+  }
+  // The facility is fixed when files are added, so changing the menu mid-upload cannot split
+  // one study between two facilities.
+  const facility = facilitySelect.value;
   for (const { file, path } of files) {
     const row = tbody.insertRow();
     row.insertCell().textContent = path;
@@ -38,7 +48,7 @@ function addFiles(files) {
     row.insertCell().append(bar);
     const result = row.insertCell();
     result.textContent = "Waiting";
-    queue.push({ file, path, row, bar, result, sent: 0 });
+    queue.push({ file, path, facility, row, bar, result, sent: 0 });
     totalBytes += file.size;
     total += 1;
   }
@@ -48,10 +58,16 @@ function addFiles(files) {
   pump();
 }
 
+function size(bytes) {
+  if (bytes < 1048576) return `${Math.ceil(bytes / 1024)} KB`;
+  return `${(bytes / 1048576).toFixed(1)} MB`;
+}
+
 function render() {
   overallBar.max = totalBytes || 1;
   overallBar.value = doneBytes;
-  overallText.textContent = `${finished} of ${total} files, ${(doneBytes / 1048576).toFixed(1)} of ${(totalBytes / 1048576).toFixed(1)} MB`;
+  overallText.textContent = `${finished} of ${total} files, ${size(doneBytes)} of ${size(totalBytes)}`;
+  facilitySelect.disabled = finished < total;
   const parts = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k].toLowerCase()}`);
   summary.hidden = parts.length === 0;
   summary.textContent = (finished === total ? "Done: " : "So far: ") + parts.join(", ");
@@ -60,7 +76,7 @@ function render() {
 function settle(item, status, reason) {
   counts[status] = (counts[status] || 0) + 1;
   item.row.className = status;
-  item.result.textContent = labels[status] + (reason ? `: ${reason}` : "");
+  item.result.textContent = status === "stored" || status === "duplicate" || !reason ? labels[status] : `${labels[status]}: ${reason}`;
   doneBytes += item.file.size - item.sent;
   item.sent = item.file.size;
   item.bar.value = item.bar.max;
@@ -78,7 +94,7 @@ function send(item) {
     return;
   }
   const xhr = new XMLHttpRequest();
-  const url = `${endpoint}?facility=${encodeURIComponent(facilitySelect.value)}`;
+  const url = `${endpoint}?facility=${encodeURIComponent(item.facility)}`;
   xhr.open("POST", url);
   xhr.setRequestHeader("X-CSRFToken", csrf);
   xhr.setRequestHeader("Content-Type", "application/dicom");
@@ -92,10 +108,13 @@ function send(item) {
   xhr.onload = () => {
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch { body = {}; }
+    // "unavailable" (503) means the server could not store it now: shown as not stored.
     const status = labels[body.status] ? body.status : "rejected";
     settle(item, status, body.status === "stored" ? "" : body.reason || `server answered ${xhr.status}`);
   };
   xhr.onerror = () => settle(item, "rejected", "the connection failed; try this file again");
+  xhr.onabort = () => settle(item, "rejected", "the upload was interrupted; try this file again");
+  xhr.ontimeout = xhr.onerror;
   xhr.send(item.file);
 }
 
@@ -128,6 +147,13 @@ function readEntry(entry, prefix) {
 }
 
 const dropzone = document.getElementById("dropzone");
+// Keyboard users open the file picker from the drop zone with Enter or Space.
+dropzone.addEventListener("keydown", (event) => {
+  if (event.target === dropzone && (event.key === "Enter" || event.key === " ")) {
+    event.preventDefault();
+    document.getElementById("pick-files").click();
+  }
+});
 dropzone.addEventListener("dragover", (event) => { event.preventDefault(); dropzone.classList.add("over"); });
 dropzone.addEventListener("dragleave", () => dropzone.classList.remove("over"));
 dropzone.addEventListener("drop", async (event) => {

@@ -214,3 +214,39 @@ def test_it_leaves_a_screenshot_of_the_finished_upload_page(
     # For a person to look at after the run.
     shutil.copyfile(shot, SCREENSHOT_COPY)
     assert e2e_js_errors == []
+
+
+def test_a_sender_of_several_facilities_must_choose_one_first(
+    e2e_upload_page: Any, e2e_js_errors: list[str], tmp_path: Path
+) -> None:
+    page = e2e_upload_page
+    page.select_option("#facility", "")
+    dicoms = _copy_testdata(tmp_path / "unsure", "CT_small.dcm")
+    page.set_input_files("#pick-files", dicoms)
+    expect(page.locator("#summary")).to_have_text("Choose the facility to upload to first.")
+    assert Instance.objects.count() == 0
+    assert e2e_js_errors == []
+
+
+def test_the_facility_is_fixed_while_files_upload(
+    e2e_upload_page: Any, e2e_facility: Facility, e2e_other_facility: Facility, tmp_path: Path
+) -> None:
+    page = e2e_upload_page
+    names = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "waveform_ecg.dcm")
+    page.set_input_files("#pick-files", _copy_testdata(tmp_path / "batch", *names))
+    # Changing the menu right after choosing files must not move the rest of the batch.
+    page.evaluate(
+        "slug => { const s = document.getElementById('facility'); s.disabled = false; s.value = slug; }",
+        e2e_other_facility.slug,
+    )
+    expect(page.locator("#summary")).to_have_text("Done: 5 stored", timeout=UPLOAD_TIMEOUT)
+    assert Instance.objects.filter(facility=e2e_facility).count() == 5
+    assert not Instance.objects.filter(facility=e2e_other_facility).exists()
+
+
+def test_keyboard_users_open_the_file_picker_from_the_drop_zone(e2e_upload_page: Any) -> None:
+    page = e2e_upload_page
+    page.focus("#dropzone")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
