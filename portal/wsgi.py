@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 from django.core.wsgi import get_wsgi_application
+from django.urls import get_resolver
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 application = get_wsgi_application()
+
+# Import every view module (and pydicom with them) now rather than on each worker's first
+# request, which would otherwise take a second longer than the rest.
+get_resolver().url_patterns  # noqa: B018

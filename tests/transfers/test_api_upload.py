@@ -209,7 +209,9 @@ def test_an_upload_cut_off_halfway_stores_nothing(live_server, bob_token):
     assert Study.objects.count() == 0
 
 
-def test_an_unreachable_image_store_answers_503_and_stores_nothing(client, bob_token, settings, tmp_path):
+def test_an_unreachable_image_store_answers_503_and_stores_nothing(
+    client, bob_token, settings, tmp_path
+):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("the image store should be a folder")
     storages = {key: dict(value) for key, value in settings.STORAGES.items()}
@@ -239,7 +241,9 @@ def _refuse_instance_rows() -> None:
             )
 
 
-def test_when_the_rows_cannot_be_committed_the_object_is_removed(client, bob_token, _private_storage):
+def test_when_the_rows_cannot_be_committed_the_object_is_removed(
+    client, bob_token, _private_storage
+):
     assert upload(client, read_testdata("MR_small.dcm"), token=bob_token).status_code == 201
     files_before = sorted(p for p in _private_storage.rglob("*") if p.is_file())
     _refuse_instance_rows()
