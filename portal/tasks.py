@@ -10,7 +10,6 @@ from .models import Invitation
 
 
 @shared_task(
-    queue="quick",
     autoretry_for=(OSError,),
     retry_backoff=30,
     retry_backoff_max=3600,
@@ -24,7 +23,7 @@ def email_send(*, to: str, subject: str, text: str, html: str) -> None:
     message.send()
 
 
-@shared_task(queue="quick", soft_time_limit=60, time_limit=90)
+@shared_task(soft_time_limit=60, time_limit=90)
 def invitations_expire() -> int:
     """Expired invitations stay for the record; this only marks them so lists stay short."""
     return Invitation.objects.filter(

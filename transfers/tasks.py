@@ -11,7 +11,7 @@ from django.utils import timezone
 from .models import Study, StudyStatus
 
 
-@shared_task(queue="quick", soft_time_limit=120, time_limit=180)
+@shared_task(soft_time_limit=120, time_limit=180)
 def studies_complete_quiet() -> int:
     """A study that has received nothing for the quiet period is complete.
 
