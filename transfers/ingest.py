@@ -552,7 +552,7 @@ def _ingest_spooled(
         raise Rejected(STORAGE_DOWN, 503) from exc
     try:
         with transaction.atomic():
-            study = _index(
+            study, series, series_created = _index(
                 facility=facility,
                 user=user,
                 header=header,
@@ -571,6 +571,9 @@ def _ingest_spooled(
             result.study_uuid = str(study.uuid)
             result.http_status = 201
             audit(result)
+            # Last, so that the study's row is locked (by concurrent uploads into the same
+            # study) for as short a time as possible before the commit.
+            _count(study=study, series=series, size=spooled.size, series_created=series_created)
     except IntegrityError:
         # Another upload of the same SOP Instance UID committed first: ours is not needed.
         storage.delete(key)
@@ -601,7 +604,7 @@ def _index(
     study_fields: dict[str, Any],
     series_fields: dict[str, Any],
     instance_fields: dict[str, Any],
-) -> Study:
+) -> tuple[Study, Series, bool]:
     """The rows for one stored object; called inside the caller's transaction."""
     # Most instances join a series that already exists: one query finds it and its study.
     series = (
@@ -638,7 +641,12 @@ def _index(
         uploaded_by=user,
         **instance_fields,
     )
-    # F() increments: two uploads into one study at once both count.
+    return study, series, series_created
+
+
+def _count(*, study: Study, series: Series, size: int, series_created: bool) -> None:
+    """Add one instance to its series' and study's counters (F() increments: uploads into one
+    study at the same time all count)."""
     Series.objects.filter(pk=series.pk).update(
         num_instances=F("num_instances") + 1, size_bytes=F("size_bytes") + size
     )
@@ -657,7 +665,6 @@ def _index(
         study_update["num_series"] = F("num_series") + 1
         study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
     Study.objects.filter(pk=study.pk).update(**study_update)
-    return study
 
 
 def _existing(facility: Facility, sop_uid: str) -> tuple[str, str] | None:
