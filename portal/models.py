@@ -96,6 +96,10 @@ class Facility(models.Model):
         validators=[ae_title_validator],
     )
     has_pacs = models.BooleanField("has a PACS", default=False)
+    share_default_days = models.PositiveIntegerField("default share expiry (days)", default=30)
+    share_max_days = models.PositiveIntegerField("longest share expiry (days)", default=90)
+    # Images stay at least this long after upload, even once every share has lapsed.
+    retention_days = models.PositiveIntegerField("retention after upload (days)", default=30)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -222,6 +226,12 @@ class AuditAction(models.TextChoices):
     TOKEN_CREATE = "token_create", "Created an API token"
     TOKEN_REVOKE = "token_revoke", "Revoked an API token"
     PASSWORD_CHANGE = "password_change", "Changed password"
+    SHARE_CREATE = "share_create", "Shared a study"
+    SHARE_OPEN = "share_open", "Opened a shared study"
+    SHARE_REVOKE = "share_revoke", "Revoked a share"
+    SHARE_EXTEND = "share_extend", "Extended a share"
+    PATIENT_FACTOR = "patient_factor", "Patient link second factor"
+    PURGE = "purge", "Purged a study's images"
 
 
 class Outcome(models.TextChoices):

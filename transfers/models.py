@@ -53,6 +53,9 @@ class Study(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_received_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
+    # A purged study stays as a tombstone: what it was, when its images went, bytes freed.
+    purged_at = models.DateTimeField(null=True, blank=True)
+    purged_bytes = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         verbose_name_plural = "studies"
@@ -152,3 +155,130 @@ class Instance(models.Model):
 
     def __str__(self) -> str:
         return self.sop_instance_uid
+
+
+class ShareKind(models.TextChoices):
+    FACILITY = "facility", "Facility"
+    PHYSICIAN = "physician", "Physician"
+    PATIENT = "patient", "Patient"
+
+
+class NotifyStatus(models.TextChoices):
+    WAITING = "waiting", "Waiting for the study to complete"
+    QUEUED = "queued", "Queued"
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Failed (retrying)"
+    NONE = "none", "No e-mail"
+
+
+class SecondFactor(models.TextChoices):
+    BIRTH_DATE = "birth_date", "Patient's birth date"
+    PIN = "pin", "PIN set by the sender"
+
+
+class Share(models.Model):
+    """One or more studies of a facility, sent to a facility, a physician or a patient."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    facility = models.ForeignKey(Facility, on_delete=models.PROTECT, related_name="shares_sent")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    studies = models.ManyToManyField(Study, related_name="shares")
+    kind = models.CharField(max_length=10, choices=ShareKind.choices)
+    recipient_facility = models.ForeignKey(
+        Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="shares_received"
+    )
+    recipient_email = models.EmailField(blank=True)
+    recipient_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="shares_received",
+    )
+    message = models.TextField(blank=True, max_length=2000)
+    can_view = models.BooleanField(default=True)
+    can_download = models.BooleanField(default=False)
+    can_import = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    notify_status = models.CharField(
+        max_length=10, choices=NotifyStatus.choices, default=NotifyStatus.WAITING
+    )
+    notify_attempts = models.PositiveIntegerField(default=0)
+    notify_error = models.CharField(max_length=300, blank=True)
+    notified_at = models.DateTimeField(null=True, blank=True)
+    first_opened_at = models.DateTimeField(null=True, blank=True)
+    first_opened_by = models.CharField(max_length=254, blank=True)
+    expiry_warned_at = models.DateTimeField(null=True, blank=True)
+    # Patient links: a random token (stored hashed) and a second factor.
+    token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    second_factor = models.CharField(max_length=10, choices=SecondFactor.choices, blank=True)
+    pin_hash = models.CharField(max_length=128, blank=True)
+    failed_attempts = models.PositiveIntegerField(default=0)
+    locked_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(fields=["recipient_facility", "-created_at"], name="share_to_facility"),
+            models.Index(fields=["recipient_user", "-created_at"], name="share_to_user"),
+            models.Index(fields=["facility", "-created_at"], name="share_from_facility"),
+            models.Index(fields=["expires_at"], name="share_expires"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Share {self.uuid} from {self.facility} ({self.kind})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None and self.expires_at > timezone.now()
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    @property
+    def recipient_label(self) -> str:
+        if self.kind == ShareKind.FACILITY and self.recipient_facility is not None:
+            return self.recipient_facility.name
+        if self.kind == ShareKind.PATIENT:
+            return f"Patient link{f' ({self.recipient_email})' if self.recipient_email else ''}"
+        return self.recipient_email
+
+
+class ShareEventKind(models.TextChoices):
+    CREATED = "created", "Created"
+    NOTIFIED = "notified", "Recipient notified"
+    NOTIFY_FAILED = "notify_failed", "Notification failed"
+    OPENED = "opened", "Opened"
+    DOWNLOADED = "downloaded", "Downloaded"
+    IMPORTED = "imported", "Imported"
+    EXPIRED = "expired", "Expired"
+    REVOKED = "revoked", "Revoked"
+    EXTENDED = "extended", "Expiry extended"
+
+
+class ShareEvent(models.Model):
+    """The share's timeline: the access receipts its sender reads on the Sent page."""
+
+    share = models.ForeignKey(Share, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=16, choices=ShareEventKind.choices)
+    actor_label = models.CharField(max_length=254, blank=True)
+    detail = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ("at", "id")
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.kind}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
+from . import notify
 from .models import Study, StudyStatus
+from .sharing import shares_notify_completed
 
 
 @shared_task(soft_time_limit=120, time_limit=180)
@@ -18,6 +20,32 @@ def studies_complete_quiet() -> int:
     One conditional UPDATE: safe to run twice or on two beats at once.
     """
     cutoff = timezone.now() - timedelta(seconds=settings.RELAY_STUDY_QUIET_SECONDS)
-    return Study.objects.filter(status=StudyStatus.RECEIVING, last_received_at__lte=cutoff).update(
-        status=StudyStatus.COMPLETE, completed_at=timezone.now()
-    )
+    completed = Study.objects.filter(
+        status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
+    ).update(status=StudyStatus.COMPLETE, completed_at=timezone.now())
+    # Shares made while their studies were still arriving are notified now.
+    shares_notify_completed()
+    return completed
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(OSError,),
+    retry_backoff=30,
+    retry_backoff_max=3600,
+    max_retries=10,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def share_notify(self: Task, share_id: int) -> str:
+    """E-mail the recipients of a share. Safe to run twice: a share already notified is skipped.
+
+    An SMTP failure is recorded on the share (the Sent page shows it) and retried with backoff.
+    """
+    try:
+        return notify.share_notify_send(share_id=share_id)
+    except OSError as exc:
+        notify.share_notify_failed(
+            share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
+        )
+        raise

@@ -1,15 +1,22 @@
-"""URLs of studies, upload and the upload API."""
+"""URLs of studies, sharing, upload and the upload API."""
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import include, path
 
-from . import api, views
+from . import api, share_views, views
 
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
     path("studies/<uuid:study_uuid>/", views.study_detail, name="study_detail"),
     path("upload/", views.upload_page, name="upload"),
+    path("share/", share_views.share_new, name="share_new"),
+    path("inbox/", share_views.inbox, name="inbox"),
+    path("sent/", share_views.sent, name="sent"),
+    path("shares/<uuid:share_uuid>/", share_views.share_detail, name="share_detail"),
+    path("shares/<uuid:share_uuid>/revoke/", share_views.share_revoke_view, name="share_revoke"),
+    path("shares/<uuid:share_uuid>/extend/", share_views.share_extend_view, name="share_extend"),
+    path("", include("transfers.patient_urls")),
     path("api/v1/facilities", api.facilities, name="api_facilities"),
     path("api/v1/instances", api.instances_upload, name="api_instances"),
     path("api/v1/instances/known", api.instances_known, name="api_instances_known"),

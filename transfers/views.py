@@ -17,6 +17,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .models import Study
+from .sharing import studies_shared_with
 
 PAGE_SIZE = 25
 SORTS = {
@@ -36,12 +37,10 @@ def _visible_studies(request: AuthedRequest) -> QuerySet[Study]:
 
 
 def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
-    study = (
-        _visible_studies(request)
-        .select_related("facility", "uploaded_by")
-        .filter(uuid=study_uuid)
-        .first()
-    )
+    """A study of one of the user's facilities, or one shared with them by an active share."""
+    own = _visible_studies(request).filter(uuid=study_uuid)
+    shared = studies_shared_with(request.user).filter(uuid=study_uuid)
+    study = (own | shared).select_related("facility", "uploaded_by").distinct().first()
     if study is None:
         raise Http404("No such study.")
     return study
@@ -115,7 +114,15 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
     study = _get_study_for_user(request, study_uuid)
     series = list(study.series.all())
     audit_record(action=AuditAction.STUDY_VIEW, request=request, study=study)
-    return render(request, "transfers/study_detail.html", {"study": study, "series_list": series})
+    can_share = (
+        study.purged_at is None
+        and upload_facilities(request.user).filter(pk=study.facility_id).exists()
+    )
+    return render(
+        request,
+        "transfers/study_detail.html",
+        {"study": study, "series_list": series, "can_share": can_share},
+    )
 
 
 @require_GET

@@ -1,0 +1,3 @@
+"""Expiry and purge (filled in by the purge work)."""
+
+from __future__ import annotations

@@ -1,0 +1,213 @@
+"""Pages of sharing: the share form, the Inbox, the Sent page with receipts, revoke and extend."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Q
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from portal.access import AuthedRequest, facilities_of, upload_facilities
+from portal.models import Facility
+
+from .models import SecondFactor, Share, ShareKind, Study
+from .sharing import (
+    ShareError,
+    share_create,
+    share_extend,
+    share_open,
+    share_revoke,
+    shares_received_by,
+)
+
+
+class ShareForm(forms.Form):
+    kind = forms.ChoiceField(
+        choices=ShareKind.choices,
+        widget=forms.RadioSelect,
+        initial=ShareKind.FACILITY,
+        label="Share with",
+    )
+    recipient_facility = forms.ModelChoiceField(
+        queryset=Facility.objects.none(), required=False, label="Facility"
+    )
+    recipient_email = forms.EmailField(required=False, label="E-mail")
+    message = forms.CharField(
+        required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 3})
+    )
+    expires_on = forms.DateField(
+        widget=forms.DateInput(attrs={"type": "date"}), label="Available until"
+    )
+    can_view = forms.BooleanField(required=False, initial=True, label="View")
+    can_download = forms.BooleanField(required=False, initial=True, label="Download")
+    can_import = forms.BooleanField(required=False, label="Import to PACS")
+    second_factor = forms.ChoiceField(
+        choices=[("", "—"), *SecondFactor.choices], required=False, label="Patient's second factor"
+    )
+    pin = forms.CharField(required=False, max_length=10, label="PIN (4 to 10 digits)")
+
+    def __init__(self, *args: object, facility: Facility, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fields["recipient_facility"].queryset = Facility.objects.exclude(pk=facility.pk)  # type: ignore[attr-defined]
+        self.fields["expires_on"].initial = timezone.localdate() + timedelta(
+            days=facility.share_default_days
+        )
+
+
+def _expiry(day: object) -> datetime:
+    """The end of the chosen day in the portal's time zone."""
+    return datetime.combine(day, time(23, 59), tzinfo=timezone.get_current_timezone())  # type: ignore[arg-type]
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def share_new(request: AuthedRequest) -> HttpResponse:
+    uuids = request.GET.getlist("study") or request.POST.getlist("study")
+    facilities = upload_facilities(request.user)
+    studies = list(
+        Study.objects.filter(
+            uuid__in=uuids[:100], facility__in=facilities, purged_at__isnull=True
+        ).select_related("facility")
+    )
+    if not studies or len(studies) != len(set(uuids)):
+        raise Http404("No such study among those you may share.")
+    facility = studies[0].facility
+    form = ShareForm(request.POST or None, facility=facility)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            share, raw_token = share_create(
+                facility=facility,
+                created_by=request.user,
+                studies=studies,
+                kind=data["kind"],
+                recipient_facility=data["recipient_facility"],
+                recipient_email=data["recipient_email"] or "",
+                message=data["message"],
+                expires_at=_expiry(data["expires_on"]),
+                can_view=data["can_view"],
+                can_download=data["can_download"],
+                can_import=data["can_import"],
+                second_factor=data["second_factor"],
+                pin=data["pin"],
+                request=request,
+            )
+        except ShareError as exc:
+            form.add_error(None, str(exc))
+        else:
+            if raw_token:
+                # Shown once, on the handout page; only the hash is kept.
+                request.session[f"patient_link_{share.uuid}"] = raw_token
+                return redirect("patient_handout", share_uuid=share.uuid)
+            messages.success(request, f"Shared with {share.recipient_label}.")
+            return redirect("share_detail", share_uuid=share.uuid)
+    return render(
+        request,
+        "transfers/share_new.html",
+        {"form": form, "studies": studies, "facility": facility},
+    )
+
+
+@require_GET
+@login_required
+def inbox(request: AuthedRequest) -> HttpResponse:
+    shares = (
+        shares_received_by(request.user)
+        .select_related("facility", "created_by")
+        .prefetch_related("studies")
+        .order_by("-created_at")
+    )
+    page = Paginator(shares, 25).get_page(request.GET.get("page"))
+    return render(request, "transfers/inbox.html", {"page": page, "query": ""})
+
+
+def _sent_shares(request: AuthedRequest):  # type: ignore[no-untyped-def]
+    return Share.objects.filter(facility__in=upload_facilities(request.user))
+
+
+@require_GET
+@login_required
+def sent(request: AuthedRequest) -> HttpResponse:
+    shares = (
+        _sent_shares(request)
+        .select_related("facility", "recipient_facility", "created_by")
+        .prefetch_related("studies", "events")
+        .order_by("-created_at")
+    )
+    page = Paginator(shares, 25).get_page(request.GET.get("page"))
+    return render(
+        request, "transfers/sent.html", {"page": page, "query": "", "now": timezone.now()}
+    )
+
+
+def _get_share_for_user(request: AuthedRequest, share_uuid: str) -> tuple[Share, bool]:
+    """The share and whether the user is on the sending side; 404 for anyone else, and for a
+    recipient once the share is revoked or expired."""
+    share = (
+        Share.objects.select_related("facility", "recipient_facility", "created_by")
+        .filter(uuid=share_uuid)
+        .first()
+    )
+    if share is None:
+        raise Http404("No such share.")
+    if share.facility in upload_facilities(request.user):
+        return share, True
+    mine = Q(recipient_user=request.user) | Q(recipient_facility__in=facilities_of(request.user))
+    if share.is_active and Share.objects.filter(mine, pk=share.pk).exists():
+        return share, False
+    raise Http404("No such share.")
+
+
+@require_GET
+@login_required
+def share_detail(request: AuthedRequest, share_uuid: str) -> HttpResponse:
+    share, is_sender = _get_share_for_user(request, share_uuid)
+    if not is_sender:
+        share_open(share=share, who=request.user.email, request=request, actor=request.user)
+    return render(
+        request,
+        "transfers/share_detail.html",
+        {
+            "share": share,
+            "is_sender": is_sender,
+            "studies": share.studies.filter(purged_at__isnull=True),
+            "events": share.events.all(),
+        },
+    )
+
+
+@require_POST
+@login_required
+def share_revoke_view(request: AuthedRequest, share_uuid: str) -> HttpResponse:
+    share, is_sender = _get_share_for_user(request, share_uuid)
+    if not is_sender:
+        raise Http404("No such share.")
+    share_revoke(share=share, by=request.user, request=request)
+    messages.success(request, "The share is revoked: it stopped working for everyone at once.")
+    return redirect("share_detail", share_uuid=share.uuid)
+
+
+@require_POST
+@login_required
+def share_extend_view(request: AuthedRequest, share_uuid: str) -> HttpResponse:
+    share, is_sender = _get_share_for_user(request, share_uuid)
+    if not is_sender:
+        raise Http404("No such share.")
+    field = forms.DateField()
+    try:
+        day = field.clean(request.POST.get("expires_on"))
+        share_extend(share=share, by=request.user, expires_at=_expiry(day), request=request)
+    except (forms.ValidationError, ShareError) as exc:
+        messages.error(
+            request, exc.messages[0] if isinstance(exc, forms.ValidationError) else str(exc)
+        )
+    else:
+        messages.success(request, "The expiry was changed.")
+    return redirect("share_detail", share_uuid=share.uuid)

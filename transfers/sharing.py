@@ -1,0 +1,269 @@
+"""Sharing: a study leaves its facility for a facility, a physician or a patient, with an expiry.
+
+Services here are the only way shares are made, opened, revoked or extended; each writes the
+share's timeline (the sender's access receipts) and the audit trail in the same transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from django.contrib.auth.hashers import make_password
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility, Membership, User, hash_token
+
+from .models import (
+    NotifyStatus,
+    SecondFactor,
+    Share,
+    ShareEvent,
+    ShareEventKind,
+    ShareKind,
+    Study,
+    StudyStatus,
+)
+
+
+class ShareError(Exception):
+    """A refusal shown to the person who asked."""
+
+
+def share_create(
+    *,
+    facility: Facility,
+    created_by: User,
+    studies: Iterable[Study],
+    kind: str,
+    recipient_facility: Facility | None = None,
+    recipient_email: str = "",
+    message: str = "",
+    expires_at: datetime | None = None,
+    can_view: bool = True,
+    can_download: bool = False,
+    can_import: bool = False,
+    second_factor: str = "",
+    pin: str = "",
+    request: HttpRequest | None = None,
+) -> tuple[Share, str | None]:
+    """Make a share; returns it and, for a patient link, the raw token (shown once)."""
+    studies = list(studies)
+    membership = Membership.objects.filter(user=created_by, facility=facility).first()
+    if membership is None or not membership.can_upload:
+        raise ShareError("Only senders and admins of the facility can share its studies.")
+    if not studies:
+        raise ShareError("Choose at least one study.")
+    if any(s.facility_id != facility.pk for s in studies):
+        raise ShareError("You can share only studies of your own facility.")
+    if any(s.purged_at is not None for s in studies):
+        raise ShareError("A purged study cannot be shared: its images are gone.")
+    now = timezone.now()
+    if expires_at is None:
+        expires_at = now + timedelta(days=facility.share_default_days)
+    if expires_at <= now:
+        raise ShareError("The expiry must be in the future.")
+    if expires_at > now + timedelta(days=facility.share_max_days, minutes=5):
+        raise ShareError(
+            f"{facility.name} allows shares of at most {facility.share_max_days} days."
+        )
+    if not (can_view or can_download or can_import):
+        raise ShareError("Allow the recipient at least one thing: view, download or import.")
+
+    recipient_email = recipient_email.strip().lower()
+    recipient_user = None
+    raw_token = None
+    pin_hash = ""
+    if kind == ShareKind.FACILITY:
+        if recipient_facility is None:
+            raise ShareError("Choose the facility to share with.")
+        if recipient_facility.pk == facility.pk:
+            raise ShareError("Its own members already see the facility's studies.")
+        recipient_email = ""
+    elif kind in (ShareKind.PHYSICIAN, ShareKind.PATIENT):
+        recipient_facility = None
+        if recipient_email or kind == ShareKind.PHYSICIAN:
+            try:
+                validate_email(recipient_email)
+            except ValidationError:
+                raise ShareError(f"'{recipient_email}' is not a valid e-mail address.") from None
+        if kind == ShareKind.PHYSICIAN:
+            recipient_user = User.objects.filter(
+                email__iexact=recipient_email, is_active=True
+            ).first()
+            if recipient_user is None:
+                raise ShareError(
+                    f"{recipient_email} has no Relay account yet. Invite them to your facility, or share with their facility."
+                )
+        else:
+            raw_token = secrets.token_urlsafe(24)  # 192 bits
+            if second_factor == SecondFactor.BIRTH_DATE:
+                births = {s.patient_birth_date for s in studies}
+                if len(births) != 1 or None in births:
+                    raise ShareError(
+                        "The studies need one known birth date to use it as the second factor; set a PIN."
+                    )
+                patients = {s.patient_id for s in studies}
+                if len(patients) != 1:
+                    raise ShareError("A patient link can carry the studies of one patient only.")
+            elif second_factor == SecondFactor.PIN:
+                if not (pin.isdigit() and 4 <= len(pin) <= 10):
+                    raise ShareError("The PIN is 4 to 10 digits.")
+                pin_hash = make_password(pin)
+            else:
+                raise ShareError("Choose the patient's second factor: birth date or PIN.")
+    else:
+        raise ShareError("Choose who to share with.")
+
+    with transaction.atomic():
+        share = Share.objects.create(
+            facility=facility,
+            created_by=created_by,
+            kind=kind,
+            recipient_facility=recipient_facility,
+            recipient_email=recipient_email,
+            recipient_user=recipient_user,
+            message=message.strip()[:2000],
+            can_view=can_view,
+            can_download=can_download,
+            can_import=can_import,
+            expires_at=expires_at,
+            token_hash=hash_token(raw_token) if raw_token else None,
+            second_factor=second_factor if kind == ShareKind.PATIENT else "",
+            pin_hash=pin_hash,
+            notify_status=NotifyStatus.NONE
+            if kind == ShareKind.PATIENT and not recipient_email
+            else NotifyStatus.WAITING,
+        )
+        share.studies.set(studies)
+        ShareEvent.objects.create(
+            share=share, kind=ShareEventKind.CREATED, actor_label=created_by.email
+        )
+        for study in studies:
+            audit_record(
+                action=AuditAction.SHARE_CREATE,
+                request=request,
+                actor=created_by,
+                study=study,
+                detail={"share": str(share.uuid), "kind": kind, "to": share.recipient_label},
+            )
+        share_notify_if_ready(share=share)
+    return share, raw_token
+
+
+def share_notify_if_ready(*, share: Share) -> bool:
+    """Queue the recipient's e-mail once every study of the share is complete."""
+    if share.notify_status != NotifyStatus.WAITING:
+        return False
+    if share.studies.exclude(status=StudyStatus.COMPLETE).exists():
+        return False
+    claimed = Share.objects.filter(pk=share.pk, notify_status=NotifyStatus.WAITING).update(
+        notify_status=NotifyStatus.QUEUED
+    )
+    if claimed:
+        from .tasks import share_notify
+
+        transaction.on_commit(lambda: share_notify.delay(share.pk))
+    return bool(claimed)
+
+
+def shares_notify_completed() -> int:
+    """Queue the e-mails of waiting shares whose studies have all completed."""
+    queued = 0
+    waiting = Share.objects.filter(
+        notify_status=NotifyStatus.WAITING, revoked_at__isnull=True, expires_at__gt=timezone.now()
+    )
+    for share in waiting.exclude(studies__status__in=[StudyStatus.RECEIVING, StudyStatus.FAILED]):
+        with transaction.atomic():
+            queued += share_notify_if_ready(share=share)
+    return queued
+
+
+def shares_received_by(user: User) -> QuerySet[Share]:
+    """Active shares addressed to the user or to a facility they belong to."""
+    return Share.objects.filter(
+        Q(recipient_user=user) | Q(recipient_facility__memberships__user=user),
+        revoked_at__isnull=True,
+        expires_at__gt=timezone.now(),
+    ).distinct()
+
+
+def studies_shared_with(user: User) -> QuerySet[Study]:
+    return Study.objects.filter(shares__in=shares_received_by(user), purged_at__isnull=True)
+
+
+def share_open(
+    *, share: Share, who: str, request: HttpRequest | None = None, actor: User | None = None
+) -> None:
+    """A recipient opened the share: the first time is the sender's 'opened' receipt."""
+    with transaction.atomic():
+        first = Share.objects.filter(pk=share.pk, first_opened_at__isnull=True).update(
+            first_opened_at=timezone.now(), first_opened_by=who[:254]
+        )
+        if first:
+            ShareEvent.objects.create(
+                share=share, kind=ShareEventKind.OPENED, actor_label=who[:254]
+            )
+        for study in share.studies.all():
+            audit_record(
+                action=AuditAction.SHARE_OPEN,
+                request=request,
+                actor=actor,
+                study=study,
+                detail={"share": str(share.uuid), "who": who},
+            )
+
+
+def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
+    with transaction.atomic():
+        if Share.objects.filter(pk=share.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now(), revoked_by=by
+        ):
+            ShareEvent.objects.create(
+                share=share, kind=ShareEventKind.REVOKED, actor_label=by.email
+            )
+            for study in share.studies.all():
+                audit_record(
+                    action=AuditAction.SHARE_REVOKE,
+                    request=request,
+                    actor=by,
+                    study=study,
+                    detail={"share": str(share.uuid)},
+                )
+
+
+def share_extend(
+    *, share: Share, by: User, expires_at: datetime, request: HttpRequest | None = None
+) -> None:
+    now = timezone.now()
+    if share.revoked_at is not None:
+        raise ShareError("A revoked share cannot be extended; share the study again.")
+    if expires_at <= now:
+        raise ShareError("The new expiry must be in the future.")
+    if expires_at > now + timedelta(days=share.facility.share_max_days, minutes=5):
+        raise ShareError(
+            f"{share.facility.name} allows shares of at most {share.facility.share_max_days} days."
+        )
+    with transaction.atomic():
+        Share.objects.filter(pk=share.pk).update(expires_at=expires_at, expiry_warned_at=None)
+        ShareEvent.objects.create(
+            share=share,
+            kind=ShareEventKind.EXTENDED,
+            actor_label=by.email,
+            detail=f"until {expires_at:%Y-%m-%d %H:%M}",
+        )
+        for study in share.studies.all():
+            audit_record(
+                action=AuditAction.SHARE_EXTEND,
+                request=request,
+                actor=by,
+                study=study,
+                detail={"share": str(share.uuid), "until": expires_at.isoformat()},
+            )
