@@ -8,7 +8,9 @@ One run, top to bottom:
 3. ask the server which of those UIDs it already stores, and leave those out: a second run of
    the same command sends only what the first did not (resume after a lost connection);
 4. upload the rest, several at a time, each as the raw body of one request;
-5. print what became of every file. Exit code 0: everything is on the server; 1: some file was
+5. send the manifest (SOP Instance UID and SHA-256 of every file now on the server), so that
+   the server marks the studies complete and their recipients are told;
+6. print what became of every file. Exit code 0: everything is on the server; 1: some file was
    rejected, in conflict or failed; 2: the run could not start or was stopped (bad token,
    facility, server unreachable); 130: interrupted.
 """
@@ -28,8 +30,15 @@ from typing import TextIO
 from tqdm import tqdm
 
 from . import __version__
-from .files import Listing, LocalFile, examine, list_files, relative_name
-from .server import MAX_KNOWN_UIDS, RelayError, RelayServer, ServerUnavailable, Stopped
+from .files import Listing, LocalFile, examine, list_files, relative_name, stored_sha256
+from .server import (
+    MAX_KNOWN_UIDS,
+    MAX_MANIFEST,
+    RelayError,
+    RelayServer,
+    ServerUnavailable,
+    Stopped,
+)
 
 EXIT_OK = 0
 EXIT_NOT_ALL_STORED = 1
@@ -48,6 +57,8 @@ class Tally:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    complete_studies: int = 0
+    incomplete_studies: int = 0
 
     def add(self, name: str, status: str, reason: str = "") -> None:
         if status == "stored":
@@ -183,6 +194,7 @@ def send(args: argparse.Namespace) -> int:
         try:
             to_send = _leave_out_known(server, slug, files, tally)
             _upload_all(server, slug, to_send, tally, jobs=args.jobs, quiet=quiet)
+            _send_manifest(server, slug, files, tally)
         except RelayError as exc:
             print_summary(tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout)
             return _stop(exc)
@@ -300,6 +312,29 @@ def _upload_all(
             executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _send_manifest(
+    server: RelayServer, facility: str, files: list[LocalFile], tally: Tally
+) -> None:
+    """Tell the server what is on it now, so it can mark the studies complete."""
+    on_server = set(tally.stored) | set(tally.known) | set(tally.duplicate)
+    entries = [
+        {"sop_instance_uid": f.sop_instance_uid, "sha256": stored_sha256(f.path)}
+        for f in files
+        if f.name in on_server and f.sop_instance_uid is not None
+    ]
+    for start in range(0, len(entries), MAX_MANIFEST):
+        try:
+            answer = server.manifest(facility, entries[start : start + MAX_MANIFEST])
+        except ServerUnavailable as exc:
+            print(
+                f"warning: could not send the manifest ({exc}); the server will complete the studies later.",
+                file=sys.stderr,
+            )
+            return
+        tally.complete_studies += len(answer.get("complete") or [])
+        tally.incomplete_studies += len(answer.get("incomplete") or [])
+
+
 def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> None:
     rows = [
         ("stored", len(tally.stored)),
@@ -322,6 +357,10 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
             print(f"{title}:", file=out)
             for name, reason in sorted(items):
                 print(f"  {name}: {reason}", file=out)
+    if tally.complete_studies or tally.incomplete_studies:
+        print(f"  {'complete studies':<20} {tally.complete_studies:>6}", file=out)
+    if tally.incomplete_studies:
+        print(f"  {'incomplete studies':<20} {tally.incomplete_studies:>6}", file=out)
     if tally.all_stored:
         print("Every DICOM file is on the server.", file=out)
     elif tally.failed:

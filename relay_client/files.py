@@ -8,6 +8,7 @@ the folder is a candidate. Either way the DICOMDIR itself is an index, never an 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -177,3 +178,16 @@ class _Tree:
                     listing.setdefault(key, name)
             self._listings[folder] = listing
         return self._listings[folder]
+
+
+def stored_sha256(path: Path) -> str:
+    """SHA-256 of the file as the server stores it: with a DICOM preamble zeroed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        head = fp.read(132)
+        if head[128:132] == b"DICM":
+            head = bytes(128) + head[128:]
+        digest.update(head)
+        while chunk := fp.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -28,6 +28,7 @@ from .files import LocalFile
 RETRY_STATUSES = frozenset({502, 503, 504})
 FILE_STATUSES = frozenset({"stored", "duplicate", "conflict", "rejected"})
 MAX_KNOWN_UIDS = 10_000  # the server's limit per /instances/known request
+MAX_MANIFEST = 20_000  # the server's limit per /manifests request
 CHUNK = 256 * 1024  # small enough for a smooth progress bar, large enough to be cheap
 MAX_BACKOFF = 30.0
 
@@ -116,6 +117,13 @@ class RelayServer:
         response = self._call(lambda: self._client.post("/api/v1/instances/known", json=payload))
         body = self._json_or_raise(response)
         return str(body.get("facility", facility)), set(body.get("known") or [])
+
+    def manifest(self, facility: str, entries: list[dict[str, str]]) -> dict[str, Any]:
+        """Send what is on the server; answers which studies are now complete."""
+        payload = {"facility": facility, "instances": entries}
+        return self._json_or_raise(
+            self._call(lambda: self._client.post("/api/v1/manifests", json=payload))
+        )
 
     def upload(self, file: LocalFile, *, facility: str, progress: Callable[[int], None]) -> Answer:
         """Send one file as the raw request body. Raises RelayError when the run must stop."""

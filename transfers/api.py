@@ -8,6 +8,8 @@ something was refused.
                                          several as multipart/form-data fields named "file"
 - POST /api/v1/instances/known           {"facility": SLUG, "sop_instance_uids": [...]} ->
                                          the ones this facility already stores (resume)
+- POST /api/v1/manifests                 {"facility": SLUG, "instances": [{"sop_instance_uid", "sha256"}]}
+                                         at the end of an upload: studies complete when intact
 - GET  /api/v1/facilities                the facilities the caller may upload to
 """
 
@@ -28,6 +30,7 @@ from django.views.decorators.http import require_GET, require_POST
 from portal.access import AuthedRequest, bearer_token, upload_facilities, user_from_token
 from portal.models import Facility, User
 
+from .completion import ManifestError, manifest_apply
 from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_valid_uid, read_chunks
 from .models import Instance
 
@@ -174,3 +177,28 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
             ).values_list("sop_instance_uid", flat=True)
         )
     return JsonResponse({"facility": facility.slug, "known": sorted(known)})
+
+
+@require_POST
+@api_view
+def manifest(request: AuthedRequest) -> JsonResponse:
+    """The end of an upload: what was sent, so the server can tell when studies are complete."""
+    try:
+        payload = json.loads(request.body or b"{}")
+        entries = payload.get("instances", [])
+        slug = payload.get("facility")
+    except (ValueError, AttributeError):
+        return _error(
+            'The body must be JSON: {"facility": ..., "instances": [{"sop_instance_uid", "sha256"}]}.',
+            400,
+        )
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return _error("'instances' must be a list of {sop_instance_uid, sha256} objects.", 400)
+    facility = _upload_facility(request.user, slug)
+    if isinstance(facility, JsonResponse):
+        return facility
+    try:
+        result = manifest_apply(facility=facility, entries=entries)
+    except ManifestError as exc:
+        return _error(str(exc), 400)
+    return JsonResponse(result.as_dict())

@@ -20,4 +20,5 @@ urlpatterns = [
     path("api/v1/facilities", api.facilities, name="api_facilities"),
     path("api/v1/instances", api.instances_upload, name="api_instances"),
     path("api/v1/instances/known", api.instances_known, name="api_instances_known"),
+    path("api/v1/manifests", api.manifest, name="api_manifest"),
 ]

@@ -2,6 +2,8 @@
 // per file to the upload API (several at a time) with a progress bar each and overall.
 const root = document.getElementById("uploader");
 const endpoint = root.dataset.endpoint;
+const manifestEndpoint = root.dataset.manifest;
+const HASH_LIMIT = 512 * 1048576; // larger files are left to the server's quiet period
 const maxBytes = Number(root.dataset.maxBytes);
 const csrf = root.querySelector("input[name=csrfmiddlewaretoken]").value;
 const facilitySelect = document.getElementById("facility");
@@ -11,6 +13,7 @@ const overall = document.getElementById("overall");
 const overallBar = document.getElementById("overall-bar");
 const overallText = document.getElementById("overall-text");
 const summary = document.getElementById("summary");
+const completion = document.getElementById("completion");
 const CONCURRENCY = 4;
 
 const queue = [];
@@ -82,8 +85,42 @@ function settle(item, status, reason) {
   item.bar.value = item.bar.max;
   finished += 1;
   active -= 1;
+  if (status === "stored" || status === "duplicate") done.push(item);
   render();
   pump();
+  if (finished === total && active === 0) sendManifest();
+}
+
+// The end of an upload: the UID and SHA-256 of every file now on the server (of the copy the
+// server keeps, whose 128-byte preamble is zeroed), so that it can mark the studies complete
+// and tell their recipients.
+const done = [];
+async function storedSha256(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  if (bytes.length >= 132 && String.fromCharCode(...bytes.slice(128, 132)) === "DICM") bytes.fill(0, 0, 128);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return [...digest].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function sendManifest() {
+  const batch = done.splice(0).filter((item) => item.sopInstanceUid && item.file.size <= HASH_LIMIT);
+  if (!batch.length || !crypto.subtle) return;
+  const byFacility = new Map();
+  for (const item of batch) {
+    const entry = { sop_instance_uid: item.sopInstanceUid, sha256: await storedSha256(item.file) };
+    byFacility.set(item.facility, [...(byFacility.get(item.facility) || []), entry]);
+  }
+  let complete = 0;
+  for (const [facility, instances] of byFacility) {
+    const response = await fetch(manifestEndpoint, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      body: JSON.stringify({ facility, instances }),
+    });
+    if (response.ok) complete += (await response.json()).complete.length;
+  }
+  completion.hidden = false;
+  completion.textContent = `${complete} stud${complete === 1 ? "y is" : "ies are"} complete; recipients of shares are notified.`;
 }
 
 function send(item) {
@@ -110,6 +147,7 @@ function send(item) {
     try { body = JSON.parse(xhr.responseText); } catch { body = {}; }
     // "unavailable" (503) means the server could not store it now: shown as not stored.
     const status = labels[body.status] ? body.status : "rejected";
+    item.sopInstanceUid = body.sop_instance_uid;
     settle(item, status, body.status === "stored" ? "" : body.reason || `server answered ${xhr.status}`);
   };
   xhr.onerror = () => settle(item, "rejected", "the connection failed; try this file again");

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from portal.models import Facility, Membership, User
-from transfers.models import Instance, person_name_display
+from transfers.models import Instance, Study, person_name_display
 
 PASSWORD = "e2e upload page 7 horses"
 # A handful of small files takes a second or two, but once, on a shared two-core machine under
@@ -101,6 +101,11 @@ def test_it_uploads_chosen_files_and_rejects_what_is_not_dicom(
     dicoms = _upload_mixed_batch(page, tmp_path)
 
     expect(page.locator("#overall-text")).to_contain_text("4 of 4 files")
+    # The page ends with the manifest, and the server marks the three studies complete.
+    expect(page.locator("#completion")).to_have_text(
+        "3 studies are complete; recipients of shares are notified.", timeout=UPLOAD_TIMEOUT
+    )
+    assert set(Study.objects.values_list("status", flat=True)) == {"complete"}
     assert page.eval_on_selector("#overall-bar", "bar => bar.value === bar.max")
     rejected = _row(page, "notes.txt")
     expect(rejected).to_have_class("rejected")
@@ -247,6 +252,7 @@ def test_the_facility_is_fixed_while_files_upload(
 def test_keyboard_users_open_the_file_picker_from_the_drop_zone(e2e_upload_page: Any) -> None:
     page = e2e_upload_page
     page.focus("#dropzone")
-    with page.expect_file_chooser() as chooser:
+    expect(page.locator("#dropzone")).to_be_focused()
+    with page.expect_file_chooser(timeout=UPLOAD_TIMEOUT) as chooser:
         page.keyboard.press("Enter")
     assert chooser.value.is_multiple()

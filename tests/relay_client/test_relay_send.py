@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 
 from portal.models import ApiToken, AuditEvent, Facility, Membership, User
 from relay_client.cli import main
-from transfers.models import Instance
+from transfers.models import Instance, Study
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the live server sees only committed rows
 
@@ -160,7 +160,10 @@ def test_it_sends_a_folder_and_a_second_run_sends_nothing(
         "rejected": 0,
         "skipped (not DICOM)": 1,
         "failed": 0,
+        "complete studies": 3,
     }
+    # The manifest at the end marked the three studies complete.
+    assert set(Study.objects.values_list("status", flat=True)) == {"complete"}
     assert "nvh (North Valley Hospital)" in first.stdout
     assert "Every DICOM file is on the server." in first.stdout
     stored = Instance.objects.filter(facility=nvh)

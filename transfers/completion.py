@@ -1,0 +1,93 @@
+"""When a study is complete, so that its recipients are told only once everything arrived.
+
+An upload through the browser or `relay send` ends with a manifest: the SOP Instance UID and
+SHA-256 of every file it sent. The SHA-256 is of the file with its 128-byte preamble zeroed,
+which is the copy Relay stores (see ingest). A study is complete when every instance the manifest
+lists for it is stored with that hash. A study that arrives without a manifest (later: the DICOM
+gateway) is complete after RELAY_STUDY_QUIET_SECONDS with nothing new (tasks.studies_complete_quiet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from portal.models import Facility
+
+from .ingest import is_valid_uid
+from .models import Instance, Study, StudyStatus
+from .sharing import shares_notify_completed
+
+MAX_MANIFEST = 20_000
+
+
+class ManifestError(Exception):
+    pass
+
+
+@dataclass
+class ManifestResult:
+    complete: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "incomplete": self.incomplete,
+            "missing": self.missing,
+            "mismatched": self.mismatched,
+        }
+
+
+def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> ManifestResult:
+    """Mark complete every study all of whose listed instances are stored intact."""
+    if not entries or len(entries) > MAX_MANIFEST:
+        raise ManifestError(f"A manifest lists 1 to {MAX_MANIFEST} instances.")
+    wanted: dict[str, str] = {}
+    for entry in entries:
+        uid = str(entry.get("sop_instance_uid", ""))
+        sha = str(entry.get("sha256", "")).lower()
+        if not is_valid_uid(uid) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ManifestError(
+                "Each entry needs a valid 'sop_instance_uid' and a 64-hex-digit 'sha256'."
+            )
+        wanted[uid] = sha
+    stored: dict[str, tuple[str, int]] = {}
+    uids = list(wanted)
+    for start in range(0, len(uids), 500):
+        rows = Instance.objects.filter(
+            facility=facility, sop_instance_uid__in=uids[start : start + 500]
+        ).values_list("sop_instance_uid", "sha256", "series__study_id")
+        stored.update({uid: (sha, study_id) for uid, sha, study_id in rows})
+    result = ManifestResult()
+    bad_studies: set[int] = set()
+    studies: set[int] = set()
+    for uid, sha in wanted.items():
+        if uid not in stored:
+            result.missing.append(uid)
+            continue
+        stored_sha, study_id = stored[uid]
+        studies.add(study_id)
+        if stored_sha != sha:
+            result.mismatched.append(uid)
+            bad_studies.add(study_id)
+    # A missing instance's study is unknown here; its study stays receiving if any listed
+    # instance of it is missing, which the client sees in "missing" and sends again.
+    if result.missing:
+        bad_studies |= studies
+    with transaction.atomic():
+        for study in Study.objects.filter(pk__in=studies).order_by("pk"):
+            if study.pk in bad_studies:
+                result.incomplete.append(str(study.uuid))
+                continue
+            Study.objects.filter(pk=study.pk).exclude(status=StudyStatus.COMPLETE).update(
+                status=StudyStatus.COMPLETE, completed_at=timezone.now()
+            )
+            result.complete.append(str(study.uuid))
+        shares_notify_completed()
+    return result
