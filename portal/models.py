@@ -232,6 +232,8 @@ class AuditAction(models.TextChoices):
     SHARE_EXTEND = "share_extend", "Extended a share"
     PATIENT_FACTOR = "patient_factor", "Patient link second factor"
     PURGE = "purge", "Purged a study's images"
+    REPORT_ATTACH = "report_attach", "Attached a report"
+    REPORT_VIEW = "report_view", "Read a report"
 
 
 class Outcome(models.TextChoices):

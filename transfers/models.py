@@ -282,3 +282,28 @@ class ShareEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M} {self.kind}"
+
+
+class Report(models.Model):
+    """A radiology report attached to a study: a PDF (kept in storage) or text typed in."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="reports")
+    text = models.TextField(blank=True, max_length=50_000)
+    storage_key = models.CharField(max_length=400, blank=True)
+    filename = models.CharField(max_length=200, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("created_at", "id")
+
+    def __str__(self) -> str:
+        return self.filename or "Report (text)"
+
+    @property
+    def is_pdf(self) -> bool:
+        return bool(self.storage_key)

@@ -7,6 +7,7 @@ from datetime import datetime, time, timedelta
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import Http404, HttpResponse
@@ -18,6 +19,7 @@ from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.models import Facility
 
 from .models import SecondFactor, Share, ShareKind, Study
+from .reports import ReportError, report_attach
 from .sharing import (
     ShareError,
     share_create,
@@ -52,6 +54,10 @@ class ShareForm(forms.Form):
         choices=[("", "—"), *SecondFactor.choices], required=False, label="Patient's second factor"
     )
     pin = forms.CharField(required=False, max_length=10, label="PIN (4 to 10 digits)")
+    report_text = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 4}), label="Report (typed)"
+    )
+    report_pdf = forms.FileField(required=False, label="or report (PDF)")
 
     def __init__(self, *args: object, facility: Facility, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -79,7 +85,7 @@ def share_new(request: AuthedRequest) -> HttpResponse:
     if not studies or len(studies) != len(set(uuids)):
         raise Http404("No such study among those you may share.")
     facility = studies[0].facility
-    form = ShareForm(request.POST or None, facility=facility)
+    form = ShareForm(request.POST or None, request.FILES or None, facility=facility)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -102,6 +108,8 @@ def share_new(request: AuthedRequest) -> HttpResponse:
         except ShareError as exc:
             form.add_error(None, str(exc))
         else:
+            if data["report_text"] or data["report_pdf"]:
+                _attach_reports(request, studies, data["report_text"], data["report_pdf"])
             if raw_token:
                 # Shown once, on the handout page; only the hash is kept.
                 request.session[f"patient_link_{share.uuid}"] = raw_token
@@ -113,6 +121,19 @@ def share_new(request: AuthedRequest) -> HttpResponse:
         "transfers/share_new.html",
         {"form": form, "studies": studies, "facility": facility},
     )
+
+
+def _attach_reports(
+    request: AuthedRequest, studies: list[Study], text: str, pdf: UploadedFile | None
+) -> None:
+    for study in studies:
+        if pdf is not None:
+            pdf.seek(0)
+        try:
+            report_attach(study=study, by=request.user, text=text, pdf=pdf, request=request)
+        except ReportError as exc:
+            messages.error(request, f"The share was made, but the report was not attached: {exc}")
+            return
 
 
 @require_GET

@@ -9,6 +9,12 @@ from . import api, share_views, views
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
     path("studies/<uuid:study_uuid>/", views.study_detail, name="study_detail"),
+    path("studies/<uuid:study_uuid>/reports/", views.report_add, name="report_add"),
+    path(
+        "studies/<uuid:study_uuid>/reports/<uuid:report_uuid>/",
+        views.report_download,
+        name="report_download",
+    ),
     path("upload/", views.upload_page, name="upload"),
     path("share/", share_views.share_new, name="share_new"),
     path("inbox/", share_views.inbox, name="inbox"),

@@ -5,18 +5,21 @@ from __future__ import annotations
 from datetime import date
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.files.storage import storages
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpResponse
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.http import FileResponse, Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
 
 from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .models import Study
+from .reports import ReportError, report_attach
 from .sharing import studies_shared_with
 
 PAGE_SIZE = 25
@@ -121,8 +124,64 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
     return render(
         request,
         "transfers/study_detail.html",
-        {"study": study, "series_list": series, "can_share": can_share},
+        {
+            "study": study,
+            "series_list": series,
+            "can_share": can_share,
+            "reports": list(study.reports.select_related("uploaded_by")),
+        },
     )
+
+
+@require_POST
+@login_required
+def report_add(request: AuthedRequest, study_uuid: str) -> HttpResponse:
+    study = _get_study_for_user(request, study_uuid)
+    if not upload_facilities(request.user).filter(pk=study.facility_id).exists():
+        raise Http404("No such study.")
+    try:
+        report_attach(
+            study=study,
+            by=request.user,
+            text=request.POST.get("text", ""),
+            pdf=request.FILES.get("pdf"),
+            request=request,
+        )
+    except ReportError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Report attached.")
+    return redirect("study_detail", study_uuid=study.uuid)
+
+
+@require_GET
+@login_required
+def report_download(
+    request: AuthedRequest, study_uuid: str, report_uuid: str
+) -> HttpResponse | FileResponse:
+    study = _get_study_for_user(request, study_uuid)
+    report = study.reports.filter(uuid=report_uuid).first()
+    if report is None:
+        raise Http404("No such report.")
+    audit_record(
+        action=AuditAction.REPORT_VIEW,
+        request=request,
+        study=study,
+        detail={"report": str(report.uuid)},
+    )
+    response: HttpResponse | FileResponse
+    if report.is_pdf:
+        response = FileResponse(
+            storages["default"].open(report.storage_key),
+            content_type="application/pdf",
+            as_attachment=True,
+            filename=report.filename or "report.pdf",
+        )
+    else:
+        response = HttpResponse(report.text, content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="report.txt"'
+    response["Cache-Control"] = "private, no-store"
+    return response
 
 
 @require_GET

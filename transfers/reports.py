@@ -1,0 +1,87 @@
+"""Radiology reports attached to studies: a PDF or text typed in. The recipient of a share sees
+and downloads them with the study; exports include them (export work)."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.files.base import ContentFile, File
+from django.core.files.storage import storages
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.http import HttpRequest
+
+from portal.audit import audit_record
+from portal.models import AuditAction, User
+
+from .models import Report, Study
+
+MAX_REPORT_BYTES = 20 * 1024 * 1024
+MAX_REPORT_TEXT = 50_000
+
+
+class ReportError(Exception):
+    pass
+
+
+def report_attach(
+    *,
+    study: Study,
+    by: User,
+    text: str = "",
+    pdf: UploadedFile | None = None,
+    request: HttpRequest | None = None,
+) -> Report:
+    """Attach one report. The PDF is written to storage first and removed if the row fails."""
+    text = text.strip()
+    if not text and pdf is None:
+        raise ReportError("Type the report or choose a PDF.")
+    if text and pdf is not None:
+        raise ReportError("Attach either a PDF or typed text, not both at once.")
+    if study.purged_at is not None:
+        raise ReportError("The study's images were purged; it takes no new reports.")
+    if len(text) > MAX_REPORT_TEXT:
+        raise ReportError(f"A typed report is at most {MAX_REPORT_TEXT} characters.")
+    key = ""
+    name = ""
+    size = 0
+    storage = storages["default"]
+    if pdf is not None:
+        size = pdf.size or 0
+        if size == 0 or size > MAX_REPORT_BYTES:
+            raise ReportError(f"A report PDF is 1 byte to {MAX_REPORT_BYTES // 1048576} MB.")
+        head = pdf.read(5)
+        pdf.seek(0)
+        if head != b"%PDF-":
+            raise ReportError("That file is not a PDF.")
+        name = (pdf.name or "report.pdf").replace("/", "_")[-200:]
+        key = storage.save(
+            f"reports/{study.facility.uuid}/{study.study_instance_uid}/{uuid.uuid4().hex}.pdf",
+            File(pdf),
+        )
+    try:
+        with transaction.atomic():
+            report = Report.objects.create(
+                study=study,
+                text=text,
+                storage_key=key,
+                filename=name,
+                size_bytes=size,
+                uploaded_by=by,
+            )
+            audit_record(
+                action=AuditAction.REPORT_ATTACH,
+                request=request,
+                actor=by,
+                study=study,
+                detail={"report": str(report.uuid), "kind": "pdf" if key else "text"},
+            )
+    except BaseException:
+        if key:
+            storage.delete(key)
+        raise
+    return report
+
+
+def report_text_file(report: Report) -> ContentFile[bytes]:
+    return ContentFile(report.text.encode("utf-8"), name="REPORT.TXT")
