@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+from typing import Any
+
 from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
@@ -22,6 +25,8 @@ def invitation_create(
     role: str,
     invited_by: User,
     request: HttpRequest | None = None,
+    email_template: str = "invitation",
+    extra_context: dict[str, Any] | None = None,
 ) -> Invitation:
     email = email.strip().lower()
     if Membership.objects.filter(facility=facility, user__email__iexact=email).exists():
@@ -51,9 +56,10 @@ def invitation_create(
             detail={"email": email, "role": role},
         )
         email_queue(
-            name="invitation",
+            name=email_template,
             to=email,
             context={
+                **(extra_context or {}),
                 "invitation": invitation,
                 "facility": facility,
                 "inviter": invited_by,
@@ -61,6 +67,13 @@ def invitation_create(
             },
         )
     return invitation
+
+
+def practice_create(*, email: str) -> Facility:
+    """A personal practice for a physician who receives a share before having an account."""
+    return Facility.objects.create(
+        name=f"Practice of {email}", slug=f"practice-{secrets.token_hex(6)}", city=""
+    )
 
 
 def invitation_for_token(raw: str) -> Invitation | None:

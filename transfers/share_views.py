@@ -9,13 +9,12 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Paginator
-from django.db.models import Q
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from portal.access import AuthedRequest, facilities_of, upload_facilities
+from portal.access import AuthedRequest, upload_facilities
 from portal.models import Facility
 
 from .models import SecondFactor, Share, ShareKind, Study
@@ -180,8 +179,7 @@ def _get_share_for_user(request: AuthedRequest, share_uuid: str) -> tuple[Share,
         raise Http404("No such share.")
     if share.facility in upload_facilities(request.user):
         return share, True
-    mine = Q(recipient_user=request.user) | Q(recipient_facility__in=facilities_of(request.user))
-    if share.is_active and Share.objects.filter(mine, pk=share.pk).exists():
+    if share.is_active and shares_received_by(request.user).filter(pk=share.pk).exists():
         return share, False
     raise Http404("No such share.")
 

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Membership, User, hash_token
+from portal.services import invitation_create, practice_create
 
 from .models import (
     NotifyStatus,
@@ -98,10 +99,6 @@ def share_create(
             recipient_user = User.objects.filter(
                 email__iexact=recipient_email, is_active=True
             ).first()
-            if recipient_user is None:
-                raise ShareError(
-                    f"{recipient_email} has no Relay account yet. Invite them to your facility, or share with their facility."
-                )
         else:
             raw_token = secrets.token_urlsafe(24)  # 192 bits
             if second_factor == SecondFactor.BIRTH_DATE:
@@ -146,6 +143,23 @@ def share_create(
         ShareEvent.objects.create(
             share=share, kind=ShareEventKind.CREATED, actor_label=created_by.email
         )
+        if kind == ShareKind.PHYSICIAN and recipient_user is None:
+            # Someone without an account is invited to create one, in a practice of their own;
+            # the share reaches them by their address once they have signed up.
+            invitation_create(
+                facility=practice_create(email=recipient_email),
+                email=recipient_email,
+                role="admin",
+                invited_by=created_by,
+                request=request,
+                email_template="invitation_share",
+                extra_context={"sender_facility": facility, "message": share.message},
+            )
+            ShareEvent.objects.create(
+                share=share,
+                kind=ShareEventKind.CREATED,
+                detail=f"invited {recipient_email} to Relay",
+            )
         for study in studies:
             audit_record(
                 action=AuditAction.SHARE_CREATE,
@@ -189,7 +203,13 @@ def shares_notify_completed() -> int:
 def shares_received_by(user: User) -> QuerySet[Share]:
     """Active shares addressed to the user or to a facility they belong to."""
     return Share.objects.filter(
-        Q(recipient_user=user) | Q(recipient_facility__memberships__user=user),
+        Q(recipient_user=user)
+        | Q(recipient_facility__memberships__user=user)
+        | Q(
+            kind=ShareKind.PHYSICIAN,
+            recipient_user__isnull=True,
+            recipient_email__iexact=user.email,
+        ),
         revoked_at__isnull=True,
         expires_at__gt=timezone.now(),
     ).distinct()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.core import mail
+from django.test import Client
 from django.utils import timezone
 
 from portal.models import AuditEvent, Facility, Membership, User
@@ -204,7 +205,6 @@ def test_a_physician_with_an_account_gets_it_in_their_inbox(
     ("changes", "error"),
     [
         ({"kind": "physician", "recipient_email": "not-an-address"}, "not a valid e-mail"),
-        ({"kind": "physician", "recipient_email": "nobody@nowhere.example"}, "no Relay account"),
         ({"expires_at": "past"}, "in the future"),
         ({"expires_at": "far"}, "at most 90 days"),
         ({"can_view": False, "can_download": False, "can_import": False}, "at least one thing"),
@@ -286,3 +286,34 @@ def test_revoking_twice_records_one_event(bob, study, gfc, krmc):
     share_revoke(share=share, by=bob)
     assert ShareEvent.objects.filter(share=share, kind="revoked").count() == 1
     assert re.search("revoked", client_for(bob).get("/sent/").content.decode())
+
+
+def test_a_physician_without_an_account_is_invited_and_then_sees_the_share(
+    bob, study, mailoutbox, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        share, _ = share_create(
+            facility=study.facility,
+            created_by=bob,
+            studies=[study],
+            kind="physician",
+            recipient_email="dr.new@ruralclinic.example",
+            message="Consult requested.",
+        )
+    invite = next(m for m in mailoutbox if "/invitations/" in m.body)
+    assert invite.to == ["dr.new@ruralclinic.example"]
+    assert "Kalispell Regional Medical Center" in invite.subject
+    assert "Consult requested." in invite.body
+    assert "CompressedSamples" not in invite.subject + invite.body
+    path = re.search(r"(/invitations/\S+/)", invite.body).group(1)  # type: ignore[union-attr]
+    newcomer = Client()
+    response = newcomer.post(
+        path, {"full_name": "Dr New", "password1": PASSWORD, "password2": PASSWORD}
+    )
+    assert response.status_code == 302
+    user = User.objects.get(email="dr.new@ruralclinic.example")
+    # Their own practice, where they are the admin.
+    assert Membership.objects.get(user=user).role == "admin"
+    assert "CompressedSamples, CT1" in newcomer.get("/inbox/").content.decode()
+    assert newcomer.get(f"/shares/{share.uuid}/").status_code == 200
+    assert newcomer.get(f"/studies/{study.uuid}/").status_code == 200
