@@ -231,14 +231,7 @@ def share_open(
             ShareEvent.objects.create(
                 share=share, kind=ShareEventKind.OPENED, actor_label=who[:254]
             )
-        for study in share.studies.all():
-            audit_record(
-                action=AuditAction.SHARE_OPEN,
-                request=request,
-                actor=actor,
-                study=study,
-                detail={"share": str(share.uuid), "who": who},
-            )
+        _audit_share(share, AuditAction.SHARE_OPEN, request=request, actor=actor, who=who)
 
 
 def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
@@ -249,14 +242,7 @@ def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) 
             ShareEvent.objects.create(
                 share=share, kind=ShareEventKind.REVOKED, actor_label=by.email
             )
-            for study in share.studies.all():
-                audit_record(
-                    action=AuditAction.SHARE_REVOKE,
-                    request=request,
-                    actor=by,
-                    study=study,
-                    detail={"share": str(share.uuid)},
-                )
+            _audit_share(share, AuditAction.SHARE_REVOKE, request=request, actor=by)
 
 
 def share_extend(
@@ -279,11 +265,20 @@ def share_extend(
             actor_label=by.email,
             detail=f"until {expires_at:%Y-%m-%d %H:%M}",
         )
-        for study in share.studies.all():
-            audit_record(
-                action=AuditAction.SHARE_EXTEND,
-                request=request,
-                actor=by,
-                study=study,
-                detail={"share": str(share.uuid), "until": expires_at.isoformat()},
-            )
+        _audit_share(
+            share, AuditAction.SHARE_EXTEND, request=request, actor=by, until=expires_at.isoformat()
+        )
+
+
+def _audit_share(
+    share: Share, action: str, *, request: HttpRequest | None, actor: User | None, **detail: str
+) -> None:
+    """One audit event per study of the share: the trail is searched by patient and study."""
+    for study in share.studies.all():
+        audit_record(
+            action=action,
+            request=request,
+            actor=actor,
+            study=study,
+            detail={"share": str(share.uuid), **detail},
+        )
