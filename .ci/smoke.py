@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -136,6 +137,57 @@ def main() -> int:
             "the Celery worker to send the e-mail",
         )
         print("smoke: the Celery worker sent the password-reset e-mail")
+
+        # The sharing flow on the demo data: Kalispell shares its CT with Great Falls Clinic.
+        worklist = web.get("/studies/", params={"q": "demo"}).text
+        study_uuid = re.search(r'href="/studies/([0-9a-f-]+)/"', worklist).group(1)
+        share_page = web.get("/share/", params={"study": study_uuid})
+        gfc = re.search(
+            r'<option value="(\d+)">Great Falls Clinic</option>', share_page.text
+        ).group(1)
+        response = web.post(
+            "/share/",
+            data={
+                "study": study_uuid,
+                "kind": "facility",
+                "recipient_facility": gfc,
+                "message": "For the consult tomorrow.",
+                "expires_on": (datetime.now(UTC).date() + timedelta(days=7)).isoformat(),
+                "can_view": "on",
+                "csrfmiddlewaretoken": web.cookies["csrftoken"],
+            },
+            headers={"Referer": f"{BASE}/share/"},
+        )
+        assert response.status_code == 302, response.text[:2000]
+        share_path = response.headers["location"]
+
+        def share_mail() -> str | None:
+            for path in mail.iterdir():
+                text = path.read_text(errors="replace")
+                if "To: reader@gfc.example" in text and share_path in text:
+                    return text
+            return None
+
+        text = wait_for(share_mail, 120, "the share e-mail to the Great Falls reader")
+        assert "DEMO" not in text and "KRMC-100234" not in text, "patient data in the e-mail"
+        print("smoke: the Great Falls reader got the share e-mail, without patient data")
+        reader = httpx.Client(base_url=BASE, timeout=30)
+        reader.get("/accounts/login/")
+        reader_password = re.search(r"reader@gfc\.example\s+(\S+)", output()).group(1)
+        reader.post(
+            "/accounts/login/",
+            data={
+                "username": "reader@gfc.example",
+                "password": reader_password,
+                "csrfmiddlewaretoken": reader.cookies["csrftoken"],
+            },
+            headers={"Referer": f"{BASE}/accounts/login/"},
+        )
+        assert "DEMO, ANNA M" in reader.get("/inbox/").text
+        assert reader.get(share_path).status_code == 200
+        assert reader.get(f"/studies/{study_uuid}/").status_code == 200
+        assert "reader@gfc.example" in web.get("/sent/").text
+        print("smoke: the reader opened it and the sender's Sent page shows who did")
     finally:
         # What Ctrl-C in the terminal does: SIGINT to the foreground process group.
         os.killpg(run.pid, signal.SIGINT)
