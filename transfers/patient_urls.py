@@ -1,7 +1,17 @@
-"""URLs of patient links (filled in by the patient-link work)."""
+"""URLs of patient links: the sender's handout and the patient's pages (no sign-in)."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-urlpatterns: list[URLPattern] = []
+from . import patient_views
+
+urlpatterns: list[URLPattern] = [
+    path(
+        "shares/<uuid:share_uuid>/handout/",
+        patient_views.patient_handout,
+        name="patient_handout",
+    ),
+    path("p/<str:token>/", patient_views.patient_open, name="patient_open"),
+    path("p/<str:token>/studies/", patient_views.patient_studies, name="patient_studies"),
+]
