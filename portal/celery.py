@@ -30,13 +30,26 @@ app.conf.update(
     # (e-mail, bookkeeping) never waits behind slow work (rendering, export, push).
     task_routes={
         "portal.tasks.*": {"queue": "quick"},
-        "transfers.tasks.studies_complete_quiet": {"queue": "quick"},
+        "transfers.tasks.purge_expired": {"queue": "slow"},
+        "transfers.tasks.*": {"queue": "quick"},
     },
     task_default_routing_key="quick",
     beat_schedule={
         "studies-complete-after-quiet-period": {
             "task": "transfers.tasks.studies_complete_quiet",
             "schedule": 60.0,
+        },
+        "shares-expire": {
+            "task": "transfers.tasks.shares_expire",
+            "schedule": crontab(minute="*/15"),
+        },
+        "shares-warn-expiring": {
+            "task": "transfers.tasks.shares_warn_expiring",
+            "schedule": crontab(minute=23),
+        },
+        "purge-expired": {
+            "task": "transfers.tasks.purge_expired",
+            "schedule": crontab(hour=3, minute=30),
         },
         "invitations-expire": {
             "task": "portal.tasks.invitations_expire",

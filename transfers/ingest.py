@@ -617,6 +617,9 @@ def _index(
         .first()
     )
     series_created = False
+    if series is not None and series.study.purged_at is not None:
+        _revive(series.study)
+        series = None
     if series is not None:
         study = series.study
     else:
@@ -625,6 +628,9 @@ def _index(
             study_instance_uid=header.study_uid,
             defaults={**study_fields, "uploaded_by": user},
         )
+        if study.purged_at is not None:
+            _revive(study)
+            study.refresh_from_db()
         series, series_created = Series.objects.get_or_create(
             study=study, series_instance_uid=header.series_uid, defaults=series_fields
         )
@@ -642,6 +648,16 @@ def _index(
         **instance_fields,
     )
     return study, series, series_created
+
+
+def _revive(study: Study) -> None:
+    """A purged study's UID arrives again (the patient's CD, a resend): the tombstone becomes
+    a study again, counted from zero; the purge stays in the audit trail."""
+    Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+    study.series.all().delete()
+    Study.objects.filter(pk=study.pk).update(
+        purged_at=None, purged_bytes=0, num_series=0, num_instances=0, size_bytes=0, modalities=""
+    )
 
 
 def _count(*, study: Study, series: Series, size: int, series_created: bool) -> None:

@@ -21,6 +21,7 @@ from .models import SecondFactor, Share, ShareKind, Study
 from .reports import ReportError, report_attach
 from .sharing import (
     ShareError,
+    patient_link_email,
     share_create,
     share_extend,
     share_open,
@@ -110,7 +111,9 @@ def share_new(request: AuthedRequest) -> HttpResponse:
             if data["report_text"] or data["report_pdf"]:
                 _attach_reports(request, studies, data["report_text"], data["report_pdf"])
             if raw_token:
-                # Shown once, on the handout page; only the hash is kept.
+                # Shown once, on the handout page (and e-mailed if an address was given);
+                # only the hash is kept.
+                patient_link_email(share=share, raw_token=raw_token)
                 request.session[f"patient_link_{share.uuid}"] = raw_token
                 return redirect("patient_handout", share_uuid=share.uuid)
             messages.success(request, f"Shared with {share.recipient_label}.")

@@ -120,6 +120,12 @@ def share_create(
         raise ShareError("Choose who to share with.")
 
     with transaction.atomic():
+        # Lock the studies and look again: a purge that claimed one meanwhile wins.
+        alive = Study.objects.select_for_update().filter(
+            pk__in=[s.pk for s in studies], purged_at__isnull=True
+        )
+        if alive.count() != len(studies):
+            raise ShareError("A purged study cannot be shared: its images are gone.")
         share = Share.objects.create(
             facility=facility,
             created_by=created_by,
@@ -135,9 +141,9 @@ def share_create(
             token_hash=hash_token(raw_token) if raw_token else None,
             second_factor=second_factor if kind == ShareKind.PATIENT else "",
             pin_hash=pin_hash,
-            notify_status=NotifyStatus.NONE
-            if kind == ShareKind.PATIENT and not recipient_email
-            else NotifyStatus.WAITING,
+            # A patient's e-mail carries the link's token, which only this request knows: it
+            # is sent from here (patient_link_email), never by the notification task.
+            notify_status=NotifyStatus.NONE if kind == ShareKind.PATIENT else NotifyStatus.WAITING,
         )
         share.studies.set(studies)
         ShareEvent.objects.create(
@@ -251,6 +257,8 @@ def share_extend(
     now = timezone.now()
     if share.revoked_at is not None:
         raise ShareError("A revoked share cannot be extended; share the study again.")
+    if share.studies.filter(purged_at__isnull=False).exists():
+        raise ShareError("The images of this share were purged; it cannot be extended.")
     if expires_at <= now:
         raise ShareError("The new expiry must be in the future.")
     if expires_at > now + timedelta(days=share.facility.share_max_days, minutes=5):
@@ -282,3 +290,18 @@ def _audit_share(
             study=study,
             detail={"share": str(share.uuid), **detail},
         )
+
+
+def patient_link_email(*, share: Share, raw_token: str) -> None:
+    """E-mail the patient their link (no patient data in it; the second factor guards it)."""
+    from django.urls import reverse
+
+    from portal.emails import email_queue
+
+    if not share.recipient_email:
+        return
+    email_queue(
+        name="patient_link",
+        to=share.recipient_email,
+        context={"share": share, "link": reverse("patient_open", kwargs={"token": raw_token})},
+    )

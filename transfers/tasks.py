@@ -8,7 +8,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from . import notify
+from . import notify, purge
 from .models import Study, StudyStatus
 from .sharing import shares_notify_completed
 
@@ -49,3 +49,27 @@ def share_notify(self: Task, share_id: int) -> str:
             share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
         )
         raise
+
+
+@shared_task(soft_time_limit=120, time_limit=180)
+def shares_expire() -> int:
+    """Mark lapsed shares EXPIRED on their timelines (the sender's receipt)."""
+    return purge.shares_mark_expired()
+
+
+@shared_task(soft_time_limit=120, time_limit=180)
+def shares_warn_expiring() -> int:
+    """E-mail senders a few days before a share lapses."""
+    return purge.shares_warn_expiring(days=3)
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, soft_time_limit=3300, time_limit=3600)
+def purge_expired() -> dict[str, int]:
+    """Daily: delete the images of studies whose shares have all lapsed, past retention."""
+    result = purge.purge_expired()
+    return {
+        "studies": result.studies_purged,
+        "bytes": result.bytes_freed,
+        "objects": result.objects_deleted,
+        "failed": len(result.failed),
+    }

@@ -478,3 +478,20 @@ def test_a_patient_links_warning_leaves_out_the_patients_address(
     message = mailoutbox[0]
     assert "patricia" not in message.subject + message.body + message.alternatives[0][0]
     assert "a patient link" in message.body
+
+
+def test_a_purged_study_sent_again_becomes_a_study_again(client, bob_token):
+    from django.utils import timezone as tz
+
+    from tests.helpers import read_testdata as _read
+    from tests.helpers import upload as _upload
+    from transfers.models import Instance as _Instance
+    from transfers.models import Study as _Study
+
+    assert _upload(client, _read("CT_small.dcm"), token=bob_token).status_code == 201
+    _Study.objects.update(purged_at=tz.now())
+    _Instance.objects.all().delete()
+    assert _upload(client, _read("CT_small.dcm"), token=bob_token).status_code == 201
+    study = _Study.objects.get()
+    assert study.purged_at is None
+    assert (study.num_series, study.num_instances) == (1, 1)

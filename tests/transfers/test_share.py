@@ -317,3 +317,28 @@ def test_a_physician_without_an_account_is_invited_and_then_sees_the_share(
     assert "CompressedSamples, CT1" in newcomer.get("/inbox/").content.decode()
     assert newcomer.get(f"/shares/{share.uuid}/").status_code == 200
     assert newcomer.get(f"/studies/{study.uuid}/").status_code == 200
+
+
+def test_a_patient_link_is_emailed_with_its_token_and_no_patient_data(
+    bob, study, mailoutbox, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(bob).post(
+            "/share/",
+            {
+                "study": [str(study.uuid)],
+                "kind": "patient",
+                "recipient_email": "patient@home.example",
+                "second_factor": "pin",
+                "pin": "482913",
+                "expires_on": (timezone.localdate() + timedelta(days=5)).isoformat(),
+                "can_view": "on",
+            },
+        )
+    assert response.status_code == 302
+    assert [m.to for m in mailoutbox] == [["patient@home.example"]]
+    body = mailoutbox[0].body
+    assert "CompressedSamples" not in body + mailoutbox[0].subject
+    link = re.search(r"https?://[^/\s]+(/p/\S+/)", body).group(1)  # type: ignore[union-attr]
+    assert Client().get(link).status_code == 200
+    assert Share.objects.get().notify_status == NotifyStatus.NONE
