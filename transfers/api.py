@@ -66,6 +66,15 @@ def api_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     return wrapper
 
 
+def _json_object(request: HttpRequest, shape: str) -> dict[str, Any] | JsonResponse:
+    """The request body as a JSON object, or a 400 that says what shape was expected."""
+    try:
+        payload = json.loads(request.body or b"{}")
+    except ValueError:
+        return _error(shape, 400)
+    return payload if isinstance(payload, dict) else _error(shape, 400)
+
+
 def _upload_facility(user: User, slug: str | None) -> Facility | JsonResponse:
     allowed = list(upload_facilities(user))
     if slug:
@@ -155,12 +164,13 @@ def _results_response(results: list[IngestResult]) -> JsonResponse:
 @require_POST
 @api_view
 def instances_known(request: AuthedRequest) -> JsonResponse:
-    try:
-        payload = json.loads(request.body or b"{}")
-        uids = payload.get("sop_instance_uids", [])
-        slug = payload.get("facility")
-    except (ValueError, AttributeError):
-        return _error('The body must be JSON: {"facility": ..., "sop_instance_uids": [...]}.', 400)
+    payload = _json_object(
+        request, 'The body must be JSON: {"facility": ..., "sop_instance_uids": [...]}.'
+    )
+    if isinstance(payload, JsonResponse):
+        return payload
+    uids = payload.get("sop_instance_uids", [])
+    slug = payload.get("facility")
     if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
         return _error("'sop_instance_uids' must be a list of strings.", 400)
     if len(uids) > MAX_KNOWN_UIDS:
@@ -183,15 +193,14 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
 @api_view
 def manifest(request: AuthedRequest) -> JsonResponse:
     """The end of an upload: what was sent, so the server can tell when studies are complete."""
-    try:
-        payload = json.loads(request.body or b"{}")
-        entries = payload.get("instances", [])
-        slug = payload.get("facility")
-    except (ValueError, AttributeError):
-        return _error(
-            'The body must be JSON: {"facility": ..., "instances": [{"sop_instance_uid", "sha256"}]}.',
-            400,
-        )
+    payload = _json_object(
+        request,
+        'The body must be JSON: {"facility": ..., "instances": [{"sop_instance_uid", "sha256"}]}.',
+    )
+    if isinstance(payload, JsonResponse):
+        return payload
+    entries = payload.get("instances", [])
+    slug = payload.get("facility")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         return _error("'instances' must be a list of {sop_instance_uid, sha256} objects.", 400)
     facility = _upload_facility(request.user, slug)
