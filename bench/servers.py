@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -175,7 +176,40 @@ print("BENCH-SETUP " + json.dumps({"token": raw, "facility": facility.slug}))
 """
 
 
-class RelayServer:
+class _Server:
+    """Started on entering a with-block, always stopped on leaving it; the log's tail is
+    printed when the block failed."""
+
+    name = "server"
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and self.proc is not None:
+            print(f"--- {self.name} log (tail) ---\n{log_tail(self.log)}", file=sys.stderr)
+        self.stop()
+
+
+class RelayServer(_Server):
     """Relay on gunicorn with 4 sync workers, as production runs it behind its proxy."""
 
     name = "Relay"
@@ -314,29 +348,11 @@ class RelayServer:
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> RelayServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and self.proc is not None:
-            print(f"--- gunicorn log (tail) ---\n{log_tail(self.log)}", file=sys.stderr)
-        self.stop()
-
 
 # --- Orthanc ------------------------------------------------------------------------------------
 
 
-class OrthancServer:
+class OrthancServer(_Server):
     """Orthanc with its default settings except where it stores and who may connect."""
 
     name = "Orthanc"
@@ -402,21 +418,3 @@ class OrthancServer:
                 stop_process_tree(self.proc)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> OrthancServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and self.proc is not None:
-            print(f"--- Orthanc log (tail) ---\n{log_tail(self.log)}", file=sys.stderr)
-        self.stop()
