@@ -109,7 +109,7 @@ def _worker_process(
             "portal",
             "worker",
             "-Q",
-            "quick,slow",
+            "quick,slow,render",
             "--pool",
             "solo",
             "-l",

@@ -23,6 +23,7 @@ urlpatterns = [
     path("shares/<uuid:share_uuid>/revoke/", share_views.share_revoke_view, name="share_revoke"),
     path("shares/<uuid:share_uuid>/extend/", share_views.share_extend_view, name="share_extend"),
     path("", include("transfers.patient_urls")),
+    path("", include("transfers.viewer_urls")),
     path("api/v1/facilities", api.facilities, name="api_facilities"),
     path("api/v1/instances", api.instances_upload, name="api_instances"),
     path("api/v1/instances/known", api.instances_known, name="api_instances_known"),

@@ -35,7 +35,7 @@ class Command(BaseCommand):
                 "portal",
                 "worker",
                 "-Q",
-                "quick,slow",
+                "quick,slow,render",
                 "-c",
                 "2",
                 "-l",

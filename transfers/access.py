@@ -1,0 +1,104 @@
+"""Who may see a study, by which path, and what they may do with it.
+
+Every page and download that touches a study's images (study page, viewer, frames, ZIP) asks
+`study_access` first. There are three ways in:
+
+- a member of the facility that holds the study (uploader, colleague): everything;
+- a recipient of an active share (a member of the recipient facility, or the physician it was
+  addressed to): what the share allows;
+- a patient whose browser session verified the second factor of an active patient link: what
+  the share allows, through the /p/<token>/ URLs only.
+
+Anything else is a 404 (or the login page, by the views' decorators), never the data. The
+share is looked up afresh on every request, so a revoked or expired share stops at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from django.http import Http404, HttpRequest
+
+from portal.access import facilities_of
+
+from .models import Share, ShareKind, Study
+from .patient import patient_session_has, patient_share_for_token
+from .sharing import shares_received_by
+
+
+@dataclass(frozen=True)
+class StudyAccess:
+    """A study someone may open, and what they may do with it."""
+
+    study: Study
+    # The share that lets them in; None for a member of the facility that holds the study.
+    share: Share | None
+    can_download: bool
+    can_import: bool
+    # Who it is, for receipts and audit: the user's e-mail or "patient link".
+    who: str
+
+    @property
+    def is_patient(self) -> bool:
+        return self.share is not None and self.share.kind == ShareKind.PATIENT
+
+    @property
+    def is_owner(self) -> bool:
+        return self.share is None
+
+
+def study_access(
+    request: HttpRequest, study_uuid: UUID | str, *, token: str | None = None
+) -> StudyAccess:
+    """The signed-in user's (or, with `token`, the verified patient's) access to one study.
+
+    Raises Http404 when there is none. Purged studies have no images to open: 404 too.
+    """
+    if token is not None:
+        return _patient_access(request, study_uuid, token)
+    user = request.user
+    if not user.is_authenticated:
+        raise Http404("No such study.")
+    study = (
+        Study.objects.filter(uuid=study_uuid, purged_at__isnull=True)
+        .select_related("facility", "uploaded_by")
+        .first()
+    )
+    if study is None:
+        raise Http404("No such study.")
+    if facilities_of(user).filter(pk=study.facility_id).exists():  # type: ignore[arg-type]
+        return StudyAccess(
+            study=study, share=None, can_download=True, can_import=True, who=user.email
+        )  # type: ignore[union-attr]
+    shares = shares_received_by(user).filter(studies=study).order_by("-can_download", "-created_at")  # type: ignore[arg-type]
+    share = shares.first()
+    if share is None:
+        raise Http404("No such study.")
+    return StudyAccess(
+        study=study,
+        share=share,
+        can_download=shares.filter(can_download=True).exists(),
+        can_import=shares.filter(can_import=True).exists(),
+        who=user.email,  # type: ignore[union-attr]
+    )
+
+
+def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) -> StudyAccess:
+    share = patient_share_for_token(token)
+    if share is None or not patient_session_has(request=request, share=share):
+        raise Http404("No such study.")
+    study = (
+        share.studies.filter(uuid=study_uuid, purged_at__isnull=True)
+        .select_related("facility")
+        .first()
+    )
+    if study is None:
+        raise Http404("No such study.")
+    return StudyAccess(
+        study=study,
+        share=share,
+        can_download=share.can_download,
+        can_import=False,
+        who="patient link",
+    )

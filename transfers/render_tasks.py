@@ -1,0 +1,3 @@
+"""Celery tasks of the rendering pipeline (queue "render")."""
+
+from __future__ import annotations
