@@ -234,6 +234,7 @@ class AuditAction(models.TextChoices):
     PURGE = "purge", "Purged a study's images"
     REPORT_ATTACH = "report_attach", "Attached a report"
     REPORT_VIEW = "report_view", "Read a report"
+    STUDY_DOWNLOAD = "study_download", "Downloaded a study"
 
 
 class Outcome(models.TextChoices):

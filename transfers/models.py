@@ -266,6 +266,7 @@ class ShareEventKind(models.TextChoices):
     EXPIRED = "expired", "Expired"
     REVOKED = "revoked", "Revoked"
     EXTENDED = "extended", "Expiry extended"
+    PURGED = "purged", "Images purged"
 
 
 class ShareEvent(models.Model):

@@ -297,6 +297,16 @@ def _study_claim(*, study: Study, now: datetime) -> bool:
         if not Study.objects.filter(pk=study.pk, purged_at__isnull=True).update(purged_at=now):
             return False
         study.purged_at = now
+        # The senders' timelines say why the share's images are gone, in the claim's transaction.
+        ShareEvent.objects.bulk_create(
+            ShareEvent(
+                share=share,
+                at=now,
+                kind=ShareEventKind.PURGED,
+                detail="Images deleted after the share ended and the retention period passed.",
+            )
+            for share in study.shares.all()
+        )
         if not _study_has_contents(study):
             # Nothing to delete, so no emptying transaction will write the audit event.
             _purge_audit(study=study)

@@ -240,6 +240,18 @@ def share_open(
         _audit_share(share, AuditAction.SHARE_OPEN, request=request, actor=actor, who=who)
 
 
+def share_downloaded(
+    *,
+    share: Share,
+    who: str,
+    what: str,
+) -> None:
+    """A recipient took a copy: every download is a receipt on the sender's timeline."""
+    ShareEvent.objects.create(
+        share=share, kind=ShareEventKind.DOWNLOADED, actor_label=who[:254], detail=what[:300]
+    )
+
+
 def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
     with transaction.atomic():
         if Share.objects.filter(pk=share.pk, revoked_at__isnull=True).update(

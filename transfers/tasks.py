@@ -74,5 +74,6 @@ def purge_expired() -> dict[str, int]:
         "failed": len(result.failed),
     }
 
+
 # Rendering tasks live in their own module (and queue); importing it here registers them.
 from . import render_tasks as render_tasks  # noqa: E402,F401

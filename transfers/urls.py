@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from . import api, share_views, views
+from . import api, download_views, share_views, views
 
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
@@ -14,6 +14,11 @@ urlpatterns = [
         "studies/<uuid:study_uuid>/reports/<uuid:report_uuid>/",
         views.report_download,
         name="report_download",
+    ),
+    path(
+        "studies/<uuid:study_uuid>/download/",
+        download_views.study_download,
+        name="study_download",
     ),
     path("upload/", views.upload_page, name="upload"),
     path("share/", share_views.share_new, name="share_new"),

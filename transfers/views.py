@@ -7,10 +7,10 @@ from datetime import date
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.files.storage import storages
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import FileResponse, Http404, HttpResponse
+from django.http import Http404, HttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -18,6 +18,8 @@ from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
 from portal.models import AuditAction
 
+from .access import study_access
+from .download_views import report_response
 from .models import Study
 from .reports import ReportError, report_attach
 from .sharing import studies_shared_with
@@ -156,32 +158,8 @@ def report_add(request: AuthedRequest, study_uuid: str) -> HttpResponse:
 
 @require_GET
 @login_required
-def report_download(
-    request: AuthedRequest, study_uuid: str, report_uuid: str
-) -> HttpResponse | FileResponse:
-    study = _get_study_for_user(request, study_uuid)
-    report = study.reports.filter(uuid=report_uuid).first()
-    if report is None:
-        raise Http404("No such report.")
-    audit_record(
-        action=AuditAction.REPORT_VIEW,
-        request=request,
-        study=study,
-        detail={"report": str(report.uuid)},
-    )
-    response: HttpResponse | FileResponse
-    if report.is_pdf:
-        response = FileResponse(
-            storages["default"].open(report.storage_key),
-            content_type="application/pdf",
-            as_attachment=True,
-            filename=report.filename or "report.pdf",
-        )
-    else:
-        response = HttpResponse(report.text, content_type="text/plain; charset=utf-8")
-        response["Content-Disposition"] = 'attachment; filename="report.txt"'
-    response["Cache-Control"] = "private, no-store"
-    return response
+def report_download(request: AuthedRequest, study_uuid: str, report_uuid: str) -> HttpResponseBase:
+    return report_response(request, study_access(request, study_uuid), report_uuid)
 
 
 @require_GET

@@ -149,6 +149,7 @@ def test_it_purges_an_expired_share_past_retention_and_keeps_the_tombstone(bob, 
     assert "3 object(s)" in output and f"({size} bytes)" in output
     assert "freed: 1 study(ies), 3 object(s)" in output
     assert ShareEvent.objects.filter(share=share, kind=ShareEventKind.EXPIRED).count() == 1
+    assert ShareEvent.objects.filter(share=share, kind=ShareEventKind.PURGED).count() == 1
     # A purged study can no longer be shared.
     with pytest.raises(ShareError):
         _share(bob, tombstone, gfc)
@@ -261,6 +262,7 @@ def test_a_second_run_frees_nothing(bob, gfc, study):
     assert "freed: 0 study(ies), 0 object(s), 0 bytes (0 bytes)" in _run()
     assert Study.objects.get(pk=study.pk).purged_at == purged_at
     assert AuditEvent.objects.filter(action=AuditAction.PURGE).count() == 1
+    assert ShareEvent.objects.filter(kind=ShareEventKind.PURGED).count() == 1
 
 
 def test_a_report_goes_with_the_images(bob, gfc, study):

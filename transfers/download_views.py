@@ -1,0 +1,133 @@
+"""Downloads of a whole study as IHE PDI media in a ZIP, and of reports, for recipients and
+patients.
+
+Each download asks `study_access` first and then whether the share allows downloads (the
+facility that holds the study always may). The ZIP is streamed as it is built: nothing of the
+study is copied to disk or memory. The audit trail records the download when it starts; the
+sender's "downloaded" receipt is written when the last byte has gone out, so an aborted
+download is audited but not reported as delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from django.contrib.auth.decorators import login_required
+from django.core.files.storage import storages
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from portal.audit import audit_record
+from portal.models import AuditAction
+
+from .access import StudyAccess, study_access
+from .sharing import share_downloaded
+
+if TYPE_CHECKING:
+    from .export import ExportPlan
+
+
+@require_GET
+@login_required
+def study_download(request: HttpRequest, study_uuid: str) -> HttpResponseBase:
+    return _study_zip(request, study_access(request, study_uuid))
+
+
+@require_GET
+@never_cache
+def patient_study_download(request: HttpRequest, token: str, study_uuid: str) -> HttpResponseBase:
+    return _study_zip(request, study_access(request, study_uuid, token=token))
+
+
+@require_GET
+@never_cache
+def patient_report_download(
+    request: HttpRequest, token: str, study_uuid: str, report_uuid: str
+) -> HttpResponseBase:
+    access = study_access(request, study_uuid, token=token)
+    return report_response(request, access, report_uuid)
+
+
+def _refused() -> HttpResponseBase:
+    return HttpResponse(
+        "This share lets you view the study but not download it. Ask the sender for a copy.",
+        status=403,
+        content_type="text/plain; charset=utf-8",
+    )
+
+
+def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
+    if not access.can_download:
+        return _refused()
+    from .export import export_plan, zip_size, zip_stream  # TEMP: lazy until export lands
+
+    study = access.study
+    plan = export_plan(studies=[study])
+    audit_record(
+        action=AuditAction.STUDY_DOWNLOAD,
+        request=request,
+        study=study,
+        detail={
+            "format": "zip",
+            "images": plan.images,
+            "bytes": plan.image_bytes,
+            **({"share": str(access.share.uuid)} if access.share else {}),
+        },
+    )
+    response = StreamingHttpResponse(
+        _with_receipt(zip_stream(plan), access=access, plan=plan),
+        content_type="application/zip",
+    )
+    size = zip_size(plan)
+    if size is not None:
+        response["Content-Length"] = str(size)
+    # No patient data in the file name: it ends up in download lists and browser history.
+    day = study.study_date.strftime("%Y%m%d") if study.study_date else "undated"
+    response["Content-Disposition"] = (
+        f'attachment; filename="study-{day}-{str(study.uuid)[:8]}.zip"'
+    )
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+def _with_receipt(
+    chunks: Iterator[bytes], *, access: StudyAccess, plan: ExportPlan
+) -> Iterator[bytes]:
+    yield from chunks
+    if access.share is not None:
+        share_downloaded(
+            share=access.share,
+            who=access.who,
+            what=f"ZIP of {plan.images} images ({plan.image_bytes / 1e6:.1f} MB)",
+        )
+
+
+def report_response(
+    request: HttpRequest, access: StudyAccess, report_uuid: str
+) -> HttpResponseBase:
+    """A report of the study as a download, audited; 404 when it is not this study's."""
+    report = access.study.reports.filter(uuid=report_uuid).first()
+    if report is None:
+        raise Http404("No such report.")
+    audit_record(
+        action=AuditAction.REPORT_VIEW,
+        request=request,
+        study=access.study,
+        detail={"report": str(report.uuid)},
+    )
+    response: HttpResponseBase
+    if report.is_pdf:
+        response = FileResponse(
+            storages["default"].open(report.storage_key),
+            content_type="application/pdf",
+            as_attachment=True,
+            filename=report.filename or "report.pdf",
+        )
+    else:
+        response = HttpResponse(report.text, content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="report.txt"'
+    response["Cache-Control"] = "private, no-store"
+    return response
