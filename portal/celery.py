@@ -24,7 +24,9 @@ app.conf.update(
     task_time_limit=360,
     broker_connection_retry_on_startup=True,
     task_default_queue="quick",
-    task_queues=[Queue(name, Exchange(name), routing_key=name) for name in ("quick", "slow", "render")],
+    task_queues=[
+        Queue(name, Exchange(name), routing_key=name) for name in ("quick", "slow", "render")
+    ],
     task_default_exchange="quick",
     # Every task is routed by name here (Celery 6 drops the per-task queue option). Quick work
     # (e-mail, bookkeeping) never waits behind slow work (rendering, export, push).

@@ -96,6 +96,14 @@ class Facility(models.Model):
         validators=[ae_title_validator],
     )
     has_pacs = models.BooleanField("has a PACS", default=False)
+    # Who may send to the DICOM gateway under this facility's AE title: blank lets anyone who
+    # knows the title in; otherwise calling AE titles / IP addresses separated by spaces or commas.
+    gateway_calling_aes = models.CharField(
+        "calling AE titles allowed at the gateway", max_length=400, blank=True
+    )
+    gateway_addresses = models.CharField(
+        "addresses allowed at the gateway", max_length=400, blank=True
+    )
     share_default_days = models.PositiveIntegerField("default share expiry (days)", default=30)
     share_max_days = models.PositiveIntegerField("longest share expiry (days)", default=90)
     # Images stay at least this long after upload, even once every share has lapsed.

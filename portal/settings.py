@@ -207,6 +207,12 @@ RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
 RELAY_STUDY_QUIET_SECONDS = env_int("RELAY_STUDY_QUIET_SECONDS", 300)
 RELAY_INVITATION_DAYS = env_int("RELAY_INVITATION_DAYS", 7)
 
+# The DICOM gateway (`manage.py dicom_gateway`): one listening port for every facility; each
+# facility's PACS calls it by the facility's own AE title. Loopback unless told otherwise.
+DICOM_GATEWAY_AE_TITLE = env_str("DICOM_GATEWAY_AE_TITLE", "RELAY")
+DICOM_GATEWAY_BIND = env_str("DICOM_GATEWAY_BIND", "127.0.0.1")
+DICOM_GATEWAY_PORT = env_int("DICOM_GATEWAY_PORT", 11112)
+
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:

@@ -53,6 +53,7 @@ class Command(BaseCommand):
                 "--schedule",
                 f"{var}/celerybeat-schedule",
             ],
+            "gateway": [python, "manage.py", "dicom_gateway"],
         }
         children: dict[str, subprocess.Popen[bytes]] = {}
         stopping = False
@@ -68,6 +69,10 @@ class Command(BaseCommand):
             children[name] = subprocess.Popen(command, start_new_session=True)  # noqa: S603
         self.stdout.write(
             f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)"
+        )
+        self.stdout.write(
+            f"DICOM gateway on {settings.DICOM_GATEWAY_BIND}:{settings.DICOM_GATEWAY_PORT}"
+            " (call it by a facility's AE title)"
         )
         self.stdout.write(
             f"E-mail goes to {getattr(settings, 'EMAIL_FILE_PATH', None) or settings.EMAIL_HOST}"

@@ -1,0 +1,36 @@
+"""`manage.py dicom_gateway`: the DICOM listener facilities' PACS send studies to."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from transfers.gateway import Gateway
+
+
+class Command(BaseCommand):
+    help = "Answer C-ECHO and C-STORE for every facility's AE title until stopped."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.DICOM_GATEWAY_BIND)
+        parser.add_argument("--port", type=int, default=settings.DICOM_GATEWAY_PORT)
+        parser.add_argument("--ae-title", default=settings.DICOM_GATEWAY_AE_TITLE)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        # pynetdicom logs every PDU at INFO; its warnings and errors are enough.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        self.stdout.write(
+            f"DICOM gateway {options['ae_title']} listening on {options['host']}:{options['port']}"
+            " (facilities are called by their own AE titles)"
+        )
+        self.stdout.flush()
+        try:
+            Gateway(ae_title=options["ae_title"]).serve_forever(
+                host=options["host"], port=options["port"]
+            )
+        except KeyboardInterrupt:
+            pass
