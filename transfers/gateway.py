@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from portal.models import Facility
 
 from .ingest import CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
+from .models import Study
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Gateway:
         self.ae.add_supported_context(VERIFICATION)
         self.ae.maximum_associations = 20
         self.callers: dict[int, Caller] = {}
+        self.marked: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
         self.handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -193,6 +195,7 @@ class Gateway:
             source=caller.source,
         )
         if result.status in (STORED, DUPLICATE):
+            self._mark_source(event.assoc, caller, result.study_uuid)
             return _status(SUCCESS)
         if result.status == UNAVAILABLE:
             return _status(OUT_OF_RESOURCES, result.reason)
@@ -200,9 +203,21 @@ class Gateway:
             return _status(DOES_NOT_MATCH, result.reason)
         return _status(CANNOT_UNDERSTAND, result.reason)
 
+    def _mark_source(self, assoc: Any, caller: Caller, study_uuid: str) -> None:
+        """Remember which PACS sent the study (for routing rules): once per study and association."""
+        key = (id(assoc), study_uuid)
+        with self._lock:
+            if key in self.marked:
+                return
+            self.marked.add(key)
+        Study.objects.filter(uuid=study_uuid, received_from_ae="").update(
+            received_from_ae=caller.calling_ae
+        )
+
     def _on_closed(self, event: Any) -> None:
         with self._lock:
             self.callers.pop(id(event.assoc), None)
+            self.marked = {key for key in self.marked if key[0] != id(event.assoc)}
         # Each association runs in its own thread with its own database connection.
         connections.close_all()
 

@@ -56,6 +56,8 @@ class Study(models.Model):
     # A purged study stays as a tombstone: what it was, when its images went, bytes freed.
     purged_at = models.DateTimeField(null=True, blank=True)
     purged_bytes = models.PositiveBigIntegerField(default=0)
+    # The calling AE title of the PACS that sent it through the DICOM gateway (blank: uploaded).
+    received_from_ae = models.CharField(max_length=16, blank=True)
 
     class Meta:
         verbose_name_plural = "studies"
@@ -308,3 +310,63 @@ class Report(models.Model):
     @property
     def is_pdf(self) -> bool:
         return bool(self.storage_key)
+
+
+class RoutingRule(models.Model):
+    """A facility admin's standing order: studies arriving through the DICOM gateway that match
+    (from calling AE, referring physician, modality; blank matches anything) are shared with a
+    facility or a physician as soon as they are complete."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    facility = models.ForeignKey(Facility, on_delete=models.CASCADE, related_name="routing_rules")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    calling_ae = models.CharField("from calling AE title", max_length=16, blank=True)
+    referring_physician = models.CharField(
+        "referring physician contains", max_length=64, blank=True
+    )
+    modality = models.CharField(max_length=16, blank=True)
+    recipient_facility = models.ForeignKey(
+        Facility, on_delete=models.CASCADE, null=True, blank=True, related_name="+"
+    )
+    recipient_email = models.EmailField(blank=True)
+    can_download = models.BooleanField(default=True)
+    can_import = models.BooleanField(default=True)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("created_at", "id")
+
+    def __str__(self) -> str:
+        return f"Rule {self.uuid} of {self.facility}"
+
+    def matches(self, study: Study) -> bool:
+        if not study.received_from_ae:
+            return False
+        if self.calling_ae and self.calling_ae.strip() != study.received_from_ae:
+            return False
+        if self.modality and self.modality.upper() not in study.modality_list:
+            return False
+        wanted = self.referring_physician.strip().lower().replace(",", " ").split()
+        have = study.referring_physician.lower().replace("^", " ")
+        return all(word in have for word in wanted)
+
+
+class RoutedStudy(models.Model):
+    """One rule applied to one study: the unique pair makes routing happen once."""
+
+    rule = models.ForeignKey(RoutingRule, on_delete=models.CASCADE, related_name="routed")
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="+")
+    share = models.ForeignKey(Share, on_delete=models.SET_NULL, null=True, related_name="+")
+    error = models.CharField(max_length=300, blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "study"], name="routed_once_per_rule")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule} -> study {self.study_id}"

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from . import notify, purge
 from .models import Study, StudyStatus
+from .routing import routing_apply
 from .sharing import shares_notify_completed
 
 
@@ -20,9 +21,19 @@ def studies_complete_quiet() -> int:
     One conditional UPDATE: safe to run twice or on two beats at once.
     """
     cutoff = timezone.now() - timedelta(seconds=settings.RELAY_STUDY_QUIET_SECONDS)
-    completed = Study.objects.filter(
-        status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
-    ).update(status=StudyStatus.COMPLETE, completed_at=timezone.now())
+    quiet = list(
+        Study.objects.filter(
+            status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
+        ).values_list("pk", flat=True)
+    )
+    completed = Study.objects.filter(pk__in=quiet, status=StudyStatus.RECEIVING).update(
+        status=StudyStatus.COMPLETE, completed_at=timezone.now()
+    )
+    # Studies from a PACS are shared by their facility's routing rules (once per rule).
+    for study in Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE).exclude(
+        received_from_ae=""
+    ):
+        routing_apply(study=study)
     # Shares made while their studies were still arriving are notified now.
     shares_notify_completed()
     return completed

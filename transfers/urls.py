@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from . import api, download_views, share_views, views
+from . import api, download_views, routing_views, share_views, views
 
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
@@ -21,6 +21,12 @@ urlpatterns = [
         name="study_download",
     ),
     path("upload/", views.upload_page, name="upload"),
+    path("facilities/<slug:slug>/dicom/", routing_views.routing_rules, name="routing_rules"),
+    path(
+        "facilities/<slug:slug>/dicom/rules/<uuid:rule_uuid>/delete/",
+        routing_views.routing_rule_delete,
+        name="routing_rule_delete",
+    ),
     path("share/", share_views.share_new, name="share_new"),
     path("inbox/", share_views.inbox, name="inbox"),
     path("sent/", share_views.sent, name="sent"),

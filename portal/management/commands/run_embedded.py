@@ -1,6 +1,6 @@
-"""`manage.py run_embedded` (what `make run` ends with): the web server, a Celery worker and
-Celery beat on the embedded defaults, in one terminal. Ctrl-C stops every process it started;
-if one of them dies, the others are stopped too.
+"""`manage.py run_embedded` (what `make run` ends with): the web server, a Celery worker,
+Celery beat and the DICOM gateway on the embedded defaults, in one terminal. Ctrl-C stops every
+process it started; if one of them dies, the others are stopped too.
 """
 
 from __future__ import annotations
