@@ -33,6 +33,7 @@ app.conf.update(
     task_routes={
         "portal.tasks.*": {"queue": "quick"},
         "transfers.tasks.purge_expired": {"queue": "slow"},
+        "transfers.tasks.push_run": {"queue": "slow"},
         "transfers.render_tasks.*": {"queue": "render"},
         "transfers.tasks.*": {"queue": "quick"},
     },

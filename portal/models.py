@@ -243,6 +243,7 @@ class AuditAction(models.TextChoices):
     REPORT_ATTACH = "report_attach", "Attached a report"
     REPORT_VIEW = "report_view", "Read a report"
     STUDY_DOWNLOAD = "study_download", "Downloaded a study"
+    STUDY_PUSH = "study_push", "Sent a study to a PACS"
 
 
 class Outcome(models.TextChoices):

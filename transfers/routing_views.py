@@ -1,20 +1,24 @@
-"""The facility admin's DICOM page: who may send to the gateway, and the routing rules."""
+"""The facility admin's DICOM page: who may send to the gateway, routing rules, PACS destinations."""
 
 from __future__ import annotations
+
+from uuid import UUID
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
+from django.db.models import ProtectedError
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from portal.access import AuthedRequest, get_membership_for_user
-from portal.models import Facility
+from portal.models import Facility, ae_title_validator
 
-from .models import RoutingRule
+from .models import PacsDestination, RoutingRule
+from .pacs import destination_echo
 
 
 class GatewayForm(forms.ModelForm):
@@ -29,6 +33,23 @@ class GatewayForm(forms.ModelForm):
                 attrs={"placeholder": "any, or e.g. 10.1.2.3 10.20.0.0/16"}
             ),
         }
+
+
+class DestinationForm(forms.ModelForm):
+    class Meta:
+        model = PacsDestination
+        fields = ["name", "ae_title", "host", "port"]
+
+    def clean_ae_title(self) -> str:
+        value = self.cleaned_data["ae_title"].strip()
+        ae_title_validator(value)
+        return value
+
+    def clean_port(self) -> int:
+        port = self.cleaned_data["port"]
+        if not 1 <= port <= 65535:
+            raise forms.ValidationError("A port is 1 to 65535.")
+        return int(port)
 
 
 class RuleForm(forms.Form):
@@ -55,19 +76,54 @@ class RuleForm(forms.Form):
         return data
 
 
+def _uuid(value: str | None) -> UUID:
+    try:
+        return UUID(str(value))
+    except ValueError:
+        return UUID(int=0)
+
+
 @require_http_methods(["GET", "POST"])
 @login_required
 def routing_rules(request: AuthedRequest, slug: str) -> HttpResponse:
     facility = get_membership_for_user(request, slug, manage=True).facility
     gateway_form = GatewayForm(instance=facility)
     rule_form = RuleForm(facility=facility)
-    if request.method == "POST" and request.POST.get("form") == "gateway":
+    destination_form = DestinationForm()
+    which = request.POST.get("form") if request.method == "POST" else None
+    if which in ("echo", "destination_delete"):
+        destination = facility.destinations.filter(
+            uuid=_uuid(request.POST.get("destination"))
+        ).first()  # type: ignore[attr-defined]
+        if destination is None:
+            raise Http404("No such destination.")
+        if which == "echo":
+            result = destination_echo(destination=destination)
+            (messages.success if result.ok else messages.error)(
+                request, f"{destination.name}: {result.message}"
+            )
+        else:
+            try:
+                destination.delete()
+            except ProtectedError:
+                messages.error(request, f"{destination.name} has pushes on record; it stays.")
+            else:
+                messages.success(request, f"{destination.name} removed.")
+        return redirect("routing_rules", slug=slug)
+    if which == "destination":
+        destination_form = DestinationForm(request.POST)
+        if destination_form.is_valid():
+            destination_form.instance.facility = facility
+            destination_form.save()
+            messages.success(request, "PACS destination added.")
+            return redirect("routing_rules", slug=slug)
+    elif which == "gateway":
         gateway_form = GatewayForm(request.POST, instance=facility)
         if gateway_form.is_valid():
             gateway_form.save()
             messages.success(request, "Gateway access saved.")
             return redirect("routing_rules", slug=slug)
-    elif request.method == "POST":
+    elif which == "rule":
         rule_form = RuleForm(request.POST, facility=facility)
         if rule_form.is_valid():
             data = rule_form.cleaned_data
@@ -93,6 +149,8 @@ def routing_rules(request: AuthedRequest, slug: str) -> HttpResponse:
             "gateway_form": gateway_form,
             "rule_form": rule_form,
             "rules": rules,
+            "destination_form": destination_form,
+            "destinations": facility.destinations.all(),  # type: ignore[attr-defined]
             "gateway_port": settings.DICOM_GATEWAY_PORT,
         },
     )

@@ -8,8 +8,8 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from . import notify, purge
-from .models import Study, StudyStatus
+from . import notify, pacs, purge
+from .models import Push, Study, StudyStatus
 from .routing import routing_apply
 from .sharing import shares_notify_completed
 
@@ -84,6 +84,22 @@ def purge_expired() -> dict[str, int]:
         "objects": result.objects_deleted,
         "failed": len(result.failed),
     }
+
+
+@shared_task(bind=True, max_retries=8, soft_time_limit=3000, time_limit=3600)
+def push_run(self: Task, push_id: int) -> str:
+    """Send a push's instances; unreachable or busy destinations are retried with backoff."""
+    push = Push.objects.filter(pk=push_id).select_related("destination", "requested_by").first()
+    if push is None:
+        return "gone"
+    try:
+        pacs.push_send(push=push)
+    except pacs.PushTransient as exc:
+        if self.request.retries >= (self.max_retries or 0):
+            pacs.pushes_give_up(push=push, reason=str(exc))
+            return "failed"
+        raise self.retry(exc=exc, countdown=min(3600, 30 * 2**self.request.retries)) from exc
+    return push.status
 
 
 # Rendering tasks live in their own module (and queue); importing it here registers them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from . import api, download_views, routing_views, share_views, views
+from . import api, download_views, pacs_views, routing_views, share_views, views
 
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
@@ -20,6 +20,7 @@ urlpatterns = [
         download_views.study_download,
         name="study_download",
     ),
+    path("studies/<uuid:study_uuid>/pacs/", pacs_views.study_pacs, name="study_pacs"),
     path("upload/", views.upload_page, name="upload"),
     path("facilities/<slug:slug>/dicom/", routing_views.routing_rules, name="routing_rules"),
     path(
