@@ -10,8 +10,8 @@ download is audited but not reported as delivered.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import storages
@@ -24,10 +24,10 @@ from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .access import StudyAccess, study_access
+from .export import ExportError, ExportPlan, export_plan, zip_size, zip_stream
 from .sharing import share_downloaded
 
-if TYPE_CHECKING:
-    from .export import ExportPlan
+log = logging.getLogger(__name__)
 
 
 @require_GET
@@ -62,10 +62,17 @@ def _refused() -> HttpResponseBase:
 def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
     if not access.can_download:
         return _refused()
-    from .export import export_plan, zip_size, zip_stream  # TEMP: lazy until export lands
-
     study = access.study
-    plan = export_plan(studies=[study])
+    try:
+        plan = export_plan(studies=[study])
+    except ExportError as exc:
+        # A stored copy is missing or damaged: say so plainly; nothing half-made is sent.
+        log.error("export of study %s failed: %s", study.uuid, exc)
+        return HttpResponse(
+            f"This study cannot be downloaded right now: {exc}",
+            status=503,
+            content_type="text/plain; charset=utf-8",
+        )
     audit_record(
         action=AuditAction.STUDY_DOWNLOAD,
         request=request,

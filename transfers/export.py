@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import pycdlib
 import pydicom
@@ -106,7 +106,9 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
     seen: set[str] = set()
     for study_number, study in enumerate(studies, start=1):
         if study.purged_at is not None:
-            raise ExportError(f"The images of {study} were deleted after their shares expired.")
+            raise ExportError(
+                f"The images of {_describe(study)} were deleted after their shares expired."
+            )
         instances = list(
             Instance.objects.filter(series__study=study)
             .select_related("series")
@@ -115,7 +117,7 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
             )
         )
         if not instances:
-            raise ExportError(f"{study} holds no images yet.")
+            raise ExportError(f"{_describe(study).capitalize()} holds no images yet.")
         kept: list[Instance] = []
         series_numbers: dict[int, int] = {}
         positions: dict[int, int] = {}
@@ -178,6 +180,13 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
     )
 
 
+def _describe(study: Study) -> str:
+    # Error messages end up in logs and task results: the date and modalities say which study
+    # without naming the patient.
+    when = f"{study.study_date:%Y-%m-%d}" if study.study_date else "undated"
+    return f"the {when} {'/'.join(study.modality_list)} study".replace("  ", " ")
+
+
 def _read_header(storage: Storage, instance: Instance) -> Dataset:
     """The object's header without its pixel data and without any long value."""
     try:
@@ -188,13 +197,17 @@ def _read_header(storage: Storage, instance: Instance) -> Dataset:
                     f"not the {instance.size_bytes} it had when it was received."
                 )
             ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
-            # Deferred values would be read back through the file's name, which is a storage
-            # key and not a path: they are replaced now, while nothing has asked for them.
             for tag in list(ds.keys()):
+                # No directory record uses private elements, and FileSet writes every element
+                # of the copy it is given: dropping them keeps that copy small.
+                if tag.is_private:
+                    del ds[tag]
+                    continue
+                # Deferred values would be read back through the file's name, which is a
+                # storage key and not a path: they are emptied now, before anything asks.
                 raw = ds.get_item(tag, keep_deferred=True)
                 if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-                    vr = raw.VR or _dictionary_vr(tag)
-                    ds[tag] = DataElement(tag, vr, None)
+                    ds[tag] = DataElement(tag, raw.VR or _dictionary_vr(tag), None)
     except FileNotFoundError as exc:
         raise ExportError(
             f"The stored copy of image {instance.sop_instance_uid} is missing."
@@ -500,7 +513,7 @@ def _iso(plan: ExportPlan, volume_label: str) -> tuple[pycdlib.PyCdlib, list[io.
         )
         sources.append(source)
         iso.add_fp(
-            source,
+            cast(BinaryIO, source),
             media_file.size,
             iso_path=_iso_name(media_file.path),
             joliet_path="/" + media_file.path,
@@ -509,7 +522,7 @@ def _iso(plan: ExportPlan, volume_label: str) -> tuple[pycdlib.PyCdlib, list[io.
 
 
 def _joliet_label(label: str) -> str:
-    """At most 16 characters, keeping the date at the end (DOE_JOHN_20240115 -> DOE_JOH_20240115)."""
+    """The Joliet label: at most 16 characters, keeping the date (DOE_JOH_20240115)."""
     if len(label) <= 16:
         return label
     dated = re.fullmatch(r"(.*)_(\d{8})", label)
@@ -548,9 +561,9 @@ def iso_build(
         iso.force_consistency()
         media_kind_for(int(iso.pvd.space_size) * SECTOR)
 
-        # A plain two-argument function: pycdlib counts the callback's arguments to decide how
-        # to call it.
-        def report(done: int, total: int) -> None:
+        # pycdlib counts the callback's arguments to decide how to call it; three is the form
+        # its type hints allow.
+        def report(done: int, total: int, opaque: Any) -> None:
             if progress is not None:
                 progress(done, total)
 

@@ -221,6 +221,8 @@ def test_the_cd_image_holds_the_same_files(study, bob, tmp_path):
     iso.open(str(target))
     try:
         assert iso.pvd.volume_identifier.decode("ascii").strip() == "OBRIEN_MARY_20240115"
+        # Joliet has room for 16 characters: the date stays.
+        assert iso.joliet_vd.volume_identifier.decode("utf-16-be").strip() == "OBRIEN_20240115"
         iso_names: list[str] = []
         joliet_names: list[str] = []
         for dirname, _, filenames in iso.walk(iso_path="/"):
@@ -351,6 +353,27 @@ def test_two_studies_of_two_patients_share_one_medium(client, bob_token):
     data = _zip_bytes(plan)
     assert zip_size(plan) == len(data)
     assert volume_label_for([first, second]) == "STUDIES_20240301"
+
+
+def test_long_header_values_are_skipped_and_the_files_kept_whole(client, bob_token):
+    """An overlay and a private blob before the pixel data are never read into the plan."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes("CT_small.dcm", **PATIENT)))
+    ds.add_new(0x60000010, "US", 128)
+    ds.add_new(0x60000011, "US", 128)
+    ds.add_new(0x60003000, "OW", bytes(200_000))
+    ds.private_block(0x0009, "RELAY TEST", create=True).add_new(0x01, "OB", bytes(150_000))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert upload(client, buffer.getvalue(), token=bob_token).status_code == 201
+    study = Study.objects.get()
+    plan = export_plan(studies=[study])
+    instance = Instance.objects.get()
+    with zipfile.ZipFile(io.BytesIO(_zip_bytes(plan))) as archive:
+        content = archive.read(plan.studies[0].instances[0].path)
+    assert hashlib.sha256(content).hexdigest() == instance.sha256
+    assert len(plan.dicomdir.data) < 5_000
 
 
 def test_media_kind_follows_the_disc_capacities():
