@@ -34,6 +34,7 @@ app.conf.update(
         "portal.tasks.*": {"queue": "quick"},
         "transfers.tasks.purge_expired": {"queue": "slow"},
         "transfers.tasks.push_run": {"queue": "slow"},
+        "transfers.tasks.media_build_task": {"queue": "slow"},
         "transfers.render_tasks.*": {"queue": "render"},
         "transfers.tasks.*": {"queue": "quick"},
     },

@@ -13,18 +13,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import storages
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
+from portal.access import AuthedRequest
 from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .access import StudyAccess, study_access
-from .export import ExportError, ExportPlan, export_plan, zip_size, zip_stream
+from .export import ExportError, export_plan, zip_size, zip_stream
+from .media import MediaError, media_export_create
+from .models import ExportStatus, MediaExport
 from .sharing import share_downloaded
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,85 @@ def patient_report_download(
 ) -> HttpResponseBase:
     access = study_access(request, study_uuid, token=token)
     return report_response(request, access, report_uuid)
+
+
+@require_POST
+@login_required
+def media_export_new(request: AuthedRequest, study_uuid: str) -> HttpResponseBase:
+    access = study_access(request, study_uuid)
+    try:
+        export = media_export_create(access=access, by=request.user)
+    except MediaError as exc:
+        messages.error(request, str(exc))
+        return redirect("study_detail", study_uuid=access.study.uuid)
+    return redirect("media_export", study_uuid=access.study.uuid, export_uuid=export.uuid)
+
+
+def _get_export(
+    request: AuthedRequest, study_uuid: str, export_uuid: str
+) -> tuple[StudyAccess, MediaExport]:
+    """The disc image this user asked for, of a study they may still open; else 404."""
+    access = study_access(request, study_uuid)
+    export = MediaExport.objects.filter(
+        study=access.study, uuid=export_uuid, requested_by=request.user
+    ).first()
+    if export is None:
+        raise Http404("No such disc image.")
+    return access, export
+
+
+@require_GET
+@login_required
+def media_export_page(
+    request: AuthedRequest, study_uuid: str, export_uuid: str
+) -> HttpResponseBase:
+    access, export = _get_export(request, study_uuid, export_uuid)
+    building = export.status in (ExportStatus.QUEUED, ExportStatus.BUILDING)
+    return render(
+        request,
+        "transfers/media_export.html",
+        {"study": access.study, "export": export, "building": building},
+    )
+
+
+@require_GET
+@login_required
+def media_export_download(
+    request: AuthedRequest, study_uuid: str, export_uuid: str
+) -> HttpResponseBase:
+    access, export = _get_export(request, study_uuid, export_uuid)
+    if export.status != ExportStatus.READY or not access.can_download:
+        raise Http404("The disc image is not ready.")
+    audit_record(
+        action=AuditAction.STUDY_DOWNLOAD,
+        request=request,
+        study=access.study,
+        detail={
+            "format": "iso",
+            "media": export.media,
+            "images": export.images,
+            "bytes": export.image_bytes,
+            **({"share": str(access.share.uuid)} if access.share else {}),
+        },
+    )
+    what = f"{export.media} image of {export.images} images ({export.image_bytes / 1e6:.1f} MB)"
+    response = StreamingHttpResponse(
+        _with_receipt(_stored_chunks(export.storage_key), access=access, what=what),
+        content_type="application/x-iso9660-image",
+    )
+    response["Content-Length"] = str(export.total_bytes)
+    day = access.study.study_date.strftime("%Y%m%d") if access.study.study_date else "undated"
+    response["Content-Disposition"] = (
+        f'attachment; filename="study-{day}-{str(access.study.uuid)[:8]}.iso"'
+    )
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+def _stored_chunks(key: str, size: int = 1024 * 1024) -> Iterator[bytes]:
+    with storages["default"].open(key) as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def _refused() -> HttpResponseBase:
@@ -85,7 +169,11 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
         },
     )
     response = StreamingHttpResponse(
-        _with_receipt(zip_stream(plan), access=access, plan=plan),
+        _with_receipt(
+            zip_stream(plan),
+            access=access,
+            what=f"ZIP of {plan.images} images ({plan.image_bytes / 1e6:.1f} MB)",
+        ),
         content_type="application/zip",
     )
     size = zip_size(plan)
@@ -100,16 +188,10 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
     return response
 
 
-def _with_receipt(
-    chunks: Iterator[bytes], *, access: StudyAccess, plan: ExportPlan
-) -> Iterator[bytes]:
+def _with_receipt(chunks: Iterator[bytes], *, access: StudyAccess, what: str) -> Iterator[bytes]:
     yield from chunks
     if access.share is not None:
-        share_downloaded(
-            share=access.share,
-            who=access.who,
-            what=f"ZIP of {plan.images} images ({plan.image_bytes / 1e6:.1f} MB)",
-        )
+        share_downloaded(share=access.share, who=access.who, what=what)
 
 
 def report_response(

@@ -57,7 +57,16 @@ from portal.audit import audit_record
 from portal.emails import email_queue
 from portal.models import AuditAction, Facility
 
-from .models import Instance, Report, Share, ShareEvent, ShareEventKind, ShareKind, Study
+from .models import (
+    Instance,
+    MediaExport,
+    Report,
+    Share,
+    ShareEvent,
+    ShareEventKind,
+    ShareKind,
+    Study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +237,7 @@ def studies_purge_unfinished() -> QuerySet[Study]:
     return Study.objects.filter(purged_at__isnull=False).filter(
         Exists(Instance.objects.filter(series__study=OuterRef("pk")))
         | Exists(Report.objects.filter(study=OuterRef("pk")))
+        | Exists(MediaExport.objects.filter(study=OuterRef("pk")))
     )
 
 
@@ -317,6 +327,7 @@ def _study_has_contents(study: Study) -> bool:
     return (
         Instance.objects.filter(series__study=study).exists()
         or Report.objects.filter(study=study).exists()
+        or MediaExport.objects.filter(study=study).exists()
     )
 
 
@@ -328,6 +339,12 @@ def _study_empty(*, study: Study, storage: Storage) -> tuple[int, int]:
     would ever find again.
     """
     objects = freed = 0
+    # Disc images made of the study go first (their size is not image bytes: not counted), so
+    # the audit event is still written by the batch that deletes the last instance or report.
+    for export_pk, key in MediaExport.objects.filter(study=study).values_list("pk", "storage_key"):
+        if key:
+            objects += _objects_delete(storage, [key])
+        MediaExport.objects.filter(pk=export_pk).delete()
     while True:
         instances = list(
             Instance.objects.filter(series__study=study)

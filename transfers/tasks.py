@@ -8,8 +8,8 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from . import notify, pacs, purge
-from .models import Push, Study, StudyStatus
+from . import media, notify, pacs, purge
+from .models import MediaExport, Push, Study, StudyStatus
 from .routing import routing_apply
 from .sharing import shares_notify_completed
 
@@ -100,6 +100,15 @@ def push_run(self: Task, push_id: int) -> str:
             return "failed"
         raise self.retry(exc=exc, countdown=min(3600, 30 * 2**self.request.retries)) from exc
     return push.status
+
+
+@shared_task(soft_time_limit=3000, time_limit=3600)
+def media_build_task(export_id: int) -> str:
+    """Build a disc image (slow queue); running it twice builds once."""
+    export = MediaExport.objects.filter(pk=export_id).select_related("study__facility").first()
+    if export is None:
+        return "gone"
+    return media.media_build(export=export).status
 
 
 # Rendering tasks live in their own module (and queue); importing it here registers them.

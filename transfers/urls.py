@@ -21,6 +21,17 @@ urlpatterns = [
         name="study_download",
     ),
     path("studies/<uuid:study_uuid>/pacs/", pacs_views.study_pacs, name="study_pacs"),
+    path("studies/<uuid:study_uuid>/cd/", download_views.media_export_new, name="media_export_new"),
+    path(
+        "studies/<uuid:study_uuid>/cd/<uuid:export_uuid>/",
+        download_views.media_export_page,
+        name="media_export",
+    ),
+    path(
+        "studies/<uuid:study_uuid>/cd/<uuid:export_uuid>/download/",
+        download_views.media_export_download,
+        name="media_export_download",
+    ),
     path("upload/", views.upload_page, name="upload"),
     path("facilities/<slug:slug>/dicom/", routing_views.routing_rules, name="routing_rules"),
     path(
