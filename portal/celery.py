@@ -35,6 +35,7 @@ app.conf.update(
         "transfers.tasks.purge_expired": {"queue": "slow"},
         "transfers.tasks.push_run": {"queue": "slow"},
         "transfers.tasks.media_build_task": {"queue": "slow"},
+        "transfers.tasks.study_reconcile_task": {"queue": "slow"},
         "transfers.render_tasks.*": {"queue": "render"},
         "transfers.tasks.*": {"queue": "quick"},
     },

@@ -244,6 +244,7 @@ class AuditAction(models.TextChoices):
     REPORT_VIEW = "report_view", "Read a report"
     STUDY_DOWNLOAD = "study_download", "Downloaded a study"
     STUDY_PUSH = "study_push", "Sent a study to a PACS"
+    PATIENT_RECONCILE = "patient_reconcile", "Reconciled a study's patient"
 
 
 class Outcome(models.TextChoices):

@@ -683,17 +683,23 @@ def _count(*, study: Study, series: Series, size: int, series_created: bool) -> 
     Study.objects.filter(pk=study.pk).update(**study_update)
 
 
-def _existing(facility: Facility, sop_uid: str) -> tuple[str, str] | None:
-    """(sha256, study uuid) of the copy this facility already holds, if any."""
+def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str] | None:
+    """(the SHA-256s the copy is known by, study uuid) of the copy this facility holds, if any:
+    its own, and the one it arrived with when it was rewritten since (patient reconciliation)."""
     rows = Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid).values_list(
-        "sha256", "series__study__uuid"
+        "sha256", "original_sha256", "series__study__uuid"
     )[:1]
-    return (rows[0][0], str(rows[0][1])) if rows else None
+    if not rows:
+        return None
+    sha, original, study_uuid = rows[0]
+    return {sha, original} - {""}, str(study_uuid)
 
 
-def _dedup_result(result: IngestResult, existing: tuple[str, str], sha256: str) -> IngestResult:
-    existing_sha256, result.study_uuid = existing
-    if existing_sha256 == sha256:
+def _dedup_result(
+    result: IngestResult, existing: tuple[set[str], str], sha256: str
+) -> IngestResult:
+    known, result.study_uuid = existing
+    if sha256 in known:
         result.status = DUPLICATE
         result.reason = "Already stored with the same content; nothing to do."
         result.http_status = 200

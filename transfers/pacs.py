@@ -44,6 +44,7 @@ from .models import (
     PushStatus,
     ShareEvent,
     ShareEventKind,
+    Study,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def push_create(
     if not Membership.objects.filter(user=by, facility_id=destination.facility_id).exists():
         raise PushError("You can send only to your own facility's PACS.")
     study = access.study
+    if Study.objects.filter(pk=study.pk, reconcile_running=True).exists():
+        raise PushError("The patient of this study is being reconciled; send it when that is done.")
     with transaction.atomic():
         push = Push.objects.create(
             study=study, destination=destination, share=access.share, requested_by=by

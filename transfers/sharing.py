@@ -66,6 +66,8 @@ def share_create(
         raise ShareError("You can share only studies of your own facility.")
     if any(s.purged_at is not None for s in studies):
         raise ShareError("A purged study cannot be shared: its images are gone.")
+    if any(s.reconcile_running for s in studies):
+        raise ShareError("The patient of a study is being reconciled; share it when that is done.")
     now = timezone.now()
     if expires_at is None:
         expires_at = now + timedelta(days=facility.share_default_days)

@@ -8,7 +8,7 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from . import media, notify, pacs, purge
+from . import media, notify, pacs, purge, reconcile
 from .models import MediaExport, Push, Study, StudyStatus
 from .routing import routing_apply
 from .sharing import shares_notify_completed
@@ -109,6 +109,16 @@ def media_build_task(export_id: int) -> str:
     if export is None:
         return "gone"
     return media.media_build(export=export).status
+
+
+@shared_task(soft_time_limit=3000, time_limit=3600)
+def study_reconcile_task(study_id: int, patient_id: str, patient_name: str, issuer: str) -> int:
+    """Rewrite the study's stored copies with the local patient identity (restartable)."""
+    study = Study.objects.filter(pk=study_id).first()
+    if study is None:
+        return 0
+    identity = reconcile.Identity(patient_id, patient_name, issuer)
+    return reconcile.study_reconcile(study=study, identity=identity)
 
 
 # Rendering tasks live in their own module (and queue); importing it here registers them.

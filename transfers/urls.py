@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from django.urls import include, path
 
-from . import api, download_views, pacs_views, routing_views, share_views, views
+from . import (
+    api,
+    download_views,
+    pacs_views,
+    reconcile_views,
+    routing_views,
+    share_views,
+    views,
+)
 
 urlpatterns = [
     path("studies/", views.study_list, name="studies"),
@@ -21,6 +29,11 @@ urlpatterns = [
         name="study_download",
     ),
     path("studies/<uuid:study_uuid>/pacs/", pacs_views.study_pacs, name="study_pacs"),
+    path(
+        "studies/<uuid:study_uuid>/reconcile/",
+        reconcile_views.study_reconcile_view,
+        name="study_reconcile",
+    ),
     path("studies/<uuid:study_uuid>/cd/", download_views.media_export_new, name="media_export_new"),
     path(
         "studies/<uuid:study_uuid>/cd/<uuid:export_uuid>/",
