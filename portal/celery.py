@@ -6,6 +6,7 @@ import os
 
 from celery import Celery
 from celery.schedules import crontab
+from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
@@ -65,3 +66,12 @@ app.conf.update(
     timezone=os.environ.get("TIME_ZONE", "America/Denver"),
 )
 app.autodiscover_tasks()
+
+
+@worker_process_init.connect
+def _worker_memory_cap(**_: object) -> None:
+    """Each worker process caps its own memory when RELAY_WORKER_MEMORY_MB is set (the render
+    worker of `make run` and of production sets it; see transfers.render_tasks)."""
+    from transfers.render_tasks import worker_memory_cap_from_settings
+
+    worker_memory_cap_from_settings()

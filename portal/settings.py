@@ -207,6 +207,10 @@ RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
 RELAY_STUDY_QUIET_SECONDS = env_int("RELAY_STUDY_QUIET_SECONDS", 300)
 RELAY_INVITATION_DAYS = env_int("RELAY_INVITATION_DAYS", 7)
 
+# Address-space cap of each render worker process, in MiB (0: none). A file that makes a decoder
+# ask for more gets a MemoryError for that frame instead of the OOM killer taking the worker.
+RELAY_WORKER_MEMORY_MB = env_int("RELAY_WORKER_MEMORY_MB", 0)
+
 # The DICOM gateway (`manage.py dicom_gateway`): one listening port for every facility; each
 # facility's PACS calls it by the facility's own AE title. Loopback unless told otherwise.
 DICOM_GATEWAY_AE_TITLE = env_str("DICOM_GATEWAY_AE_TITLE", "RELAY")

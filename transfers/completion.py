@@ -19,6 +19,7 @@ from portal.models import Facility
 
 from .ingest import is_valid_uid
 from .models import Instance, Study, StudyStatus
+from .render_tasks import study_render_queue
 from .sharing import shares_notify_completed
 
 MAX_MANIFEST = 20_000
@@ -85,9 +86,13 @@ def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> Mani
             if study.pk in bad_studies:
                 result.incomplete.append(str(study.uuid))
                 continue
-            Study.objects.filter(pk=study.pk).exclude(status=StudyStatus.COMPLETE).update(
-                status=StudyStatus.COMPLETE, completed_at=timezone.now()
-            )
+            if (
+                Study.objects.filter(pk=study.pk)
+                .exclude(status=StudyStatus.COMPLETE)
+                .update(status=StudyStatus.COMPLETE, completed_at=timezone.now())
+            ):
+                # Just completed: every frame is made ready for the viewer in the render queue.
+                study_render_queue(study)
             result.complete.append(str(study.uuid))
         shares_notify_completed()
     return result

@@ -339,6 +339,8 @@ def _study_empty(*, study: Study, storage: Storage) -> tuple[int, int]:
     would ever find again.
     """
     objects = freed = 0
+    renders = f"renders/{study.facility.uuid}/{study.study_instance_uid}/"
+    objects += _prefix_delete(storage, renders)
     # Disc images made of the study go first (their size is not image bytes: not counted), so
     # the audit event is still written by the batch that deletes the last instance or report.
     for export_pk, key in MediaExport.objects.filter(study=study).values_list("pk", "storage_key"):
@@ -365,7 +367,24 @@ def _study_empty(*, study: Study, storage: Storage) -> tuple[int, int]:
             break
         objects += _objects_delete(storage, [key for _, key in reports if key])
         freed += _rows_delete(study, Report.objects.filter(pk__in=[pk for pk, _ in reports]))
+    # Again at the end: a render task that was running on the study may have written since.
+    objects += _prefix_delete(storage, renders)
     return objects, freed
+
+
+def _prefix_delete(storage: Storage, prefix: str) -> int:
+    """Delete every object under a folder (renders: frames and thumbnails); returns how many."""
+    try:
+        folders, files = storage.listdir(prefix)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    deleted = 0
+    for name in files:
+        storage.delete(prefix + name)
+        deleted += 1
+    for folder in folders:
+        deleted += _prefix_delete(storage, f"{prefix}{folder}/")
+    return deleted
 
 
 def _objects_delete(storage: Storage, keys: list[str]) -> int:

@@ -8,7 +8,9 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from . import media, notify, pacs, purge, reconcile
+# render_tasks: the rendering tasks live in their own module (and queue); importing it here
+# also registers them with Celery's autodiscovery of tasks.py.
+from . import media, notify, pacs, purge, reconcile, render_tasks
 from .models import MediaExport, Push, Study, StudyStatus
 from .routing import routing_apply
 from .sharing import shares_notify_completed
@@ -29,11 +31,12 @@ def studies_complete_quiet() -> int:
     completed = Study.objects.filter(pk__in=quiet, status=StudyStatus.RECEIVING).update(
         status=StudyStatus.COMPLETE, completed_at=timezone.now()
     )
-    # Studies from a PACS are shared by their facility's routing rules (once per rule).
-    for study in Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE).exclude(
-        received_from_ae=""
-    ):
-        routing_apply(study=study)
+    for study in Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE):
+        # Every frame made ready for the viewer, in the render queue.
+        render_tasks.study_render_queue(study)
+        # Studies from a PACS are shared by their facility's routing rules (once per rule).
+        if study.received_from_ae:
+            routing_apply(study=study)
     # Shares made while their studies were still arriving are notified now.
     shares_notify_completed()
     return completed
@@ -119,7 +122,3 @@ def study_reconcile_task(study_id: int, patient_id: str, patient_name: str, issu
         return 0
     identity = reconcile.Identity(patient_id, patient_name, issuer)
     return reconcile.study_reconcile(study=study, identity=identity)
-
-
-# Rendering tasks live in their own module (and queue); importing it here registers them.
-from . import render_tasks as render_tasks  # noqa: E402,F401

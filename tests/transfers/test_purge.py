@@ -497,3 +497,28 @@ def test_a_purged_study_sent_again_becomes_a_study_again(client, bob_token):
     study = _Study.objects.get()
     assert study.purged_at is None
     assert (study.num_series, study.num_instances) == (1, 1)
+
+
+def test_renders_and_thumbnails_go_with_the_images(bob, gfc, study):
+    from transfers.render import frame_render_get, series_thumbnail_key, thumbnail_get
+
+    instance = Instance.objects.filter(series__study=study).first()
+    series = Series.objects.get(study=study)
+    assert frame_render_get(instance, 0).meta["error"] is None
+    thumbnail_get(series)
+    storage = storages["default"]
+    render_keys = [k for k in _render_keys(storage, f"renders/{study.facility.uuid}/")]
+    assert series_thumbnail_key(series) in render_keys and len(render_keys) >= 2
+    _expire(_share(bob, study, gfc))
+    _age(study)
+
+    purge_expired()
+
+    assert not any(storage.exists(k) for k in render_keys)
+
+
+def _render_keys(storage, prefix):
+    folders, files = storage.listdir(prefix)
+    yield from (prefix + name for name in files)
+    for folder in folders:
+        yield from _render_keys(storage, f"{prefix}{folder}/")

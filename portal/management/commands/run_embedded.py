@@ -35,9 +35,29 @@ class Command(BaseCommand):
                 "portal",
                 "worker",
                 "-Q",
-                "quick,slow,render",
+                "quick,slow",
                 "-c",
                 "2",
+                "-l",
+                "INFO",
+            ],
+            # Rendering has its own worker, under a memory cap, so a hostile file cannot take
+            # e-mail and sharing down with it.
+            "render": [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "render",
+                "-c",
+                "1",
+                "-n",
+                "render@%h",
+                "--max-memory-per-child",
+                "1500000",
                 "-l",
                 "INFO",
             ],
@@ -66,7 +86,8 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         for name, command in commands.items():
             # Own process group each, so a stop reaches everything a child started.
-            children[name] = subprocess.Popen(command, start_new_session=True)  # noqa: S603
+            env = {**os.environ, "RELAY_WORKER_MEMORY_MB": "2048"} if name == "render" else None
+            children[name] = subprocess.Popen(command, start_new_session=True, env=env)  # noqa: S603
         self.stdout.write(
             f"Relay is starting on http://{options['addr']}/  (Ctrl-C stops everything)"
         )
