@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from portal.models import Facility, Membership, Role, User
 from transfers.ingest import instance_ingest
-from transfers.models import Study, StudyStatus
+from transfers.models import PacsDestination, RoutingRule, Study, StudyStatus
 
 FACILITIES = [
     # slug, name, city, AE title, has a PACS
@@ -66,6 +66,10 @@ def demo_ct_series(count: int = 12) -> list[bytes]:
     return slices
 
 
+def _admin_of(slug: str) -> User:
+    return User.objects.get(email=f"admin@{slug}.example")
+
+
 class Command(BaseCommand):
     help = "Load the demo facilities, people and a sample study (once), then print the logins."
 
@@ -74,6 +78,25 @@ class Command(BaseCommand):
             self._seed()
         if logins_file().exists():
             self.stdout.write(logins_file().read_text())
+
+    def _seed_dicom(self) -> None:
+        """Great Falls' PACS sends to the gateway and its studies go to Kalispell by a rule;
+        Kalispell pushes into its own PACS."""
+        gfc = Facility.objects.get(slug="gfc")
+        krmc = Facility.objects.get(slug="krmc")
+        gfc.gateway_calling_aes = "GFC_PACS"
+        gfc.save(update_fields=["gateway_calling_aes"])
+        RoutingRule.objects.create(
+            facility=gfc,
+            created_by=_admin_of("gfc"),
+            calling_ae="GFC_PACS",
+            recipient_facility=krmc,
+            can_download=True,
+            can_import=True,
+        )
+        PacsDestination.objects.create(
+            facility=krmc, name="KRMC PACS", ae_title="KRMC_PACS", host="127.0.0.1", port=4242
+        )
 
     @transaction.atomic
     def _seed(self) -> None:
@@ -101,6 +124,7 @@ class Command(BaseCommand):
                 if first_sender is None and role == Role.SENDER:
                     first_sender = (facility, user)
         assert first_sender is not None
+        self._seed_dicom()
         facility, sender = first_sender
         samples = demo_ct_series() + [Path(str(get_testdata_file("MR_small.dcm"))).read_bytes()]
         for data in samples:
@@ -114,5 +138,12 @@ class Command(BaseCommand):
             status=StudyStatus.COMPLETE, completed_at=timezone.now()
         )
         logins_file().parent.mkdir(parents=True, exist_ok=True)
+        lines.append("")
+        lines.append(
+            f"DICOM: send to the gateway on {settings.DICOM_GATEWAY_BIND}:{settings.DICOM_GATEWAY_PORT}"
+            " as Great Falls' PACS (calling AE GFC_PACS, called AE GFC_RELAY): the study is shared"
+            " with Kalispell by a routing rule. Kalispell's PACS destination is KRMC_PACS at"
+            " 127.0.0.1:4242 (an Orthanc on its default port)."
+        )
         logins_file().write_text("\n".join(lines) + "\n")
         logins_file().chmod(0o600)
