@@ -19,7 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "http://127.0.0.1:8000"
@@ -188,6 +190,25 @@ def main() -> int:
         assert reader.get(f"/studies/{study_uuid}/").status_code == 200
         assert "reader@gfc.example" in web.get("/sent/").text
         print("smoke: the reader opened it and the sender's Sent page shows who did")
+
+        # The DICOM gateway of make run: Great Falls' PACS (storescu) sends under GFC's title.
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PatientName = "GATEWAY^SMOKE"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = generate_uid()
+        ds.save_as(var / "gateway.dcm", enforce_file_format=True)
+        stored = subprocess.run(
+            ["storescu", "-aet", "GFC_PACS", "-aec", "GFC_RELAY", "127.0.0.1", "11112",
+             str(var / "gateway.dcm")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert stored.returncode == 0, stored.stdout + stored.stderr
+        assert "GATEWAY, SMOKE" in reader.get("/studies/").text
+        refused = subprocess.run(
+            ["echoscu", "-aec", "NOBODY", "127.0.0.1", "11112"], capture_output=True, timeout=60
+        )
+        assert refused.returncode != 0, "the gateway let an unknown AE title in"
+        print("smoke: the DICOM gateway stored a C-STORE from Great Falls' PACS")
     finally:
         # What Ctrl-C in the terminal does: SIGINT to the foreground process group.
         os.killpg(run.pid, signal.SIGINT)
@@ -199,7 +220,7 @@ def main() -> int:
             raise SystemExit("smoke: make run did not stop on Ctrl-C") from None
         log.close()
     leftovers = subprocess.run(
-        ["pgrep", "-f", f"{ROOT}/.venv/bin/python.*(runserver|celery)"],
+        ["pgrep", "-f", f"{ROOT}/.venv/bin/python.*(runserver|celery|dicom_gateway)"],
         capture_output=True,
         text=True,
     ).stdout

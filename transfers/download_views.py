@@ -88,6 +88,13 @@ def media_export_page(
 ) -> HttpResponseBase:
     access, export = _get_export(request, study_uuid, export_uuid)
     building = export.status in (ExportStatus.QUEUED, ExportStatus.BUILDING)
+    if not building:  # not once per refresh of the progress page
+        audit_record(
+            action=AuditAction.STUDY_VIEW,
+            request=request,
+            study=access.study,
+            detail={"page": "disc image", "export": str(export.uuid)},
+        )
     return render(
         request,
         "transfers/media_export.html",

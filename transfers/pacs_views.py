@@ -11,6 +11,8 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from portal.access import AuthedRequest, facilities_of
+from portal.audit import audit_record
+from portal.models import AuditAction
 
 from .access import study_access
 from .models import PacsDestination, Push
@@ -57,6 +59,9 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             else:
                 messages.error(request, "Nothing to send again.")
         return redirect("study_pacs", study_uuid=access.study.uuid)
+    audit_record(
+        action=AuditAction.STUDY_VIEW, request=request, study=access.study, detail={"page": "pacs"}
+    )
     return render(
         request,
         "transfers/study_pacs.html",

@@ -11,6 +11,8 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from portal.access import AuthedRequest, upload_facilities
+from portal.audit import audit_record
+from portal.models import AuditAction
 
 from .access import study_access
 from .models import Study
@@ -71,6 +73,9 @@ def study_reconcile_view(request: AuthedRequest, study_uuid: str) -> HttpRespons
         .values("patient_id", "patient_name", "issuer_of_patient_id", "patient_birth_date")
         .distinct()
         .order_by("patient_name")[:10]
+    )
+    audit_record(
+        action=AuditAction.STUDY_VIEW, request=request, study=study, detail={"page": "reconcile"}
     )
     return render(
         request,

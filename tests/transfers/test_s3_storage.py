@@ -30,6 +30,9 @@ def bucket(settings: Any, free_tcp_port: int) -> Iterator[Any]:
     credentials = {"aws_access_key_id": "relay-test", "aws_secret_access_key": "relay-test-secret"}
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
     s3.create_bucket(Bucket=BUCKET)
+    # moto keeps its buckets in the process, not in the server: start every test from empty.
+    for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        s3.delete_object(Bucket=BUCKET, Key=item["Key"])
     settings.STORAGES = {
         **settings.STORAGES,
         "default": {
