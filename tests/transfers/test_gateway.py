@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -175,3 +177,47 @@ def test_an_unreachable_store_answers_a_retryable_failure_and_keeps_nothing(
     settings.STORAGES = working
     assert _storescu(gateway, [file]).returncode == 0
     assert Instance.objects.count() == 1
+
+
+def test_a_database_outage_mid_association_is_a_retryable_failure(
+    gateway: int, tmp_path: Path
+) -> None:
+    """The database goes away between two instances of one association (the gateway's
+    connection is terminated and cannot reconnect): that instance is refused with a status the
+    sender retries, the association goes on, and the next instance after the outage is stored."""
+    from django.db import connection, connections
+    from pynetdicom import AE
+
+    if connection.vendor != "postgresql":
+        reason = "needs PostgreSQL to cut the gateway's connection (CI runs it with DATABASE_URL)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    files = [pydicom.dcmread(io.BytesIO(dicom_bytes("CT_small.dcm"))) for _ in range(3)]
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(files[0].SOPClassUID, files[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", gateway, ae_title="KRMC")
+    assert assoc.is_established
+    settings_dict = connections.settings["default"]
+    port = settings_dict.get("PORT")
+    try:
+        assert assoc.send_c_store(files[0]).Status == 0x0000
+        # The outage: every other connection to the database is cut, and none can be made.
+        settings_dict["PORT"] = str(_free_port())
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert assoc.send_c_store(files[1]).Status == 0xA700
+        # The database is back.
+        settings_dict["PORT"] = port
+        assert assoc.send_c_store(files[2]).Status == 0x0000
+    finally:
+        settings_dict["PORT"] = port
+        assoc.release()
+    stored = set(Instance.objects.values_list("sop_instance_uid", flat=True))
+    assert stored == {files[0].SOPInstanceUID, files[2].SOPInstanceUID}
+    # Nothing of the refused one was kept: the sender will send it again.
+    assert pydicom.uid.UID(files[1].SOPInstanceUID) not in stored
