@@ -7,6 +7,7 @@ every file sent as its raw bytes with an explicit Content-Length.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -46,6 +47,8 @@ class RssSampler:
         self.peak_bytes = 0
         self.cpu_start = self.cpu_end = 0.0
         self.samples = 0
+        # (perf_counter, bytes) of every sample: memory over time, e.g. first half vs second.
+        self.timeline: list[tuple[float, int]] = []
         self._procs: list[psutil.Process] = []
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
@@ -78,9 +81,15 @@ class RssSampler:
         while not self._stop.is_set():
             if self.samples % self.rescan_every == 0:
                 self._rescan()
-            self.peak_bytes = max(self.peak_bytes, self.sample())
+            now = self.sample()
+            self.timeline.append((time.perf_counter(), now))
+            self.peak_bytes = max(self.peak_bytes, now)
             self.samples += 1
             self._stop.wait(self.interval)
+
+    def peak_between(self, start: float, end: float) -> int:
+        """The highest sample taken between two perf_counter() instants (0 if none)."""
+        return max((rss for at, rss in self.timeline if start <= at <= end), default=0)
 
     def __enter__(self) -> RssSampler:
         self._rescan()
@@ -233,3 +242,62 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["wall_s_all"] = [run["wall_s"] for run in runs]
     summary["wall_s_min"] = min(summary["wall_s_all"])
     return summary
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile (fraction 0.5: median, 0.95: p95) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+# --- results of the DICOM, media and viewer sections --------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a section's table: Relay's value, the peer's value, and what is aimed for.
+
+    `aim` is a bound on Relay / peer ("<= 1.00": Relay at most as slow; ">= 0.50": at least
+    half as fast), or a free text; the ratio column is always Relay / peer."""
+
+    label: str
+    relay: float | None
+    peer: float | None = None
+    fmt: str = "{:.2f}"
+    aim: str = ""
+
+    def cells(self) -> list[str]:
+        relay = "-" if self.relay is None else self.fmt.format(self.relay)
+        peer = "-" if self.peer is None else self.fmt.format(self.peer)
+        ratio = f"{self.relay / self.peer:.2f}x" if self.relay is not None and self.peer else "-"
+        return [self.label, relay, peer, ratio, self.aim]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "relay": self.relay, "peer": self.peer, "aim": self.aim}
+
+
+@dataclass
+class Section:
+    """A section's table: its title, what "Relay" and "peer" are, rows, and notes under it.
+    `error` is set instead when the section could not be measured."""
+
+    key: str
+    title: str
+    relay_label: str = "Relay"
+    peer_label: str = "peer"
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "relay": self.relay_label,
+            "peer": self.peer_label,
+            "rows": [row.as_dict() for row in self.rows],
+            "notes": self.notes,
+            "error": self.error,
+            "raw": self.raw,
+        }

@@ -1,12 +1,16 @@
-"""Ingest benchmark: upload one CT series to Relay and to Orthanc and compare.
+"""Benchmark: Relay next to Orthanc on one CT series (ingest, DICOM, media, viewer).
 
     .venv/bin/python bench/run.py            # or: make bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/relay .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --only gateway,push     # some sections only
 
 A 300-slice 512 x 512 CT series (about 150 MiB, generated once into bench/out/cache/) is uploaded
 by 4 client threads to Relay's HTTP API on gunicorn (4 workers, as in production) and to Orthanc's
 REST API, each server fresh. The first half of the series (150 slices) is uploaded the same way
 to two more fresh servers, to see whether a server's memory grows with the size of a study.
+Then one more Relay (with `manage.py dicom_gateway`) takes the series over DICOM and the
+sections of dicom.py and viewer.py measure the gateway, push to PACS, ZIP and CD export,
+rendering, the viewer's data and the first image in Chromium, each next to its peer.
 The tables are printed and bench/out/results.json is written. See bench/README.md.
 
 The helpers next to this file (series, servers, measure) are imported as top-level modules:
@@ -21,15 +25,21 @@ import os
 import platform
 import subprocess
 import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
-from measure import MiB, UploadFailed, UploadRun, summarize, upload_series
-from series import SIZE, ensure_series
-from servers import REPO, Database, OrthancServer, RelayServer
+from dicom import Workbench, cd_section, gateway_section, push_section, zip_section
+from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
+from series import SIZE, Series, ensure_series
+from servers import ORTHANC, REPO, Database, OrthancServer, RelayServer
+from viewer import browser_section, render_section, viewer_section
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -193,6 +203,82 @@ def memory_table(half: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]
     return table(rows)
 
 
+# --- DICOM, media and viewer sections ------------------------------------------------------------
+
+# Run order: rendering starts right after the ingest into the gateway (before Orthanc's side of
+# section 1); the viewer is timed once the frames are rendered; push, ZIP and CD read what the
+# gateway stored.
+SECTIONS: dict[str, tuple[str, Callable[[Workbench], Section]]] = {
+    "render": ("5. rendering every frame after the ingest", render_section),
+    "gateway": ("1. C-STORE into the gateway vs Orthanc", gateway_section),
+    "viewer": ("6. viewer data and thumbnails vs Orthanc", viewer_section),
+    "browser": ("7. time to first image in headless Chromium", browser_section),
+    "push": ("2. push to PACS vs storescu", push_section),
+    "zip": ("3. ZIP export vs reading the files", zip_section),
+    "cd": ("4. CD image build", cd_section),
+}
+PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser")
+CHOICES = ("ingest", *PRINT_ORDER)
+
+
+def run_sections(series: Series, database: Database, selected: list[str]) -> list[Section]:
+    """One Relay with its gateway takes the series by C-STORE; then each selected section runs
+    on it. A section that fails gets its error printed and the others still run."""
+    results: dict[str, Section] = {}
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        wb = Workbench(series=series, database=database, stack=stack)
+        print("  starting Relay + gateway, C-STORE of the series into the gateway ...", flush=True)
+        try:
+            wb.start()
+        except Exception as exc:
+            traceback.print_exc()
+            for key in selected:
+                title = SECTIONS[key][0]
+                results[key] = Section(key=key, title=title, error=f"no study in Relay: {exc}")
+        else:
+            assert wb.ingest is not None
+            print(f"  ingest ({wb.ingest_how}): {wb.ingest.wall_s:.2f} s", flush=True)
+            for key, (title, measure) in SECTIONS.items():
+                if key not in selected:
+                    continue
+                print(f"  {title} ...", flush=True)
+                section_started = time.perf_counter()
+                try:
+                    results[key] = measure(wb)
+                except Exception as exc:
+                    print(f"  {title}: FAILED", file=sys.stderr)
+                    traceback.print_exc()
+                    results[key] = Section(
+                        key=key, title=title, error=f"{type(exc).__name__}: {exc}"
+                    )
+                print(f"    ({time.perf_counter() - section_started:.1f} s)", flush=True)
+        print("  stopping the servers ...", flush=True)
+    print(f"  DICOM, media and viewer sections: {time.perf_counter() - started:.0f} s", flush=True)
+    # Printed in the order of the issues' lists (1-4 DICOM and media, 5-7 viewer).
+    return [results[key] for key in PRINT_ORDER if key in results]
+
+
+def section_table(section: Section) -> str:
+    if section.error:
+        return f"{section.title}\n  {section.error}"
+    rows = [[section.title, section.relay_label, section.peer_label, "ratio", "aim"]]
+    rows += [row.cells() for row in section.rows]
+    lines = [table(rows)]
+    lines += [f"  {note}" for note in section.notes]
+    return "\n".join(lines)
+
+
+def orthanc_version() -> str:
+    try:
+        done = subprocess.run(
+            [str(ORTHANC), "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout.split()[1] if done.stdout.split()[1:] else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -203,9 +289,18 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300, help="slices in the full series (300)")
     parser.add_argument("--threads", type=int, default=4, help="concurrent uploads (4)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="fresh-server runs per measurement; median (3)"
+        "--repeats", type=int, default=3, help="fresh-server runs per ingest measurement (3)"
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(CHOICES),
+        help=f"comma-separated sections to run, of: {', '.join(CHOICES)} (all)",
     )
     args = parser.parse_args()
+    selected = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in selected if name not in CHOICES]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(CHOICES)}")
 
     print(
         f"Preparing the {args.slices}-slice CT series (cached in {OUT / 'cache'}) ...", flush=True
@@ -217,9 +312,11 @@ def main() -> int:
         "machine": machine(),
         "database": database.label,
         "database_version": database.describe_server(),
+        "orthanc_version": orthanc_version(),
         "commit": git_commit(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "sections": selected,
         "series": {
             "slices": len(series.files),
             "bytes": series.total_bytes,
@@ -228,31 +325,40 @@ def main() -> int:
         # Other work on the machine slows both servers; the load average says how busy it was.
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
+    started = time.perf_counter()
 
-    half_count, full_count = len(series.files) // 2, len(series.files)
     raw: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    # Every upload goes to a freshly started server. The repeats are interleaved (Relay, Orthanc,
-    # Relay, ...) rather than grouped, so that a burst of load from elsewhere hits both alike.
-    for repeat in range(1, args.repeats + 1):
-        for count in (half_count, full_count):
-            files = series.files[:count]
-            for name, bench in (
-                ("Relay", lambda f=files: bench_relay(database, f, args.threads)),
-                ("Orthanc", lambda f=files: bench_orthanc(f, args.threads)),
-            ):
-                result = bench().as_dict()
-                raw.setdefault((count, name), []).append(result)
-                print(
-                    f"  run {repeat}/{args.repeats} {name:7} {count:4} files: "
-                    f"{result['wall_s']:6.2f} s {result['throughput_mib_s']:6.1f} MiB/s, "
-                    f"peak RSS {result['peak_rss_mib']:4.0f} MiB",
-                    flush=True,
-                )
+    half_count, full_count = len(series.files) // 2, len(series.files)
+    if "ingest" in selected:
+        print("HTTP ingest, Relay and Orthanc:", flush=True)
+        # Every upload goes to a freshly started server. The repeats are interleaved (Relay,
+        # Orthanc, Relay, ...) rather than grouped, so that a burst of load from elsewhere hits
+        # both alike.
+        for repeat in range(1, args.repeats + 1):
+            for count in (half_count, full_count):
+                files = series.files[:count]
+                for name, bench in (
+                    ("Relay", lambda f=files: bench_relay(database, f, args.threads)),
+                    ("Orthanc", lambda f=files: bench_orthanc(f, args.threads)),
+                ):
+                    result = bench().as_dict()
+                    raw.setdefault((count, name), []).append(result)
+                    print(
+                        f"  run {repeat}/{args.repeats} {name:7} {count:4} files: "
+                        f"{result['wall_s']:6.2f} s {result['throughput_mib_s']:6.1f} MiB/s, "
+                        f"peak RSS {result['peak_rss_mib']:4.0f} MiB",
+                        flush=True,
+                    )
+
+    sections: list[Section] = []
+    wanted = [name for name in selected if name in SECTIONS]
+    if wanted:
+        print(f"DICOM, media and viewer ({', '.join(wanted)}):", flush=True)
+        sections = run_sections(series, database, wanted)
     context["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    context["elapsed_s"] = round(time.perf_counter() - started, 1)
 
     summary = {key: summarize(runs) for key, runs in raw.items()}
-    half = {name: summary[(half_count, name)] for name in ("Relay", "Orthanc")}
-    full = {name: summary[(full_count, name)] for name in ("Relay", "Orthanc")}
     m = context["machine"]
     print()
     print(f"machine: nproc={m['nproc']}, {m['memory_gib']} GiB RAM, Python {m['python']}, ", end="")
@@ -261,22 +367,37 @@ def main() -> int:
     )
     print(
         f"database: {context['database_version']}   "
-        f"Orthanc {full['Orthanc'].get('version', '?')}   commit: {context['commit']}"
+        f"Orthanc {context['orthanc_version']}   commit: {context['commit']}   "
+        f"benchmark took {context['elapsed_s']:.0f} s"
     )
-    print(
-        f"client: {args.threads} threads (httpx, one connection each); RSS sampled every 50 ms; "
-        f"median of {args.repeats} fresh-server runs, peak RSS the highest"
-    )
-    print()
-    print(main_table(full["Relay"], full["Orthanc"]))
-    print()
-    print(memory_table(half, full))
+    if summary:
+        half = {name: summary[(half_count, name)] for name in ("Relay", "Orthanc")}
+        full = {name: summary[(full_count, name)] for name in ("Relay", "Orthanc")}
+        print(
+            f"client: {args.threads} threads (httpx, one connection each); RSS sampled every 50 ms; "
+            f"median of {args.repeats} fresh-server runs, peak RSS the highest"
+        )
+        print()
+        print(main_table(full["Relay"], full["Orthanc"]))
+        print()
+        print(memory_table(half, full))
+    if sections:
+        print()
+        print(
+            f"DICOM, media and viewer on the same {len(series.files)}-slice CT, one Relay "
+            "(gunicorn + manage.py dicom_gateway) that received it by C-STORE; "
+            "ratio = Relay / peer"
+        )
+        for section in sections:
+            print()
+            print(section_table(section))
 
     OUT.mkdir(parents=True, exist_ok=True)
     results = {
         **context,
         "summary": list(summary.values()),
         "runs": [run for runs in raw.values() for run in runs],
+        "dicom_media_viewer": [section.as_dict() for section in sections],
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten: {OUT / 'results.json'}")

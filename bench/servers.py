@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -32,6 +34,7 @@ PYTHON = VENV_BIN / "python"
 ORTHANC = Path("/usr/sbin/Orthanc")
 BENCH_DB = "relay_bench"
 START_TIMEOUT_S = 90.0
+TASK_RESULT = "BENCH-RESULT "
 STOP_TIMEOUT_S = 30.0
 
 
@@ -164,15 +167,24 @@ class Database:
 
 # --- Relay --------------------------------------------------------------------------------------
 
-SETUP_SCRIPT = """
+# The benchmark user's sign-in (for the pages: ZIP download, viewer); a throw-away database.
+BENCH_EMAIL = "bench@example.org"
+BENCH_PASSWORD = "bench-password-not-secret-1"  # noqa: S105
+# The facility's AE title at the gateway (`manage.py dicom_gateway`), given by run.py's DICOM
+# sections; Relay's own AE title (the calling title of pushes) stays the default.
+BENCH_AE_TITLE = "BENCHGW"
+
+SETUP_SCRIPT = f"""
 import json, django
 django.setup()
 from portal.models import ApiToken, Facility, Membership, User
-user = User.objects.create_user(email="bench@example.org", password="bench-password-not-secret-1")
-facility = Facility.objects.create(name="Benchmark General Hospital", slug="bench")
+user = User.objects.create_user(email="{BENCH_EMAIL}", password="{BENCH_PASSWORD}")
+facility = Facility.objects.create(
+    name="Benchmark General Hospital", slug="bench", ae_title="{BENCH_AE_TITLE}"
+)
 Membership.objects.create(user=user, facility=facility, role="sender")
 _, raw = ApiToken.issue(user=user, name="benchmark")
-print("BENCH-SETUP " + json.dumps({"token": raw, "facility": facility.slug}))
+print("BENCH-SETUP " + json.dumps({{"token": raw, "facility": facility.slug}}))
 """
 
 
@@ -338,6 +350,68 @@ class RelayServer(_Server):
     def stored_bytes(self) -> int:
         return folder_bytes(self.var_dir / "media")
 
+    @property
+    def media_root(self) -> Path:
+        return self.var_dir / "media"
+
+    def task_start(self, name: str, **args: Any) -> subprocess.Popen[str]:
+        """Start `bench/inrelay.py NAME` in this server's environment (same database, same
+        storage) as a process of its own, so that its memory can be watched; see task_result."""
+        return subprocess.Popen(
+            [str(PYTHON), str(REPO / "bench" / "inrelay.py"), name, json.dumps(args)],
+            cwd=REPO,
+            env=self._env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    @staticmethod
+    def task_result(proc: subprocess.Popen[str], name: str, timeout_s: float = 600) -> Any:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise ServerError(
+                f"inrelay {name} took more than {timeout_s:.0f} s:\n{err[-3000:]}"
+            ) from None
+        line = next((ln for ln in out.splitlines() if ln.startswith(TASK_RESULT)), None)
+        if proc.returncode != 0 or line is None:
+            raise ServerError(
+                f"inrelay {name} failed ({proc.returncode}):\n{out[-1500:]}\n{err[-3000:]}"
+            )
+        return json.loads(line.removeprefix(TASK_RESULT))
+
+    def task(self, name: str, **args: Any) -> Any:
+        """Run one task of bench/inrelay.py in Relay's environment and return its JSON result."""
+        return self.task_result(self.task_start(name, **args), name)
+
+    @contextmanager
+    def signed_in(self, timeout_s: float = 300) -> Iterator[httpx.Client]:
+        """An httpx client signed in as the benchmark user through the login form (session
+        cookie), as a browser would be; closed when the with-block ends."""
+        with httpx.Client(base_url=self.base_url, timeout=timeout_s) as client:
+            page = client.get("/accounts/login/")
+            page.raise_for_status()
+            match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+            if match is None:
+                raise ServerError("the login page has no CSRF token")
+            answer = client.post(
+                "/accounts/login/",
+                data={
+                    "username": BENCH_EMAIL,
+                    "password": BENCH_PASSWORD,
+                    "csrfmiddlewaretoken": match.group(1),
+                },
+                headers={"Referer": f"{self.base_url}/accounts/login/"},
+            )
+            if answer.status_code != 302 or "sessionid" not in client.cookies:
+                raise ServerError(
+                    f"signing in answered HTTP {answer.status_code}: {answer.text[:300]}"
+                )
+            yield client
+
     def stop(self) -> None:
         try:
             if self.proc is not None:
@@ -357,9 +431,15 @@ class OrthancServer(_Server):
 
     name = "Orthanc"
 
-    def __init__(self, extra_config: dict[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        extra_config: dict[str, object] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         # extra_config: settings to try on top of the defaults (not used by run.py).
         self.extra_config = extra_config or {}
+        # extra_env: e.g. TCP_NODELAY=1, read by the DCMTK network code inside Orthanc.
+        self.extra_env = extra_env or {}
         self.tmp = Path(tempfile.mkdtemp(prefix="orthanc-bench-"))
         self.log = self.tmp / "orthanc.log"
         self.port = free_port()
@@ -396,7 +476,11 @@ class OrthancServer(_Server):
         config_path.write_text(json.dumps(config, indent=2))
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [str(ORTHANC), str(config_path)], cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT
+                [str(ORTHANC), str(config_path)],
+                cwd=self.tmp,
+                env={**os.environ, **self.extra_env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         wait_until_ready(f"{self.base_url}/system", self.proc, self.log)
 
@@ -418,3 +502,72 @@ class OrthancServer(_Server):
                 stop_process_tree(self.proc)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- Relay's DICOM gateway ----------------------------------------------------------------------
+
+
+class GatewayServer(_Server):
+    """`manage.py dicom_gateway` as its own process, on a free port, in a running RelayServer's
+    environment (its database and storage): the way `make run` and production start it."""
+
+    name = "Relay DICOM gateway"
+
+    def __init__(self, relay: RelayServer) -> None:
+        self.relay = relay
+        self.port = free_port()
+        self.log = relay.tmp / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(PYTHON),
+                    "manage.py",
+                    "dicom_gateway",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=REPO,
+                env=self.relay._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        # Ready when a C-ECHO to the facility's AE title succeeds (also warms the first
+        # association's code path, like Relay's HTTP warm-up).
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"the gateway exited with {self.proc.returncode}:\n{log_tail(self.log)}"
+                )
+            done = echo(BENCH_AE_TITLE, self.port)
+            if done.returncode == 0:
+                return
+            last = (done.stdout + done.stderr)[-300:]
+            time.sleep(0.3)
+        raise ServerError(f"the gateway did not answer C-ECHO ({last}):\n{log_tail(self.log)}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_tree(self.proc)
+
+
+def echo(called_ae: str, port: int) -> subprocess.CompletedProcess[str]:
+    """dcmtk's echoscu, once."""
+    return subprocess.run(
+        ["echoscu", "-aet", "BENCHSCU", "-aec", called_ae, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )

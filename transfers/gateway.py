@@ -36,6 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from portal.models import Facility
 
+from .dicom_net import tcp_nodelay_enable
 from .ingest import CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
 from .models import Study
 
@@ -119,6 +120,7 @@ class Gateway:
     """The C-ECHO / C-STORE service provider. `start()` listens in background threads."""
 
     def __init__(self, *, ae_title: str | None = None) -> None:
+        tcp_nodelay_enable()
         self.ae = AE(ae_title=ae_title or settings.DICOM_GATEWAY_AE_TITLE)
         # Whatever the sender's transfer syntax, the file is kept as it came: never recompressed.
         for context in AllStoragePresentationContexts:

@@ -36,6 +36,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Membership, User
 
 from .access import StudyAccess
+from .dicom_net import tcp_nodelay_enable
 from .models import (
     Instance,
     PacsDestination,
@@ -71,6 +72,7 @@ class EchoResult:
 
 
 def _ae() -> AE:
+    tcp_nodelay_enable()
     ae = AE(ae_title=settings.DICOM_GATEWAY_AE_TITLE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     return ae

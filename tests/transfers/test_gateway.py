@@ -221,3 +221,28 @@ def test_a_database_outage_mid_association_is_a_retryable_failure(
     assert stored == {files[0].SOPInstanceUID, files[2].SOPInstanceUID}
     # Nothing of the refused one was kept: the sender will send it again.
     assert pydicom.uid.UID(files[1].SOPInstanceUID) not in stored
+
+
+def test_both_ends_turn_nagle_off(krmc: Facility) -> None:
+    """DIMSE's small writes must not wait for delayed ACKs: TCP_NODELAY on the gateway's
+    accepted sockets and on Relay's own outgoing associations (push, C-ECHO)."""
+    import socket as sockets
+
+    from transfers.pacs import _ae
+
+    port = _free_port()
+    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
+    try:
+        ae = _ae()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="KRMC")
+        assert assoc.is_established
+        try:
+            ours = assoc.dul.socket.socket
+            (theirs,) = [a.dul.socket.socket for a in server.active_associations]
+            for sock in (ours, theirs):
+                assert sock.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY) != 0
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()

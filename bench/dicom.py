@@ -1,0 +1,525 @@
+"""DICOM and media round trip on the 300-slice CT (issue 5, "Performance"): C-STORE into Relay's
+gateway and into Orthanc, push from Relay into Orthanc, ZIP export and CD image.
+
+Everything here shares one `Workbench`: one Relay (gunicorn, as for the ingest benchmark, plus
+`manage.py dicom_gateway` as its own process on the same database and storage), the study that
+came in through the gateway, and an Orthanc holding the same files (the viewer comparison of
+viewer.py uses it too). Each section returns a `Section`; run.py prints them and keeps going when
+one fails.
+
+The DICOM client on both sides is dcmtk's `storescu`, with TCP_NODELAY=1 in its environment
+(dcmtk reads it; Nagle's algorithm off). Orthanc's DICOM server is dcmtk too and gets the same
+variable. Relay's gateway and push use pynetdicom, which sets no TCP_NODELAY of its own (3.0.4:
+only SO_REUSEADDR) and reads no variable: Relay is measured as it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from measure import MiB, Row, RssSampler, Section, UploadFailed, upload_series
+from series import Series
+from servers import (
+    BENCH_AE_TITLE,
+    BENCH_EMAIL,
+    Database,
+    GatewayServer,
+    OrthancServer,
+    RelayServer,
+    ServerError,
+)
+
+NODELAY = {"TCP_NODELAY": "1"}
+ORTHANC_AE = "ORTHANC"  # Orthanc's default AE title; it accepts any called title by default
+CALLING_AE = "BENCHSCU"
+STORE_TIMEOUT_S = 600
+READ_CHUNK = 1024 * 1024
+ZIP_REPEATS = 3
+
+
+@dataclass
+class Transfer:
+    """One series sent with C-STORE (or pushed) into one receiver."""
+
+    files: int
+    bytes: int
+    wall_s: float
+    idle_rss: int = 0  # receiver, before
+    peak_rss: int = 0  # receiver, whole transfer
+    first_half_peak_rss: int = 0  # receiver, first half of the wall time
+    cpu_s: float = 0.0  # receiver
+
+    @property
+    def mib_s(self) -> float:
+        return self.bytes / MiB / self.wall_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "wall_s": round(self.wall_s, 3),
+            "mib_s": round(self.mib_s, 2),
+            "idle_rss_mib": round(self.idle_rss / MiB, 1),
+            "peak_rss_mib": round(self.peak_rss / MiB, 1),
+            "first_half_peak_rss_mib": round(self.first_half_peak_rss / MiB, 1),
+            "cpu_s": round(self.cpu_s, 2),
+        }
+
+
+def storescu(files: list[Path], *, called_ae: str, port: int, receiver_pid: int) -> Transfer:
+    """dcmtk's storescu, one association for all files, TCP_NODELAY=1; the receiver's memory
+    and CPU are sampled while it runs."""
+    args = ["storescu", "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1", str(port)]
+    total = sum(path.stat().st_size for path in files)
+    with tempfile.TemporaryFile() as log, RssSampler(receiver_pid) as sampler:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [*args, *map(str, files)],
+            env={**os.environ, **NODELAY},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            code = proc.wait(timeout=STORE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - started
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    if code != 0 or "E: " in output:
+        raise UploadFailed(f"storescu to {called_ae} exited {code}:\n{output[-1500:]}")
+    return Transfer(
+        files=len(files),
+        bytes=total,
+        wall_s=wall,
+        idle_rss=sampler.idle_bytes,
+        peak_rss=sampler.peak_bytes,
+        first_half_peak_rss=sampler.peak_between(started, started + wall / 2),
+        cpu_s=sampler.cpu_end - sampler.cpu_start,
+    )
+
+
+def orthanc_count(orthanc: OrthancServer) -> int:
+    stats = httpx.get(f"{orthanc.base_url}/statistics", timeout=30).json()
+    return int(stats["CountInstances"])
+
+
+def orthanc_filled(files: list[Path]) -> tuple[OrthancServer, Transfer]:
+    """A fresh Orthanc (TCP_NODELAY=1) that received the files from storescu; not yet entered
+    into an ExitStack: the caller stops it."""
+    orthanc = OrthancServer(extra_env=NODELAY)
+    orthanc.__enter__()
+    try:
+        transfer = storescu(
+            files, called_ae=ORTHANC_AE, port=orthanc.dicom_port, receiver_pid=orthanc.pid
+        )
+        if orthanc_count(orthanc) != len(files):
+            raise UploadFailed(f"Orthanc indexed {orthanc_count(orthanc)} of {len(files)} files")
+    except BaseException as exc:
+        orthanc.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    return orthanc, transfer
+
+
+# --- the shared state of one run ----------------------------------------------------------------
+
+
+@dataclass
+class Workbench:
+    """One Relay with its gateway and the study it received, shared by all DICOM sections."""
+
+    series: Series
+    database: Database
+    stack: ExitStack
+    relay: RelayServer | None = None
+    gateway: GatewayServer | None = None
+    study: dict[str, Any] | None = None  # inrelay.py study_info
+    ingest: Transfer | None = None
+    ingest_how: str = ""
+    problems: list[str] = field(default_factory=list)
+    reference: OrthancServer | None = None  # an Orthanc holding the series
+    reference_transfer: Transfer | None = None
+    _reference_error: str = ""
+
+    @property
+    def study_instance_uid(self) -> str:
+        manifest = json.loads((self.series.folder / "manifest.json").read_text())
+        return str(manifest["study_instance_uid"])
+
+    def start(self) -> None:
+        """Start Relay and its gateway, and send the series into the gateway (timed: this is
+        Relay's side of the gateway section). Without a gateway, the HTTP API is used instead."""
+        self.relay = self.stack.enter_context(RelayServer(self.database))
+        try:
+            self.gateway = self.stack.enter_context(GatewayServer(self.relay))
+            self.ingest = storescu(
+                self.series.files,
+                called_ae=BENCH_AE_TITLE,
+                port=self.gateway.port,
+                receiver_pid=self.gateway.pid,
+            )
+            self.ingest_how = "storescu -> Relay gateway"
+        except Exception as exc:
+            self.problems.append(f"C-STORE into the gateway failed: {exc}")
+            self._ingest_http()
+        self.study = self.relay.task(
+            "study_info", facility=self.relay.facility, study_instance_uid=self.study_instance_uid
+        )
+        if len(self.study["instances"]) != len(self.series.files):
+            raise UploadFailed(
+                f"Relay indexed {len(self.study['instances'])} of {len(self.series.files)} files"
+            )
+
+    def _ingest_http(self) -> None:
+        assert self.relay is not None
+
+        def check(path: Path, response: httpx.Response) -> None:
+            if response.status_code != 201:
+                raise UploadFailed(f"{path.name}: HTTP {response.status_code}")
+
+        run = upload_series(
+            server="Relay",
+            url=self.relay.upload_url,
+            headers=self.relay.auth_headers,
+            files=self.series.files,
+            check=check,
+            server_pid=self.relay.pid,
+        )
+        self.ingest = Transfer(files=run.files, bytes=run.total_bytes, wall_s=run.wall_s)
+        self.ingest_how = "HTTP upload API, 4 threads (the gateway failed)"
+
+    def need(self) -> tuple[RelayServer, dict[str, Any]]:
+        if self.relay is None or self.study is None:
+            raise ServerError("no study in Relay: the ingest failed (see above)")
+        return self.relay, self.study
+
+    def reference_orthanc(self) -> tuple[OrthancServer, Transfer]:
+        """The Orthanc that received the series from storescu (started on first use)."""
+        if self._reference_error:
+            raise ServerError(self._reference_error)
+        if self.reference is None:
+            try:
+                orthanc, transfer = orthanc_filled(self.series.files)
+            except Exception as exc:
+                self._reference_error = f"storescu into Orthanc failed: {exc}"
+                raise
+            self.stack.callback(orthanc.stop)
+            self.reference, self.reference_transfer = orthanc, transfer
+        assert self.reference_transfer is not None
+        return self.reference, self.reference_transfer
+
+    def stored_files(self) -> list[Path]:
+        _, study = self.need()
+        root = Path(study["media_root"])
+        return [root / item["storage_key"] for item in study["instances"]]
+
+
+# --- 1. C-STORE in ------------------------------------------------------------------------------
+
+
+def gateway_section(wb: Workbench) -> Section:
+    n, mib = len(wb.series.files), wb.series.total_bytes / MiB
+    section = Section(
+        key="gateway",
+        title=f"1. C-STORE {n} files ({mib:.0f} MiB), storescu, one association",
+        relay_label="Relay gateway",
+        peer_label="Orthanc",
+    )
+    if wb.gateway is None or wb.ingest is None or not wb.ingest_how.startswith("storescu"):
+        section.error = "; ".join(wb.problems) or "the gateway did not run"
+        return section
+    _, peer = wb.reference_orthanc()
+    relay = wb.ingest
+    section.rows = [
+        Row("wall time (s)", relay.wall_s, peer.wall_s, aim="<= 1.00x"),
+        Row("throughput (MiB/s)", relay.mib_s, peer.mib_s, "{:.1f}", ">= 1.00x"),
+        Row("files per second", n / relay.wall_s, n / peer.wall_s, "{:.1f}"),
+        Row("receiver CPU time (s)", relay.cpu_s, peer.cpu_s, "{:.1f}"),
+        Row("receiver idle RSS (MiB)", relay.idle_rss / MiB, peer.idle_rss / MiB, "{:.0f}"),
+        Row(
+            "receiver peak RSS, first half (MiB)",
+            relay.first_half_peak_rss / MiB,
+            peer.first_half_peak_rss / MiB,
+            "{:.0f}",
+        ),
+        Row("receiver peak RSS (MiB)", relay.peak_rss / MiB, peer.peak_rss / MiB, "{:.0f}"),
+    ]
+    section.notes.append(
+        "receiver = `manage.py dicom_gateway` (one process) / Orthanc; storescu with "
+        "TCP_NODELAY=1 on both; Orthanc with TCP_NODELAY=1 too (dcmtk inside), pynetdicom "
+        "sets none. Flat memory: peak of the first half close to the whole."
+    )
+    section.raw = {"relay": relay.as_dict(), "orthanc": peer.as_dict()}
+    return section
+
+
+# --- 2. push out --------------------------------------------------------------------------------
+
+
+def push_section(wb: Workbench) -> Section:
+    relay, study = wb.need()
+    n = len(study["instances"])
+    total = sum(item["size"] for item in study["instances"])
+    section = Section(
+        key="push",
+        title=f"2. push {n} files ({total / MiB:.0f} MiB) into a fresh Orthanc",
+        relay_label="Relay push_send",
+        peer_label="storescu",
+    )
+    # A fresh Orthanc each: one that already holds the instances answers faster.
+    pushed, receiver_cpu = _push_once(relay, study, nodelay=False)
+    orthanc, peer = orthanc_filled(wb.series.files)
+    orthanc.stop()
+    # Diagnostic: the same push with TCP_NODELAY set on pynetdicom's socket (bench-only patch).
+    patched: dict[str, Any] | None = None
+    try:
+        patched = _push_once(relay, study, nodelay=True)[0]
+    except Exception as exc:
+        section.notes.append(f"the TCP_NODELAY diagnostic push failed: {exc}")
+    push_mib_s = total / MiB / pushed["wall_s"]
+    section.rows = [
+        Row("wall time (s)", pushed["wall_s"], peer.wall_s, aim="<= 1.00x"),
+        Row("throughput (MiB/s)", push_mib_s, peer.mib_s, "{:.1f}", ">= 1.00x"),
+        Row("Orthanc CPU time (s)", receiver_cpu, peer.cpu_s, "{:.1f}"),
+        Row(
+            "diagnostic: push_send, TCP_NODELAY patched in (s)",
+            patched["wall_s"] if patched else None,
+            peer.wall_s,
+        ),
+        Row(
+            "sender RSS after django.setup() (MiB)", pushed["rss_after_setup"] / MiB, None, "{:.0f}"
+        ),
+        Row("sender peak RSS (MiB)", pushed["rss_peak"] / MiB, None, "{:.0f}"),
+    ]
+    section.notes.append(
+        "Relay: transfers.pacs.push_send of the study received by the gateway, in its own "
+        "process (the body of the push task; not via Celery), timed around push_send only. "
+        "storescu sends the original files; each into a freshly started Orthanc."
+    )
+    section.notes.append(
+        "The diagnostic row is not what Relay does: pynetdicom sets no TCP_NODELAY, so the "
+        "bench patches the push process's requestor socket to show what Nagle's algorithm costs."
+    )
+    section.raw = {"relay": pushed, "relay_nodelay": patched, "storescu": peer.as_dict()}
+    return section
+
+
+def _push_once(
+    relay: RelayServer, study: dict[str, Any], *, nodelay: bool
+) -> tuple[dict[str, Any], float]:
+    """push_send of the study into a fresh Orthanc: (the task's result, Orthanc's CPU seconds)."""
+    n = len(study["instances"])
+    with OrthancServer(extra_env=NODELAY) as orthanc:
+        proc = relay.task_start(
+            "push",
+            study_uuid=study["uuid"],
+            port=orthanc.dicom_port,
+            ae_title=ORTHANC_AE,
+            email=BENCH_EMAIL,
+            nodelay=nodelay,
+        )
+        with RssSampler(orthanc.pid) as receiver:
+            pushed = relay.task_result(proc, "push")
+        if pushed["transient"] or pushed["failed"]:
+            raise UploadFailed(f"push {pushed['status']}: {pushed['transient']} {pushed['errors']}")
+        if orthanc_count(orthanc) != n:
+            raise UploadFailed(f"Orthanc received {orthanc_count(orthanc)} of {n} pushed files")
+    return pushed, receiver.cpu_end - receiver.cpu_start
+
+
+# --- 3. ZIP export ------------------------------------------------------------------------------
+
+
+def disk_read(files: list[Path]) -> tuple[float, int]:
+    """Read the files start to end in 1 MiB chunks, like cat > /dev/null: (seconds, bytes)."""
+    total = 0
+    started = time.perf_counter()
+    for path in files:
+        with path.open("rb", buffering=0) as fh:
+            while chunk := fh.read(READ_CHUNK):
+                total += len(chunk)
+    return time.perf_counter() - started, total
+
+
+def disk_copy(files: list[Path], folder: str | None = None) -> tuple[float, int]:
+    """The same files written one after the other into one temporary file (cat > file)."""
+    total = 0
+    with tempfile.TemporaryFile(dir=folder) as out:
+        started = time.perf_counter()
+        for path in files:
+            with path.open("rb", buffering=0) as fh:
+                while chunk := fh.read(READ_CHUNK):
+                    out.write(chunk)
+                    total += len(chunk)
+        out.flush()
+        return time.perf_counter() - started, total
+
+
+def zip_download(client: httpx.Client, url: str) -> dict[str, float]:
+    started = time.perf_counter()
+    first = 0.0
+    size = 0
+    with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            response.read()
+            raise UploadFailed(f"GET {url}: HTTP {response.status_code}: {response.text[:300]}")
+        expected = int(response.headers.get("Content-Length", "-1"))
+        for chunk in response.iter_raw(READ_CHUNK):
+            if not first:
+                first = time.perf_counter() - started
+            size += len(chunk)
+    wall = time.perf_counter() - started
+    if expected >= 0 and size != expected:
+        raise UploadFailed(f"the ZIP had {size} bytes, Content-Length said {expected}")
+    return {"wall_s": wall, "first_byte_s": first, "bytes": size}
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files from the page cache (written back first), so that the next read comes
+    from the disk: posix_fadvise(DONTNEED) on these files only, no root needed, nothing else
+    on the machine is touched."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def zip_section(wb: Workbench) -> Section:
+    relay, study = wb.need()
+    files = wb.stored_files()
+    image_bytes = sum(path.stat().st_size for path in files)
+    section = Section(
+        key="zip",
+        title=f"3. ZIP export of the study ({image_bytes / MiB:.0f} MiB of images)",
+        relay_label="Relay ZIP (HTTP)",
+        peer_label="read files",
+    )
+    url = f"/studies/{study['uuid']}/download/"
+    runs: dict[str, list[Any]] = {"zip_warm": [], "read_warm": [], "zip_cold": [], "read_cold": []}
+    with relay.signed_in() as client, RssSampler(relay.pid) as server:
+        # Interleaved so that other load on the machine hits both alike. Warm: the files are in
+        # the page cache (just written and read), so the bar is memory speed; cold: evicted
+        # before each read, so the bar is the disk's.
+        for _ in range(ZIP_REPEATS):
+            runs["read_warm"].append(disk_read(files)[0])
+            runs["zip_warm"].append(zip_download(client, url))
+            evict(files)
+            runs["read_cold"].append(disk_read(files)[0])
+            evict(files)
+            runs["zip_cold"].append(zip_download(client, url))
+    zip_bytes = runs["zip_warm"][0]["bytes"]
+
+    def median(key: str, field: str = "wall_s") -> float:
+        return statistics.median(r[field] if isinstance(r, dict) else r for r in runs[key])
+
+    def mib_s(nbytes: int, seconds: float) -> float:
+        return nbytes / MiB / seconds
+
+    first_byte = median("zip_warm", "first_byte_s")
+    streamed = statistics.median(
+        (d["bytes"] / MiB) / (d["wall_s"] - d["first_byte_s"]) for d in runs["zip_warm"]
+    )
+    section.rows = [
+        Row(
+            "throughput, page cache warm (MiB/s)",
+            mib_s(zip_bytes, median("zip_warm")),
+            mib_s(image_bytes, median("read_warm")),
+            "{:.0f}",
+            ">= 0.50x",
+        ),
+        Row(
+            "throughput, files evicted first (MiB/s)",
+            mib_s(zip_bytes, median("zip_cold")),
+            mib_s(image_bytes, median("read_cold")),
+            "{:.0f}",
+            ">= 0.50x",
+        ),
+        Row("wall time, warm (s)", median("zip_warm"), median("read_warm")),
+        Row("wall time, evicted (s)", median("zip_cold"), median("read_cold")),
+        Row("time to first byte, warm (s)", first_byte, None),
+        Row("throughput after the first byte, warm (MiB/s)", streamed, None, "{:.0f}"),
+        Row("ZIP size / image bytes", zip_bytes / image_bytes, None, "{:.4f}"),
+        Row(
+            "gunicorn peak RSS over idle (MiB)",
+            (server.peak_bytes - server.idle_bytes) / MiB,
+            None,
+            "{:+.0f}",
+        ),
+    ]
+    section.notes.append(
+        f"median of {ZIP_REPEATS}: GET /studies/<uuid>/download/ (signed in through the login "
+        "form) read to the last byte vs reading the stored files in 1 MiB chunks; 'evicted': "
+        "posix_fadvise(DONTNEED) on the stored files before each. Time to first byte is "
+        "export_plan (every header read, DICOMDIR written) before streaming starts."
+    )
+    section.raw = runs
+    return section
+
+
+# --- 4. CD image --------------------------------------------------------------------------------
+
+
+def cd_section(wb: Workbench) -> Section:
+    relay, study = wb.need()
+    files = wb.stored_files()
+    section = Section(
+        key="cd",
+        title="4. CD image of the study (iso_build into a temporary file)",
+        relay_label="Relay",
+        peer_label="cat > file",
+    )
+    tmp = tempfile.mkdtemp(prefix="relay-bench-iso-")
+    wb.stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    result = relay.task("export", study_uuid=study["uuid"], tmp_dir=tmp)
+    copy_s, copied = disk_copy(files, tmp)
+    iso_mib = result["iso_bytes"] / MiB
+    zip_mib_s = result["zip_bytes"] / MiB / result["zip_s"]
+    section.rows = [
+        Row("iso_build (s)", result["iso_s"], copy_s, aim="time to build"),
+        Row(
+            "iso_build (MiB/s of image)", iso_mib / result["iso_s"], copied / MiB / copy_s, "{:.0f}"
+        ),
+        Row("export_plan: headers + DICOMDIR (s)", result["plan_s"], None),
+        Row("iso_size (s)", result["iso_size_s"], None),
+        Row(
+            "plan + size + build (s)",
+            result["plan_s"] + result["iso_size_s"] + result["iso_s"],
+            None,
+        ),
+        Row("image size (MiB)", iso_mib, copied / MiB, "{:.1f}"),
+        Row("zip_stream in-process (MiB/s)", zip_mib_s, None, "{:.0f}"),
+        Row(
+            "process RSS after django.setup() (MiB)",
+            result["rss_after_setup"] / MiB,
+            None,
+            "{:.0f}",
+        ),
+        Row("process peak RSS (MiB)", result["rss_peak"] / MiB, None, "{:.0f}"),
+    ]
+    if result["iso_bytes"] != result["iso_expected_bytes"]:
+        section.notes.append(
+            f"iso_size said {result['iso_expected_bytes']} bytes, the image has {result['iso_bytes']}"
+        )
+    section.notes.append(
+        "in one process in Relay's environment (export_plan, zip_stream read to the end, "
+        "iso_size, iso_build); the media task also saves the image to storage (not timed). "
+        "Peer: the same image files concatenated into one temporary file."
+    )
+    section.raw = result
+    return section
