@@ -12,7 +12,10 @@ nor a temporary copy of it is ever held in memory or on disk.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
+import json
 import re
 import tempfile
 import unicodedata
@@ -24,6 +27,7 @@ from typing import Any, BinaryIO, cast
 import pycdlib
 import pydicom
 import pydicom.fileset
+from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.utils import timezone
 from pydicom.datadict import dictionary_VR
@@ -102,11 +106,9 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
     if not studies:
         raise ExportError("There is nothing to export: no study was chosen.")
     storage = storages["default"]
-    fileset = FileSet()
-    fileset.ID = FILE_SET_ID
     planned: list[tuple[StudyMedia, list[Instance]]] = []
     seen: set[str] = set()
-    for study_number, study in enumerate(studies, start=1):
+    for study in studies:
         if study.purged_at is not None:
             raise ExportError(
                 f"The images of {_describe(study)} were deleted after their shares expired."
@@ -121,41 +123,26 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
         if not instances:
             raise ExportError(f"{_describe(study).capitalize()} holds no images yet.")
         kept: list[Instance] = []
-        series_numbers: dict[int, int] = {}
-        positions: dict[int, int] = {}
         for instance in instances:
             # One File ID per SOP Instance UID: a second copy (two facilities' studies exported
             # together) would make the DICOMDIR ambiguous.
             if instance.sop_instance_uid in seen:
                 continue
             seen.add(instance.sop_instance_uid)
-            series = instance.series
-            series_numbers.setdefault(series.pk, len(series_numbers) + 1)
-            positions[series.pk] = positions.get(series.pk, 0) + 1
-            if _needs_header(instance, series):
-                header = _read_header(storage, instance)
-            else:
-                _check_size(storage, instance)
-                header = _header_from_rows(study, series, instance)
-            _fill_record_keys(
-                header,
-                study=study,
-                series=series,
-                instance=instance,
-                study_number=study_number,
-                series_number=series_numbers[series.pk],
-                position=positions[series.pk],
-            )
-            try:
-                fileset.add(header)
-            except (ValueError, KeyError, AttributeError) as exc:
-                raise ExportError(
-                    f"Image {instance.sop_instance_uid} cannot be listed in a DICOMDIR: {exc}"
-                ) from exc
             kept.append(instance)
         planned.append((StudyMedia(study=study), kept))
 
-    dicomdir, file_ids = _write_dicomdir(fileset)
+    cache_key = _dicomdir_cache_key(planned)
+    cached = _dicomdir_cached(storage, cache_key)
+    if cached is None:
+        dicomdir, file_ids = _dicomdir_build(storage, planned)
+        _dicomdir_cache(storage, cache_key, dicomdir, file_ids)
+    else:
+        dicomdir, file_ids = cached
+        for _, kept in planned:
+            for instance in kept:
+                if not _needs_header(instance, instance.series):
+                    _check_size(storage, instance)
     for media, kept in planned:
         for instance in kept:
             file_id = file_ids.get(instance.sop_instance_uid)
@@ -184,6 +171,104 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
         image_bytes=image_bytes,
         images=sum(len(m.instances) for m in studies_media),
     )
+
+
+def _dicomdir_build(
+    storage: Storage, planned: list[tuple[StudyMedia, list[Instance]]]
+) -> tuple[bytes, dict[str, str]]:
+    """The DICOMDIR of the planned instances (pydicom's FileSet) and each one's File ID."""
+    fileset = FileSet()
+    fileset.ID = FILE_SET_ID
+    for study_number, (media, kept) in enumerate(planned, start=1):
+        series_numbers: dict[int, int] = {}
+        positions: dict[int, int] = {}
+        for instance in kept:
+            series = instance.series
+            series_numbers.setdefault(series.pk, len(series_numbers) + 1)
+            positions[series.pk] = positions.get(series.pk, 0) + 1
+            if _needs_header(instance, series):
+                header = _read_header(storage, instance)
+            else:
+                _check_size(storage, instance)
+                header = _header_from_rows(media.study, series, instance)
+            _fill_record_keys(
+                header,
+                study=media.study,
+                series=series,
+                instance=instance,
+                study_number=study_number,
+                series_number=series_numbers[series.pk],
+                position=positions[series.pk],
+            )
+            try:
+                fileset.add(header)
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise ExportError(
+                    f"Image {instance.sop_instance_uid} cannot be listed in a DICOMDIR: {exc}"
+                ) from exc
+    return _write_dicomdir(fileset)
+
+
+# --- the DICOMDIR cache ---------------------------------------------------------------------
+# Building a DICOMDIR costs seconds for a large study (pydicom's FileSet stages every record),
+# and it is the same for every download until the study changes. It is kept in storage next to
+# the study's disc images, under a fingerprint of everything it is made of, so a changed study
+# (new instance, reconciled patient, rewritten copy) simply misses; the purge deletes it.
+
+
+def _dicomdir_cache_key(planned: list[tuple[StudyMedia, list[Instance]]]) -> str | None:
+    if len(planned) != 1:
+        return None  # several studies on one medium: rare, built each time
+    media, kept = planned[0]
+    study = media.study
+    digest = hashlib.sha256()
+    identity = (
+        study.patient_id, study.patient_name, study.study_instance_uid, str(study.study_date),
+        str(study.study_time), study.study_id, study.accession_number, study.description,
+    )  # fmt: skip
+    digest.update(repr(identity).encode())
+    for instance in kept:
+        series = instance.series
+        digest.update(
+            f"{instance.sop_instance_uid}|{instance.sha256}|{instance.instance_number}|"
+            f"{series.series_instance_uid}|{series.series_number}|{series.modality}\n".encode()
+        )
+    return f"exports/{study.facility.uuid}/{study.uuid}/dicomdir-{digest.hexdigest()[:32]}.json"
+
+
+def _dicomdir_cached(storage: Storage, key: str | None) -> tuple[bytes, dict[str, str]] | None:
+    if key is None:
+        return None
+    try:
+        with storage.open(key, "rb") as f:
+            saved = json.loads(f.read())
+        return base64.b64decode(saved["dicomdir"]), dict(saved["file_ids"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: built again
+
+
+def _dicomdir_cache(
+    storage: Storage, key: str | None, dicomdir: bytes, file_ids: dict[str, str]
+) -> None:
+    if key is None or storage.exists(key):
+        return
+    payload = json.dumps(
+        {"dicomdir": base64.b64encode(dicomdir).decode(), "file_ids": file_ids}
+    ).encode()
+    try:
+        storage.save(key, ContentFile(payload))
+    except OSError:
+        pass  # a cache: the next download builds it again
+
+
+def export_plan_warm(*, study: Study) -> None:
+    """Build and keep the study's DICOMDIR ahead of the first download (after rendering)."""
+    try:
+        export_plan(studies=[study])
+    except ExportError:
+        pass
 
 
 def _describe(study: Study) -> str:

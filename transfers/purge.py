@@ -341,12 +341,15 @@ def _study_empty(*, study: Study, storage: Storage) -> tuple[int, int]:
     objects = freed = 0
     renders = f"renders/{study.facility.uuid}/{study.study_instance_uid}/"
     objects += _prefix_delete(storage, renders)
+    # The cached DICOMDIR (and any disc image left without its row) of the study.
+    exports = f"exports/{study.facility.uuid}/{study.uuid}/"
     # Disc images made of the study go first (their size is not image bytes: not counted), so
     # the audit event is still written by the batch that deletes the last instance or report.
     for export_pk, key in MediaExport.objects.filter(study=study).values_list("pk", "storage_key"):
         if key:
             objects += _objects_delete(storage, [key])
         MediaExport.objects.filter(pk=export_pk).delete()
+    objects += _prefix_delete(storage, exports)
     while True:
         instances = list(
             Instance.objects.filter(series__study=study)

@@ -19,6 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 
+from .export import export_plan_warm
 from .models import Study
 from .render import study_render
 
@@ -45,11 +46,14 @@ def study_render_task(self: Task, study_id: int) -> int:
     if study is None or study.purged_at is not None:
         return 0
     try:
-        return study_render(study)
+        made = study_render(study)
     except SoftTimeLimitExceeded:
         # A very large study: what is stored stays, and a fresh run carries on from there.
         log.warning("rendering study %s ran out of time; continuing in a new task", study_id)
         raise self.retry(countdown=1, max_retries=20) from None
+    # The DICOMDIR of its ZIP and disc image too, so the first download starts at once.
+    export_plan_warm(study=study)
+    return made
 
 
 def study_render_queue(study: Study) -> None:

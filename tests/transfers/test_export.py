@@ -476,3 +476,28 @@ def test_objects_other_than_images_get_their_own_records_from_their_headers(
     dcdirdmp = require_peer("dcdirdmp")
     listing = _run(dcdirdmp, str(root / "DICOMDIR"))
     assert listing.returncode == 0 and "Error" not in listing.stdout + listing.stderr
+
+
+def test_the_dicomdir_is_built_once_and_again_when_the_study_changes(
+    client, bob_token, monkeypatch
+):
+    import transfers.export as export
+
+    study = _upload_study(client, bob_token)
+    built: list[int] = []
+    real_build = export._dicomdir_build
+    monkeypatch.setattr(export, "_dicomdir_build", lambda *a: built.append(1) or real_build(*a))
+    first = export_plan(studies=[study])
+    second = export_plan(studies=[study])
+    assert len(built) == 1
+    assert second.dicomdir.data == first.dicomdir.data
+    assert [f.path for f in second.studies[0].instances] == [
+        f.path for f in first.studies[0].instances
+    ]
+    # One more image: a different medium, so a new DICOMDIR.
+    data = dicom_bytes(
+        "CT_small.dcm", StudyInstanceUID=study.study_instance_uid, StudyDate="20240115", **PATIENT
+    )
+    assert upload(client, data, token=bob_token).status_code == 201
+    third = export_plan(studies=[Study.objects.get(pk=study.pk)])
+    assert len(built) == 2 and third.images == first.images + 1
