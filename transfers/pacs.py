@@ -14,12 +14,17 @@ are recorded and shown, and are not retried on their own.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from django.conf import settings
-from django.core.files.storage import storages
+from django.core.files.storage import Storage, storages
 from django.db import transaction
 from django.db.models import Count, Q
 from django.http import HttpRequest
@@ -30,7 +35,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config, build_context
 
 from portal.audit import audit_record
 from portal.models import AuditAction, Membership, User
@@ -73,6 +78,8 @@ class EchoResult:
 
 def _ae() -> AE:
     tcp_nodelay_enable()
+    # Files sent by path are streamed as stored instead of decoded and encoded again.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.DICOM_GATEWAY_AE_TITLE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     return ae
@@ -227,18 +234,25 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
             instance = item.instance
             offered = accepted.get(instance.sop_class_uid, set())
             try:
-                with storage.open(instance.storage_key) as f:
-                    ds = pydicom.dcmread(f)
-                if instance.transfer_syntax_uid not in offered:
-                    if not offered & set(UNCOMPRESSED):
-                        _record(
-                            item,
-                            status=None,
-                            error="The PACS accepts no transfer syntax for this kind of object",
-                        )
-                        continue
+                if instance.transfer_syntax_uid in offered:
+                    # As stored, byte for byte: pynetdicom streams the file's data set in PDU
+                    # sized chunks without decoding it (flat memory, no re-encoding).
+                    with _local_file(storage, instance.storage_key) as path:
+                        status = assoc.send_c_store(path)
+                    syntax = instance.transfer_syntax_uid
+                elif offered & set(UNCOMPRESSED):
+                    with storage.open(instance.storage_key) as f:
+                        ds = pydicom.dcmread(f)
                     _to_little_endian(ds)
-                status = assoc.send_c_store(ds)
+                    status = assoc.send_c_store(ds)
+                    syntax = str(ds.file_meta.TransferSyntaxUID)
+                else:
+                    _record(
+                        item,
+                        status=None,
+                        error="The PACS accepts no transfer syntax for this kind of object",
+                    )
+                    continue
             except Exception as exc:  # one bad instance must not stop the others
                 if not assoc.is_established:
                     transient = f"The association ended: {exc}"
@@ -254,7 +268,7 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                 item,
                 status=code,
                 sent=ok,
-                syntax=str(ds.file_meta.TransferSyntaxUID),
+                syntax=syntax,
                 error="" if ok else f"Refused with status 0x{code:04X}",
             )
             if 0xA700 <= code <= 0xA7FF:
@@ -263,6 +277,22 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
         if assoc.is_established:
             assoc.release()
     return transient
+
+
+@contextmanager
+def _local_file(storage: Storage, key: str) -> Iterator[Path]:
+    """A path to the stored object: the file itself on disk, else a temporary copy (S3)."""
+    try:
+        local = storage.path(key)
+    except NotImplementedError:
+        local = None
+    if local is not None:
+        yield Path(local)
+        return
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as copy, storage.open(key, "rb") as f:
+        shutil.copyfileobj(f, copy, 1024 * 1024)
+        copy.flush()
+        yield Path(copy.name)
 
 
 def _to_little_endian(ds: pydicom.Dataset) -> None:

@@ -35,6 +35,8 @@ from transfers.pacs import PushError, destination_echo, push_create, push_rerun,
 from transfers.sharing import share_create
 from transfers.tasks import push_run
 
+from .test_s3_storage import bucket  # noqa: F401  (fixture)
+
 pytestmark = pytest.mark.django_db
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.55"
@@ -276,3 +278,24 @@ def test_the_admin_adds_a_destination_and_tests_the_connection(
     assert "KRMC PACS: C-ECHO succeeded" in tested.content.decode()
     destination.refresh_from_db()
     assert destination.last_echo_ok
+
+
+@pytest.mark.peer
+def test_it_pushes_from_an_s3_bucket(
+    bucket: Any,  # noqa: F811  (the fixture)
+    shared: Share,
+    dana: User,
+    gfc: Facility,
+    storescp: tuple[int, Path],
+) -> None:
+    """Images in a bucket have no path: each is copied to a temporary file and streamed."""
+    port, folder = storescp
+    assert storages["default"].__class__.__name__ == "S3Storage"
+    access = study_access(FakeRequest(dana), Study.objects.get().uuid)  # type: ignore[arg-type]
+    push = push_create(access=access, destination=_destination(gfc, port), by=dana)
+    push_send(push=push)
+    push.refresh_from_db()
+    assert (push.status, push.sent) == (PushStatus.DONE, 3)
+    assert set(_received(folder)) == set(
+        Instance.objects.values_list("sop_instance_uid", flat=True)
+    )
