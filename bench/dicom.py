@@ -9,8 +9,8 @@ one fails.
 
 The DICOM client on both sides is dcmtk's `storescu`, with TCP_NODELAY=1 in its environment
 (dcmtk reads it; Nagle's algorithm off). Orthanc's DICOM server is dcmtk too and gets the same
-variable. Relay's gateway and push use pynetdicom, which sets no TCP_NODELAY of its own (3.0.4:
-only SO_REUSEADDR) and reads no variable: Relay is measured as it runs.
+variable. Relay's gateway and push use pynetdicom, on whose sockets Relay itself turns TCP_NODELAY
+on (transfers/dicom_net.py): Relay is measured as it runs.
 """
 
 from __future__ import annotations
@@ -259,8 +259,8 @@ def gateway_section(wb: Workbench) -> Section:
     ]
     section.notes.append(
         "receiver = `manage.py dicom_gateway` (one process) / Orthanc; storescu with "
-        "TCP_NODELAY=1 on both; Orthanc with TCP_NODELAY=1 too (dcmtk inside), pynetdicom "
-        "sets none. Flat memory: peak of the first half close to the whole."
+        "TCP_NODELAY=1 on both; Orthanc with TCP_NODELAY=1 too (dcmtk inside), the gateway "
+        "sets it on the sockets it accepts. Flat memory: peak of the first half close to the whole."
     )
     section.raw = {"relay": relay.as_dict(), "orthanc": peer.as_dict()}
     return section
@@ -280,25 +280,14 @@ def push_section(wb: Workbench) -> Section:
         peer_label="storescu",
     )
     # A fresh Orthanc each: one that already holds the instances answers faster.
-    pushed, receiver_cpu = _push_once(relay, study, nodelay=False)
+    pushed, receiver_cpu = _push_once(relay, study)
     orthanc, peer = orthanc_filled(wb.series.files)
     orthanc.stop()
-    # Diagnostic: the same push with TCP_NODELAY set on pynetdicom's socket (bench-only patch).
-    patched: dict[str, Any] | None = None
-    try:
-        patched = _push_once(relay, study, nodelay=True)[0]
-    except Exception as exc:
-        section.notes.append(f"the TCP_NODELAY diagnostic push failed: {exc}")
     push_mib_s = total / MiB / pushed["wall_s"]
     section.rows = [
         Row("wall time (s)", pushed["wall_s"], peer.wall_s, aim="<= 1.00x"),
         Row("throughput (MiB/s)", push_mib_s, peer.mib_s, "{:.1f}", ">= 1.00x"),
         Row("Orthanc CPU time (s)", receiver_cpu, peer.cpu_s, "{:.1f}"),
-        Row(
-            "diagnostic: push_send, TCP_NODELAY patched in (s)",
-            patched["wall_s"] if patched else None,
-            peer.wall_s,
-        ),
         Row(
             "sender RSS after django.setup() (MiB)", pushed["rss_after_setup"] / MiB, None, "{:.0f}"
         ),
@@ -309,17 +298,11 @@ def push_section(wb: Workbench) -> Section:
         "process (the body of the push task; not via Celery), timed around push_send only. "
         "storescu sends the original files; each into a freshly started Orthanc."
     )
-    section.notes.append(
-        "The diagnostic row is not what Relay does: pynetdicom sets no TCP_NODELAY, so the "
-        "bench patches the push process's requestor socket to show what Nagle's algorithm costs."
-    )
-    section.raw = {"relay": pushed, "relay_nodelay": patched, "storescu": peer.as_dict()}
+    section.raw = {"relay": pushed, "storescu": peer.as_dict()}
     return section
 
 
-def _push_once(
-    relay: RelayServer, study: dict[str, Any], *, nodelay: bool
-) -> tuple[dict[str, Any], float]:
+def _push_once(relay: RelayServer, study: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """push_send of the study into a fresh Orthanc: (the task's result, Orthanc's CPU seconds)."""
     n = len(study["instances"])
     with OrthancServer(extra_env=NODELAY) as orthanc:
@@ -329,7 +312,6 @@ def _push_once(
             port=orthanc.dicom_port,
             ae_title=ORTHANC_AE,
             email=BENCH_EMAIL,
-            nodelay=nodelay,
         )
         with RssSampler(orthanc.pid) as receiver:
             pushed = relay.task_result(proc, "push")
@@ -466,7 +448,7 @@ def zip_section(wb: Workbench) -> Section:
         f"median of {ZIP_REPEATS}: GET /studies/<uuid>/download/ (signed in through the login "
         "form) read to the last byte vs reading the stored files in 1 MiB chunks; 'evicted': "
         "posix_fadvise(DONTNEED) on the stored files before each. Time to first byte is "
-        "export_plan (every header read, DICOMDIR written) before streaming starts."
+        "export_plan (sizes checked, the DICOMDIR built or taken from its cache) before streaming."
     )
     section.raw = runs
     return section

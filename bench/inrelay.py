@@ -85,31 +85,12 @@ def study_info(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pynetdicom_nodelay() -> None:
-    """Diagnostic only, never what Relay runs: turn Nagle's algorithm off on the sockets
-    pynetdicom opens as a requestor (it sets no TCP_NODELAY itself), to show what it costs."""
-    import socket
-
-    from pynetdicom import transport
-
-    create = transport.AssociationSocket._create_socket
-
-    def create_nodelay(self: Any, address: Any) -> socket.socket:
-        sock = create(self, address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    transport.AssociationSocket._create_socket = create_nodelay  # type: ignore[method-assign]
-
-
 def push(args: dict[str, Any]) -> dict[str, Any]:
     """transfers.pacs.push_send of the whole study into a PACS (one association)."""
     from portal.models import User
     from transfers.models import Instance, PacsDestination, Push, PushInstance
     from transfers.pacs import PushTransient, push_send
 
-    if args.get("nodelay"):
-        _pynetdicom_nodelay()
     study = _study(args["study_uuid"])
     destination = PacsDestination.objects.create(
         facility=study.facility,

@@ -34,6 +34,7 @@ class StudyAccess:
     study: Study
     # The share that lets them in; None for a member of the facility that holds the study.
     share: Share | None
+    can_view: bool
     can_download: bool
     can_import: bool
     # Who it is, for receipts and audit: the user's e-mail or "patient link".
@@ -69,7 +70,12 @@ def study_access(
         raise Http404("No such study.")
     if facilities_of(user).filter(pk=study.facility_id).exists():  # type: ignore[arg-type]
         return StudyAccess(
-            study=study, share=None, can_download=True, can_import=True, who=user.email
+            study=study,
+            share=None,
+            can_view=True,
+            can_download=True,
+            can_import=True,
+            who=user.email,
         )  # type: ignore[union-attr]
     shares = shares_received_by(user).filter(studies=study).order_by("-can_download", "-created_at")  # type: ignore[arg-type]
     share = shares.first()
@@ -78,6 +84,8 @@ def study_access(
     return StudyAccess(
         study=study,
         share=share,
+        # A share may allow downloading only; another active share of the study may allow more.
+        can_view=shares.filter(can_view=True).exists(),
         can_download=shares.filter(can_download=True).exists(),
         can_import=shares.filter(can_import=True).exists(),
         who=user.email,  # type: ignore[union-attr]
@@ -98,6 +106,7 @@ def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) ->
     return StudyAccess(
         study=study,
         share=share,
+        can_view=share.can_view,
         can_download=share.can_download,
         can_import=False,
         who="patient link",

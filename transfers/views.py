@@ -119,10 +119,10 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
     study = _get_study_for_user(request, study_uuid)
     series = list(study.series.all())
     audit_record(action=AuditAction.STUDY_VIEW, request=request, study=study)
-    can_share = (
-        study.purged_at is None
-        and upload_facilities(request.user).filter(pk=study.facility_id).exists()
-    )
+    is_sender = upload_facilities(request.user).filter(pk=study.facility_id).exists()
+    can_share = study.purged_at is None and is_sender and not study.reconcile_running
+    # What the user may do with the images (none once they are purged: the tombstone stays).
+    access = None if study.purged_at is not None else study_access(request, study.uuid)
     return render(
         request,
         "transfers/study_detail.html",
@@ -130,6 +130,10 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             "study": study,
             "series_list": series,
             "can_share": can_share,
+            "can_view": access is not None and access.can_view,
+            "can_download": access is not None and access.can_download,
+            "can_import": access is not None and access.can_import,
+            "can_reconcile": access is not None and access.is_owner and is_sender,
             "reports": list(study.reports.select_related("uploaded_by")),
         },
     )
