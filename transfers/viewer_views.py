@@ -133,6 +133,8 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
             "download_url": download_url if access.can_download else None,
             "reports": reports,
             "is_patient": access.is_patient,
+            # In the page itself: the first frame is asked for without waiting for study.json.
+            "study_data": _study_data(access, token=token),
         },
     )
 
@@ -153,6 +155,10 @@ def patient_viewer_study_json(request: HttpRequest, token: str, study_uuid: UUID
 
 
 def _study_json(request: HttpRequest, access: StudyAccess, *, token: str | None) -> JsonResponse:
+    return JsonResponse(_study_data(access, token=token))
+
+
+def _study_data(access: StudyAccess, *, token: str | None) -> dict[str, Any]:
     """What the viewer needs to know before the first pixel: who, what, and every stack."""
     study = access.study
     base = _base_url(study, token)
@@ -169,23 +175,21 @@ def _study_json(request: HttpRequest, access: StudyAccess, *, token: str | None)
     for instances in by_series.values():
         # Unnumbered images after the numbered ones, in the order they arrived.
         instances.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0, i.pk))
-    return JsonResponse(
-        {
-            "study": {
-                "patient_name": study.patient_name_display,
-                "patient_id": study.patient_id,
-                "patient_birth_date": _iso(study.patient_birth_date),
-                "patient_sex": study.patient_sex,
-                "study_date": _iso(study.study_date),
-                "study_time": study.study_time.strftime("%H:%M") if study.study_time else "",
-                "description": study.description,
-                "accession_number": study.accession_number,
-                "modalities": study.modality_list,
-            },
-            "frame_url": base + "frames/{sop}/{frame}/",
-            "series": [_series_json(s, by_series[s.pk], base) for s in series_list],
-        }
-    )
+    return {
+        "study": {
+            "patient_name": study.patient_name_display,
+            "patient_id": study.patient_id,
+            "patient_birth_date": _iso(study.patient_birth_date),
+            "patient_sex": study.patient_sex,
+            "study_date": _iso(study.study_date),
+            "study_time": study.study_time.strftime("%H:%M") if study.study_time else "",
+            "description": study.description,
+            "accession_number": study.accession_number,
+            "modalities": study.modality_list,
+        },
+        "frame_url": base + "frames/{sop}/{frame}/",
+        "series": [_series_json(s, by_series[s.pk], base) for s in series_list],
+    }
 
 
 def _iso(value: Any) -> str:

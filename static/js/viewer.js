@@ -1018,20 +1018,29 @@ document.addEventListener("keydown", (event) => {
 
 // --- start --------------------------------------------------------------------------------------
 
-async function start() {
+async function studyLoad() {
+  // The page carries the study's description (no round trip before the first frame);
+  // study.json answers the same for a page that does not.
+  const embedded = document.getElementById("study-data");
+  if (embedded) return JSON.parse(embedded.textContent);
   let response;
   try {
     response = await fetch(studyUrl, { credentials: "same-origin" });
   } catch {
     statusLine.textContent = "The study could not be loaded: the network failed. Reload the page to try again.";
-    return;
+    return null;
   }
   if (!response.ok) {
     statusLine.textContent = "The study could not be loaded (it may no longer be shared with you). Reload the page to try again.";
     strip.replaceChildren();
-    return;
+    return null;
   }
-  study = await response.json();
+  return response.json();
+}
+
+async function start() {
+  study = await studyLoad();
+  if (!study) return;
   stacks = study.series.map(stackOf);
   buildStrip();
   const first = stacks.find((s) => s.images.length) || stacks[0] || null;
