@@ -33,6 +33,7 @@ app.conf.update(
     # (e-mail, bookkeeping) never waits behind slow work (rendering, export, push).
     task_routes={
         "portal.tasks.*": {"queue": "quick"},
+        "billing.tasks.*": {"queue": "quick"},
         "transfers.tasks.purge_expired": {"queue": "slow"},
         "transfers.tasks.push_run": {"queue": "slow"},
         "transfers.tasks.media_build_task": {"queue": "slow"},
@@ -57,6 +58,12 @@ app.conf.update(
         "purge-expired": {
             "task": "transfers.tasks.purge_expired",
             "schedule": crontab(hour=3, minute=30),
+        },
+        # The 1st to the 3rd: invoicing is idempotent, so the later runs only catch a missed or
+        # killed first run (and a Celery time zone ahead of the billing one).
+        "invoice-previous-month": {
+            "task": "billing.tasks.invoice_previous_month",
+            "schedule": crontab(minute=15, hour=3, day_of_month="1-3"),
         },
         "invitations-expire": {
             "task": "portal.tasks.invitations_expire",

@@ -207,6 +207,15 @@ RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
 RELAY_STUDY_QUIET_SECONDS = env_int("RELAY_STUDY_QUIET_SECONDS", 300)
 RELAY_INVITATION_DAYS = env_int("RELAY_INVITATION_DAYS", 7)
 
+# Billing (see the README's Billing section): the calendar that decides a delivery's month, who
+# pays for patient links ("sender" or "none"), the currency of the default plan and the courier
+# comparison, what one courier CD costs, and the default plan's price per GB when first made.
+RELAY_BILLING_TIME_ZONE = env_str("RELAY_BILLING_TIME_ZONE", "America/Denver")
+RELAY_BILL_PATIENT_LINKS_TO = env_str("RELAY_BILL_PATIENT_LINKS_TO", "sender")
+RELAY_BILLING_CURRENCY = env_str("RELAY_BILLING_CURRENCY", "USD")
+RELAY_COURIER_CD_PRICE = env_str("RELAY_COURIER_CD_PRICE", "11.00")
+RELAY_DEFAULT_PRICE_PER_GB = env_str("RELAY_DEFAULT_PRICE_PER_GB", "1.00")
+
 # Address-space cap of each render worker process, in MiB (0: none). A file that makes a decoder
 # ask for more gets a MemoryError for that frame instead of the OOM killer taking the worker.
 RELAY_WORKER_MEMORY_MB = env_int("RELAY_WORKER_MEMORY_MB", 0)

@@ -48,6 +48,7 @@ urlpatterns = [
         name="invitation_revoke",
     ),
     path("facilities/<slug:slug>/audit/", views.facility_audit, name="facility_audit"),
+    path("", include("billing.urls")),
     path("", include("transfers.urls")),
     path("admin/", admin.site.urls),
 ]

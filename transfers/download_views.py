@@ -16,15 +16,18 @@ from collections.abc import Iterator
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import storages
+from django.db import transaction
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
+from billing.metering import delivery_key, delivery_record
+from billing.models import UsageKind
 from portal.access import AuthedRequest
 from portal.audit import audit_record
-from portal.models import AuditAction
+from portal.models import AuditAction, User
 
 from .access import StudyAccess, study_access
 from .export import ExportError, export_plan, zip_size, zip_stream
@@ -124,7 +127,16 @@ def media_export_download(
     )
     what = f"{export.media} image of {export.images} images ({export.image_bytes / 1e6:.1f} MB)"
     response = StreamingHttpResponse(
-        _with_receipt(_stored_chunks(export.storage_key), access=access, what=what),
+        _with_receipt(
+            _stored_chunks(export.storage_key),
+            access=access,
+            what=what,
+            user=request.user,
+            kind=UsageKind.ISO,
+            images=export.images,
+            image_bytes=export.image_bytes,
+            key_parts=(export.uuid,),
+        ),
         content_type="application/x-iso9660-image",
     )
     response["Content-Length"] = str(export.total_bytes)
@@ -180,6 +192,11 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
             zip_stream(plan),
             access=access,
             what=f"ZIP of {plan.images} images ({plan.image_bytes / 1e6:.1f} MB)",
+            user=request.user if request.user.is_authenticated else None,  # type: ignore[arg-type]
+            kind=UsageKind.ZIP,
+            images=plan.images,
+            image_bytes=plan.image_bytes,
+            key_parts=(study.uuid, plan.images, plan.image_bytes),
         ),
         content_type="application/zip",
     )
@@ -195,10 +212,35 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
     return response
 
 
-def _with_receipt(chunks: Iterator[bytes], *, access: StudyAccess, what: str) -> Iterator[bytes]:
+def _with_receipt(
+    chunks: Iterator[bytes],
+    *,
+    access: StudyAccess,
+    what: str,
+    user: User | None,
+    kind: str,
+    images: int,
+    image_bytes: int,
+    key_parts: tuple[object, ...],
+) -> Iterator[bytes]:
     yield from chunks
+    # Only a download that reached its last byte is a delivery: the sender's receipt, and one
+    # usage record (the key makes the same content to the same recipient count once, so a
+    # download started again after a broken connection is not charged twice).
     if access.share is not None:
-        share_downloaded(share=access.share, who=access.who, what=what)
+        with transaction.atomic():
+            share_downloaded(share=access.share, who=access.who, what=what)
+            delivery_record(
+                share=access.share,
+                user=user,
+                study=access.study,
+                kind=kind,
+                bytes=image_bytes,
+                images=images,
+                key=delivery_key(
+                    kind, access.share.uuid, user.pk if user is not None else "patient", *key_parts
+                ),
+            )
 
 
 def report_response(

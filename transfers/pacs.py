@@ -37,6 +37,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, build_context
 
+from billing.metering import delivery_key, usage_record
+from billing.models import UsageKind
 from portal.audit import audit_record
 from portal.models import AuditAction, Membership, User
 
@@ -311,7 +313,22 @@ def _record(
 ) -> None:
     item.status, item.sent, item.error, item.at = status, sent, error[:300], timezone.now()
     item.transfer_syntax_uid = syntax
-    item.save(update_fields=["status", "sent", "error", "at", "transfer_syntax_uid"])
+    with transaction.atomic():
+        item.save(update_fields=["status", "sent", "error", "at", "transfer_syntax_uid"])
+        push = item.push
+        if sent and push.share_id is not None:
+            # A study pushed under a share is delivered to the facility that owns the PACS, one
+            # usage record per instance accepted (keyed by the item, so a retry cannot add one).
+            usage_record(
+                facility=push.destination.facility,
+                user=push.requested_by,
+                share=push.share,
+                study=push.study,
+                kind=UsageKind.PUSH,
+                bytes=item.instance.size_bytes,
+                images=1,
+                key=delivery_key("push", item.pk),
+            )
 
 
 def _finish(push: Push, *, transient: str) -> None:

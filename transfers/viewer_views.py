@@ -10,7 +10,7 @@ study (even one the same person may see) answers 404 here.
 What is sent per frame is the modality values (Hounsfield units on CT) gzipped, straight from the
 stored render (transfers.render), so the browser windows the image itself and dragging the window
 costs no request. The page load is audited once; frames and thumbnails are not, they are parts of
-that one view. Bytes sent are handed to `viewer_bytes_delivered`, the one place billing will meter.
+that one view. Bytes sent are handed to `viewer_bytes_delivered`, which meters them for billing.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from django.utils.cache import patch_cache_control, patch_vary_headers
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from billing.metering import delivery_key, delivery_record
+from billing.models import UsageKind
 from portal.audit import audit_record
-from portal.models import AuditAction
+from portal.models import AuditAction, User
 
 from .access import StudyAccess, study_access
 from .models import Instance, Series, Study
@@ -251,6 +253,7 @@ def _frame(request: HttpRequest, access: StudyAccess, sop_uid: str, frame: int) 
         instance=instance,
         frame=frame,
         nbytes=frame_value_bytes(rendered.meta),
+        user=request.user if request.user.is_authenticated else None,  # type: ignore[arg-type]
     )
     return response
 
@@ -280,22 +283,30 @@ def frame_value_bytes(meta: dict[str, Any]) -> int:
 
 
 def viewer_bytes_delivered(
-    *, access: StudyAccess, instance: Instance, frame: int, nbytes: int
+    *, access: StudyAccess, instance: Instance, frame: int, nbytes: int, user: User | None
 ) -> None:
     """Image bytes the viewer sent: the one call point for metering viewed data.
 
-    TODO(billing): record `nbytes` against whoever pulls the data (access.share's recipient,
-    or the patient link's sender by plan) once billing has its usage model; until then it is
-    only logged. Counted uncompressed, as the values delivered, so the figure does not depend
-    on how well a study compresses.
+    Counted uncompressed, as the values delivered, so the figure does not depend on how well a
+    study compresses. The key makes a frame count once per share and viewer however often it is
+    fetched again; an instance counts as one image, on its first frame.
     """
-    log.debug(
-        "viewer delivered %d bytes: study %s instance %s frame %d (%s)",
-        nbytes,
-        access.study.uuid,
-        instance.sop_instance_uid,
-        frame,
-        access.who,
+    if access.share is None:
+        return  # the facility's own study: not a delivery
+    delivery_record(
+        share=access.share,
+        user=user,
+        study=access.study,
+        kind=UsageKind.VIEWER,
+        bytes=nbytes,
+        images=1 if frame == 0 else 0,
+        key=delivery_key(
+            "viewer",
+            access.share.uuid,
+            user.pk if user is not None else "patient",
+            instance.sop_instance_uid,
+            frame,
+        ),
     )
 
 

@@ -1,0 +1,251 @@
+"""Billing pages.
+
+- `/facilities/<slug>/billing/`: the facility's plan, this month's usage against its allowance,
+  the estimated bill, the courier comparison and its invoices. Admins of that facility only;
+  anyone else gets a 404, like every facility page.
+- `/facilities/<slug>/billing/invoices/<uuid>/` and `.../pdf/`: one invoice, for the
+  facility's admins and for staff.
+- `/billing/`, `/billing/usage.csv`, `/billing/invoices.csv`: the operator's dashboard and
+  exports, staff only (404 for everyone else signed in).
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from django import forms
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Sum
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from portal.access import AuthedRequest, get_membership_for_user
+
+from .charts import Bar, bar_chart
+from .conf import billing_tz
+from .dashboard import (
+    dashboard_data,
+    invoices_csv_rows,
+    this_month,
+    usage_csv_rows,
+    with_credited,
+)
+from .models import Invoice, UsageKind, UsageRecord
+from .pdf import invoice_pdf
+from .plans import ZERO, bill_for, next_month
+
+
+def _require_staff(request: HttpRequest) -> None:
+    if not request.user.is_staff:
+        raise Http404("No such page.")
+
+
+def _get_invoice_for_user(request: AuthedRequest, slug: str, invoice_uuid: str) -> Invoice:
+    """An invoice of facility `slug` that the user may read (its admins, staff); else 404."""
+    invoice = Invoice.objects.filter(uuid=invoice_uuid, facility__slug=slug).first()
+    if invoice is None:
+        raise Http404("No such invoice.")
+    if not request.user.is_staff:
+        get_membership_for_user(request, slug, manage=True)
+    return invoice
+
+
+# --- forms --------------------------------------------------------------------------------------
+
+
+class MonthForm(forms.Form):
+    month = forms.RegexField(regex=r"^\d{4}-(0[1-9]|1[0-2])$", required=False, help_text="YYYY-MM")
+
+    def period(self) -> date:
+        value = self.cleaned_data.get("month") if self.is_valid() else None
+        if not value:
+            return this_month()
+        year, month = value.split("-")
+        return date(int(year), int(month), 1)
+
+
+class PeriodForm(forms.Form):
+    """Any period, by days (billing time zone), both ends included."""
+
+    start = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+    end = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
+
+    def clean(self) -> dict[str, object]:
+        data = super().clean() or {}
+        start, end = data.get("start"), data.get("end")
+        if isinstance(start, date) and isinstance(end, date) and end < start:
+            raise forms.ValidationError("The end comes before the start.")
+        return data
+
+
+# --- facility admins ------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def facility_billing(request: AuthedRequest, slug: str) -> HttpResponse:
+    facility = get_membership_for_user(request, slug, manage=True).facility
+    period = this_month()
+    bill = bill_for(facility=facility, period=period)
+    today = timezone.now().astimezone(billing_tz()).date()
+    plan = next(
+        (s.plan for s in bill.segments if s.starts_on <= today <= s.ends_on), bill.segments[-1].plan
+    )
+    by_kind = {
+        row["kind"]: row
+        for row in UsageRecord.objects.filter(
+            facility=facility, day__gte=period, day__lt=next_month(period)
+        )
+        .values("kind")
+        .annotate(n=Count("pk"), b=Sum("bytes"), i=Sum("images"))
+        .order_by()
+    }
+    kinds = [
+        {"label": label, **by_kind[value]} for value, label in UsageKind.choices if value in by_kind
+    ]
+    invoices = list(with_credited(Invoice.objects.filter(facility=facility)).order_by("-period"))
+    # What the facility was charged: invoice totals less credit notes.
+    charged = sum((i.balance for i in invoices), ZERO)  # type: ignore[attr-defined]
+    courier = sum((i.courier_cost for i in invoices), ZERO)
+    return render(
+        request,
+        "billing/facility_billing.html",
+        {
+            "facility": facility,
+            "period": period,
+            "plan": plan,
+            "bill": bill,
+            "kinds": kinds,
+            "invoices": invoices,
+            "invoiced_total": charged,
+            "courier_total": courier,
+            "saved_total": courier - charged,
+            "tz": billing_tz(),
+        },
+    )
+
+
+@require_GET
+@login_required
+def invoice_detail(request: AuthedRequest, slug: str, invoice_uuid: str) -> HttpResponse:
+    invoice = _get_invoice_for_user(request, slug, invoice_uuid)
+    notes = list(invoice.credit_notes.all())
+    credited = sum((n.amount for n in notes), ZERO)
+    return render(
+        request,
+        "billing/invoice_detail.html",
+        {
+            "invoice": invoice,
+            "lines": list(invoice.lines.all()),
+            "credit_notes": notes,
+            "credited": credited,
+            "balance": invoice.total - credited,
+            "saved": invoice.courier_cost - invoice.total + credited,
+            "slug": slug,
+        },
+    )
+
+
+@require_GET
+@login_required
+def invoice_pdf_download(request: AuthedRequest, slug: str, invoice_uuid: str) -> HttpResponse:
+    invoice = _get_invoice_for_user(request, slug, invoice_uuid)
+    issued = invoice.issued_at.astimezone(billing_tz())
+    body = invoice_pdf(
+        invoice=invoice,
+        lines=list(invoice.lines.all()),
+        credit_notes=list(invoice.credit_notes.all()),
+        issued_local=f"{issued:%Y-%m-%d %H:%M} ({billing_tz()})",
+    )
+    response = HttpResponse(body, content_type="application/pdf")
+    response["Content-Disposition"] = f'attachment; filename="invoice-{invoice.number}.pdf"'
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+# --- staff ----------------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    _require_staff(request)
+    month_form = MonthForm(request.GET or None)
+    data = dashboard_data(month=month_form.period())
+    revenue_chart = bar_chart(
+        title=f"Revenue per month ({data.currency})",
+        bars=[
+            Bar(
+                label=f"{m.period:%b}",
+                value=m.revenue,
+                title=f"{m.period:%B %Y}: {m.revenue:,.2f} {data.currency}"
+                + (" (estimate so far)" if m.estimate is not None else ""),
+                estimate=m.estimate is not None,
+            )
+            for m in data.months
+        ],
+    )
+    gb_chart = bar_chart(
+        title="GB delivered per month",
+        bars=[
+            Bar(label=f"{m.period:%b}", value=m.gb, title=f"{m.period:%B %Y}: {m.gb:,.3f} GB")
+            for m in data.months
+        ],
+    )
+    first = data.month
+    period_form = PeriodForm(initial={"start": first, "end": next_month(first) - timedelta(days=1)})
+    return render(
+        request,
+        "billing/dashboard.html",
+        {
+            "data": data,
+            "month_form": month_form,
+            "period_form": period_form,
+            "revenue_chart": revenue_chart,
+            "gb_chart": gb_chart,
+            "previous": (first - timedelta(days=1)).replace(day=1),
+            "following": next_month(first),
+        },
+    )
+
+
+@require_GET
+@login_required
+def usage_csv(request: HttpRequest) -> HttpResponseBase:
+    _require_staff(request)
+    form = PeriodForm(request.GET)
+    if not form.is_valid():
+        return _bad_period(form)
+    start, end = form.cleaned_data["start"], form.cleaned_data["end"]
+    response = StreamingHttpResponse(
+        usage_csv_rows(start=start, end=end), content_type="text/csv; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="relay-usage-{start}-{end}.csv"'
+    return response
+
+
+@require_GET
+@login_required
+def invoices_csv(request: HttpRequest) -> HttpResponseBase:
+    _require_staff(request)
+    form = PeriodForm(request.GET)
+    if not form.is_valid():
+        return _bad_period(form)
+    start, end = form.cleaned_data["start"], form.cleaned_data["end"]
+    response = StreamingHttpResponse(
+        invoices_csv_rows(start=start, end=end), content_type="text/csv; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="relay-invoices-{start}-{end}.csv"'
+    return response
+
+
+def _bad_period(form: PeriodForm) -> HttpResponse:
+    errors = "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items())
+    return HttpResponse(
+        f"Give the period as start=YYYY-MM-DD&end=YYYY-MM-DD ({errors})",
+        status=400,
+        content_type="text/plain; charset=utf-8",
+    )
