@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import psutil
 from dicom import Workbench, cd_section, gateway_section, push_section, zip_section
+from invoicing import billing_section, billing_table
 from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
 from series import SIZE, Series, ensure_series
 from servers import ORTHANC, REPO, Database, OrthancServer, RelayServer
@@ -218,7 +219,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Workbench], Section]]] = {
     "cd": ("4. CD image build", cd_section),
 }
 PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser")
-CHOICES = ("ingest", *PRINT_ORDER)
+CHOICES = ("ingest", *PRINT_ORDER, "billing")
 
 
 def run_sections(series: Series, database: Database, selected: list[str]) -> list[Section]:
@@ -355,6 +356,13 @@ def main() -> int:
     if wanted:
         print(f"DICOM, media and viewer ({', '.join(wanted)}):", flush=True)
         sections = run_sections(series, database, wanted)
+    billing: dict[str, Any] | None = None
+    if "billing" in selected:
+        print("billing: 1,000 facilities, 1,000,000 usage rows on PostgreSQL ...", flush=True)
+        try:
+            billing = billing_section()
+        except Exception as exc:  # the other tables still print
+            print(f"  billing failed: {exc!r}", flush=True)
     context["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     context["elapsed_s"] = round(time.perf_counter() - started, 1)
 
@@ -392,8 +400,13 @@ def main() -> int:
             print()
             print(section_table(section))
 
+    if billing is not None:
+        print()
+        print(billing_table(billing))
+
     OUT.mkdir(parents=True, exist_ok=True)
     results = {
+        "billing": billing,
         **context,
         "summary": list(summary.values()),
         "runs": [run for runs in raw.values() for run in runs],
