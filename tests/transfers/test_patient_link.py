@@ -272,3 +272,24 @@ def test_it_shows_the_handout_only_to_the_sending_side(
     assert response.status_code == status
     if persona == "anonymous":
         assert response["Location"].startswith("/accounts/login/")
+
+
+def test_the_patient_downloads_the_study_and_reads_the_report(bob, study):
+    from transfers.reports import report_attach
+
+    report = report_attach(study=study, by=bob, text="IMPRESSION: no fracture.")
+    share, token = _patient_share(bob, study)
+    patient = Client()
+    _answer(patient, token, birth_date=BIRTH_DATE)
+
+    html = patient.get(f"/p/{token}/studies/").content.decode()
+    report_url = f"/p/{token}/studies/{study.uuid}/reports/{report.uuid}/"
+    zip_url = f"/p/{token}/studies/{study.uuid}/download/"
+    assert report_url in html and zip_url in html
+    assert b"no fracture" in patient.get(report_url).content
+    download = patient.get(zip_url)
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content)[:2] == b"PK"
+    # The sender's timeline says the patient took a copy.
+    receipt = ShareEvent.objects.get(share=share, kind=ShareEventKind.DOWNLOADED)
+    assert receipt.actor_label == "patient link"
