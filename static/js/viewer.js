@@ -801,9 +801,11 @@ function buildStrip() {
     button.className = "thumb";
     button.draggable = true;
     const img = document.createElement("img");
-    img.src = s.thumbnail_url;
+    // Thumbnails wait behind the first frame: the image is what the reader came for.
+    img.fetchPriority = "low";
     img.alt = "";
     img.loading = "lazy";
+    img.src = s.thumbnail_url;
     const label = document.createElement("span");
     label.className = "thumb-label";
     label.textContent = [s.number != null ? `S${s.number}` : "", s.modality].filter(Boolean).join(" ") || "Series";
