@@ -229,8 +229,11 @@ def test_a_ct_stack_draws_scrolls_and_windows_in_the_browser(
     expect(viewport).to_have_attribute("data-image-index", re.compile(r"^([4-9]|1[01])$"))
     page.keyboard.press(" ")
     expect(page.locator("#cine")).to_have_text("Play")
+    # The step taken just before the stop may still be drawn (the overlay follows on the next
+    # animation frame); from then on a stopped cine stays where it is.
+    page.wait_for_timeout(150)
     stopped = viewport.get_attribute("data-image-index")
-    page.wait_for_timeout(200)  # a stopped cine stays stopped
+    page.wait_for_timeout(400)
     assert viewport.get_attribute("data-image-index") == stopped
 
     # The report panel.
