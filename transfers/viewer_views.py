@@ -124,6 +124,7 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
             kwargs["token"] = token
         name = "report_download" if token is None else "patient_report_download"
         reports.append({"report": report, "url": reverse(name, kwargs=kwargs)})
+    data = _study_data(access, token=token)
     return render(
         request,
         "transfers/viewer.html",
@@ -136,7 +137,8 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
             "reports": reports,
             "is_patient": access.is_patient,
             # In the page itself: the first frame is asked for without waiting for study.json.
-            "study_data": _study_data(access, token=token),
+            "study_data": data,
+            "first_frame_url": _first_frame_url(data),
         },
     )
 
@@ -192,6 +194,16 @@ def _study_data(access: StudyAccess, *, token: str | None) -> dict[str, Any]:
         "frame_url": base + "frames/{sop}/{frame}/",
         "series": [_series_json(s, by_series[s.pk], base) for s in series_list],
     }
+
+
+def _first_frame_url(data: dict[str, Any]) -> str | None:
+    """The frame the viewer shows first (the first image of the first series that has one),
+    which the page asks the browser to fetch while the viewer's code is still loading."""
+    for series in data["series"]:
+        if series["instances"]:
+            uid = series["instances"][0]["uid"]
+            return str(data["frame_url"]).replace("{sop}", uid).replace("{frame}", "0")
+    return None
 
 
 def _iso(value: Any) -> str:
