@@ -145,6 +145,7 @@ def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
     ]
     page.set_input_files("#pick-folder", folder)
     expect(page.locator("#summary")).to_have_text("Done: 3 stored", timeout=UPLOAD_TIMEOUT)
+    _manifest_sent(page)
     # The table names each file by its path inside the chosen folder.
     expect(_row(page, "CD0417/SERIES2/JPEG2000.dcm")).to_have_class("stored")
     assert Instance.objects.filter(facility=e2e_facility).count() == 3
@@ -154,6 +155,7 @@ def test_it_uploads_a_folder_and_reports_a_second_upload_as_already_stored(
     expect(page.locator("#summary")).to_have_text(
         "Done: 3 stored, 3 already stored", timeout=UPLOAD_TIMEOUT
     )
+    _manifest_sent(page)
     duplicates = page.locator("#files tbody tr.duplicate")
     expect(duplicates).to_have_count(3)
     for path in files:
@@ -187,6 +189,7 @@ def test_it_shows_a_patient_name_holding_html_as_text(
 
     page.set_input_files("#pick-files", hostile)
     expect(page.locator("#summary")).to_have_text("Done: 1 stored", timeout=UPLOAD_TIMEOUT)
+    _manifest_sent(page)
 
     page.goto(f"{live_server.url}/studies/")
     shown_name = person_name_display(HOSTILE_NAME)
@@ -233,6 +236,12 @@ def test_a_sender_of_several_facilities_must_choose_one_first(
     assert e2e_js_errors == []
 
 
+def _manifest_sent(page: Any) -> None:
+    """The page ends a batch with the manifest; the test waits for its answer, so the server is
+    not still writing when the test's database is emptied."""
+    expect(page.locator("#completion")).to_be_visible(timeout=UPLOAD_TIMEOUT)
+
+
 def test_the_facility_is_fixed_while_files_upload(
     e2e_upload_page: Any, e2e_facility: Facility, e2e_other_facility: Facility, tmp_path: Path
 ) -> None:
@@ -245,6 +254,7 @@ def test_the_facility_is_fixed_while_files_upload(
         e2e_other_facility.slug,
     )
     expect(page.locator("#summary")).to_have_text("Done: 5 stored", timeout=UPLOAD_TIMEOUT)
+    _manifest_sent(page)
     assert Instance.objects.filter(facility=e2e_facility).count() == 5
     assert not Instance.objects.filter(facility=e2e_other_facility).exists()
 
