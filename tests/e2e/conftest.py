@@ -71,13 +71,7 @@ def e2e_page(e2e_browser: Any, e2e_js_errors: list[str]) -> Iterator[Any]:
     # rejected file is an expected 400.
     page.on("pageerror", lambda error: e2e_js_errors.append(str(error)))
     yield page
-    # Leave the page first (no new requests), and give requests the server already took (a
-    # frame being metered, a manifest) a moment to finish before the test database is emptied.
-    try:
-        page.goto("about:blank")
-        page.wait_for_timeout(300)
-    finally:
-        context.close()
+    context.close()
 
 
 @pytest.fixture

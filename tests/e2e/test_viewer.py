@@ -422,11 +422,7 @@ def phone_page(e2e_browser: Any, e2e_js_errors: list[str]) -> Iterator[Any]:
     page = context.new_page()
     page.on("pageerror", lambda error: e2e_js_errors.append(str(error)))
     yield page
-    try:
-        page.goto("about:blank")  # as tests/e2e/conftest.py's e2e_page does, for the same reason
-        page.wait_for_timeout(300)
-    finally:
-        context.close()
+    context.close()
 
 
 def test_a_phone_sized_window_shows_the_image(
