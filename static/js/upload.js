@@ -212,3 +212,5 @@ for (const id of ["pick-files", "pick-folder"]) {
     input.value = "";
   });
 }
+// The page's controls answer from here on; a test (or a script) waits for this mark.
+dropzone.dataset.ready = "true";

@@ -60,6 +60,8 @@ def e2e_upload_page(
     expect(page).to_have_url(f"{live_server.url}/upload/")
     expect(page.get_by_role("heading", name="Upload studies")).to_be_visible()
     page.select_option("#facility", e2e_facility.slug)
+    # The module script has attached its handlers (keyboard, drop, pickers) once it marks the zone.
+    expect(page.locator("#dropzone")).to_have_attribute("data-ready", "true")
     return page
 
 
