@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 
 from django import forms
@@ -215,30 +216,28 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def usage_csv(request: HttpRequest) -> HttpResponseBase:
-    _require_staff(request)
-    form = PeriodForm(request.GET)
-    if not form.is_valid():
-        return _bad_period(form)
-    start, end = form.cleaned_data["start"], form.cleaned_data["end"]
-    response = StreamingHttpResponse(
-        usage_csv_rows(start=start, end=end), content_type="text/csv; charset=utf-8"
-    )
-    response["Content-Disposition"] = f'attachment; filename="relay-usage-{start}-{end}.csv"'
-    return response
+    return _period_csv(request, "usage", usage_csv_rows)
 
 
 @require_GET
 @login_required
 def invoices_csv(request: HttpRequest) -> HttpResponseBase:
+    return _period_csv(request, "invoices", invoices_csv_rows)
+
+
+def _period_csv(
+    request: HttpRequest, name: str, rows: Callable[..., Iterator[str]]
+) -> HttpResponseBase:
+    """A staff CSV export of one period (start and end dates in the query), streamed."""
     _require_staff(request)
     form = PeriodForm(request.GET)
     if not form.is_valid():
         return _bad_period(form)
     start, end = form.cleaned_data["start"], form.cleaned_data["end"]
     response = StreamingHttpResponse(
-        invoices_csv_rows(start=start, end=end), content_type="text/csv; charset=utf-8"
+        rows(start=start, end=end), content_type="text/csv; charset=utf-8"
     )
-    response["Content-Disposition"] = f'attachment; filename="relay-invoices-{start}-{end}.csv"'
+    response["Content-Disposition"] = f'attachment; filename="relay-{name}-{start}-{end}.csv"'
     return response
 
 

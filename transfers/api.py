@@ -179,13 +179,7 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
     if isinstance(facility, JsonResponse):
         return facility
     wanted = [u for u in uids if is_valid_uid(u)]
-    known: set[str] = set()
-    for start in range(0, len(wanted), 500):
-        known.update(
-            Instance.objects.filter(
-                facility=facility, sop_instance_uid__in=wanted[start : start + 500]
-            ).values_list("sop_instance_uid", flat=True)
-        )
+    known = {uid for (uid,) in Instance.objects.rows_by_uid(facility, wanted, "sop_instance_uid")}
     return JsonResponse({"facility": facility.slug, "known": sorted(known)})
 
 

@@ -58,13 +58,12 @@ def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> Mani
                 "Each entry needs a valid 'sop_instance_uid' and a 64-hex-digit 'sha256'."
             )
         wanted[uid] = sha
-    stored: dict[str, tuple[str, int]] = {}
-    uids = list(wanted)
-    for start in range(0, len(uids), 500):
-        rows = Instance.objects.filter(
-            facility=facility, sop_instance_uid__in=uids[start : start + 500]
-        ).values_list("sop_instance_uid", "sha256", "series__study_id")
-        stored.update({uid: (sha, study_id) for uid, sha, study_id in rows})
+    stored: dict[str, tuple[str, int]] = {
+        uid: (sha, study_id)
+        for uid, sha, study_id in Instance.objects.rows_by_uid(
+            facility, list(wanted), "sop_instance_uid", "sha256", "series__study_id"
+        )
+    }
     result = ManifestResult()
     bad_studies: set[int] = set()
     studies: set[int] = set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -32,7 +33,7 @@ from portal.models import AuditAction, User
 from .access import StudyAccess, study_access
 from .export import ExportError, export_plan, zip_size, zip_stream
 from .media import MediaError, media_export_create
-from .models import ExportStatus, MediaExport
+from .models import ExportStatus, MediaExport, Study
 from .sharing import share_downloaded
 
 log = logging.getLogger(__name__)
@@ -113,18 +114,7 @@ def media_export_download(
     access, export = _get_export(request, study_uuid, export_uuid)
     if export.status != ExportStatus.READY or not access.can_download:
         raise Http404("The disc image is not ready.")
-    audit_record(
-        action=AuditAction.STUDY_DOWNLOAD,
-        request=request,
-        study=access.study,
-        detail={
-            "format": "iso",
-            "media": export.media,
-            "images": export.images,
-            "bytes": export.image_bytes,
-            **({"share": str(access.share.uuid)} if access.share else {}),
-        },
-    )
+    _audit_download(request, access, "iso", export.images, export.image_bytes, media=export.media)
     what = f"{export.media} image of {export.images} images ({export.image_bytes / 1e6:.1f} MB)"
     response = StreamingHttpResponse(
         _with_receipt(
@@ -139,13 +129,7 @@ def media_export_download(
         ),
         content_type="application/x-iso9660-image",
     )
-    response["Content-Length"] = str(export.total_bytes)
-    day = access.study.study_date.strftime("%Y%m%d") if access.study.study_date else "undated"
-    response["Content-Disposition"] = (
-        f'attachment; filename="study-{day}-{str(access.study.uuid)[:8]}.iso"'
-    )
-    response["Cache-Control"] = "private, no-store"
-    return response
+    return _attachment(response, access.study, "iso", export.total_bytes)
 
 
 def _stored_chunks(key: str, size: int = 1024 * 1024) -> Iterator[bytes]:
@@ -176,17 +160,7 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
             status=503,
             content_type="text/plain; charset=utf-8",
         )
-    audit_record(
-        action=AuditAction.STUDY_DOWNLOAD,
-        request=request,
-        study=study,
-        detail={
-            "format": "zip",
-            "images": plan.images,
-            "bytes": plan.image_bytes,
-            **({"share": str(access.share.uuid)} if access.share else {}),
-        },
-    )
+    _audit_download(request, access, "zip", plan.images, plan.image_bytes)
     response = StreamingHttpResponse(
         _with_receipt(
             zip_stream(plan),
@@ -200,13 +174,36 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
         ),
         content_type="application/zip",
     )
-    size = zip_size(plan)
-    if size is not None:
-        response["Content-Length"] = str(size)
+    return _attachment(response, study, "zip", zip_size(plan))
+
+
+def _audit_download(
+    request: HttpRequest,
+    access: StudyAccess,
+    fmt: str,
+    images: int,
+    image_bytes: int,
+    **extra: str,
+) -> None:
+    """The study_download event, written when a download starts."""
+    detail: dict[str, Any] = {"format": fmt, **extra, "images": images, "bytes": image_bytes}
+    if access.share:
+        detail["share"] = str(access.share.uuid)
+    audit_record(
+        action=AuditAction.STUDY_DOWNLOAD, request=request, study=access.study, detail=detail
+    )
+
+
+def _attachment(
+    response: StreamingHttpResponse, study: Study, extension: str, length: int | None
+) -> StreamingHttpResponse:
+    """A download's headers: its length when known, a private file name, no caching."""
+    if length is not None:
+        response["Content-Length"] = str(length)
     # No patient data in the file name: it ends up in download lists and browser history.
     day = study.study_date.strftime("%Y%m%d") if study.study_date else "undated"
     response["Content-Disposition"] = (
-        f'attachment; filename="study-{day}-{str(study.uuid)[:8]}.zip"'
+        f'attachment; filename="study-{day}-{str(study.uuid)[:8]}.{extension}"'
     )
     response["Cache-Control"] = "private, no-store"
     return response

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -131,6 +133,21 @@ class Series(models.Model):
         return f"{self.modality} #{self.series_number} {self.description}"
 
 
+UID_BATCH = 500  # SOP Instance UIDs per IN (...) list: short statements on every database
+
+
+class InstanceQuerySet(models.QuerySet["Instance"]):
+    def rows_by_uid(
+        self, facility: Facility, uids: Sequence[str], *fields: str
+    ) -> Iterator[tuple[Any, ...]]:
+        """The `fields` of the facility's instances among `uids`, asked a batch at a time."""
+        for start in range(0, len(uids), UID_BATCH):
+            batch = uids[start : start + UID_BATCH]
+            yield from self.filter(facility=facility, sop_instance_uid__in=batch).values_list(
+                *fields
+            )
+
+
 class Instance(models.Model):
     """One stored DICOM object. `facility` is repeated here so that SOP Instance UIDs are
     unique per facility by a database constraint, which is what makes deduplication race-free."""
@@ -154,6 +171,8 @@ class Instance(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = InstanceQuerySet.as_manager()
 
     class Meta:
         ordering = ("instance_number", "id")
