@@ -85,5 +85,11 @@ def charlie(gfc: Facility) -> User:
 
 
 @pytest.fixture
+def dana(gfc: Facility) -> User:
+    """A reader at Great Falls, the recipient facility of most shares in the tests."""
+    return _person("dana@gfc.example", gfc, "reader")
+
+
+@pytest.fixture
 def bob_token(bob: User) -> str:
     return ApiToken.issue(user=bob, name="test")[1]

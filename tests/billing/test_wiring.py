@@ -7,19 +7,12 @@ import pytest
 from django.test import Client
 
 from billing.models import UsageDay, UsageKind, UsageRecord
-from portal.models import Facility, Membership, User
-from tests.helpers import PASSWORD, client_for, dicom_bytes, upload
+from portal.models import Facility, User
+from tests.helpers import client_for, dicom_bytes, upload
 from transfers.models import Instance, Share, Study, StudyStatus
 from transfers.sharing import share_create
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dana(gfc: Facility) -> User:
-    user = User.objects.create_user(email="dana@gfc.example", password=PASSWORD)
-    Membership.objects.create(user=user, facility=gfc, role="reader")
-    return user
 
 
 @pytest.fixture

@@ -9,20 +9,13 @@ import pytest
 from django.core.files.storage import storages
 from django.test import Client
 
-from portal.models import AuditAction, AuditEvent, Facility, Membership, User
-from tests.helpers import PASSWORD, client_for, dicom_bytes, upload
+from portal.models import AuditAction, AuditEvent, Facility, User
+from tests.helpers import client_for, dicom_bytes, upload
 from transfers.models import Instance, Share, ShareEvent, ShareEventKind, Study, StudyStatus
 from transfers.reports import report_attach
 from transfers.sharing import share_create
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dana(gfc: Facility) -> User:
-    user = User.objects.create_user(email="dana@gfc.example", password=PASSWORD)
-    Membership.objects.create(user=user, facility=gfc, role="reader")
-    return user
 
 
 @pytest.fixture

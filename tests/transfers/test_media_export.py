@@ -12,8 +12,8 @@ from django.core.files.storage import storages
 from django.test import Client
 from django.utils import timezone
 
-from portal.models import AuditAction, AuditEvent, Facility, Membership, User
-from tests.helpers import PASSWORD, client_for, dicom_bytes, upload
+from portal.models import AuditAction, AuditEvent, Facility, User
+from tests.helpers import client_for, dicom_bytes, upload
 from transfers.models import (
     ExportStatus,
     MediaExport,
@@ -27,13 +27,6 @@ from transfers.purge import purge_expired
 from transfers.sharing import share_create
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def dana(gfc: Facility) -> User:
-    user = User.objects.create_user(email="dana@gfc.example", password=PASSWORD)
-    Membership.objects.create(user=user, facility=gfc, role="reader")
-    return user
 
 
 @pytest.fixture

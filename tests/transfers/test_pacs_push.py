@@ -52,13 +52,6 @@ class FakeRequest:
 
 
 @pytest.fixture
-def dana(gfc: Facility) -> User:
-    user = User.objects.create_user(email="dana@gfc.example", password=PASSWORD)
-    Membership.objects.create(user=user, facility=gfc, role="reader")
-    return user
-
-
-@pytest.fixture
 def shared(client: Client, bob: User, bob_token: str, gfc: Facility) -> Share:
     for name in SAMPLES:
         data = dicom_bytes(
