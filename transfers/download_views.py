@@ -21,6 +21,7 @@ from django.db import transaction
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
@@ -253,16 +254,20 @@ def report_response(
         study=access.study,
         detail={"report": str(report.uuid)},
     )
+    # As for studies, the saved file's name says when, not who: the name the PDF was uploaded
+    # under (often the patient's) is shown on the page to those who may read it, never put in
+    # download lists and browser history.
+    stem = f"report-{timezone.localtime(report.created_at):%Y%m%d}-{str(report.uuid)[:8]}"
     response: HttpResponseBase
     if report.is_pdf:
         response = FileResponse(
             storages["default"].open(report.storage_key),
             content_type="application/pdf",
             as_attachment=True,
-            filename=report.filename or "report.pdf",
+            filename=f"{stem}.pdf",
         )
     else:
         response = HttpResponse(report.text, content_type="text/plain; charset=utf-8")
-        response["Content-Disposition"] = 'attachment; filename="report.txt"'
+        response["Content-Disposition"] = f'attachment; filename="{stem}.txt"'
     response["Cache-Control"] = "private, no-store"
     return response

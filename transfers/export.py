@@ -470,7 +470,7 @@ def _plan_reports(storage: Storage, studies: list[StudyMedia]) -> None:
                     size = storage.size(report.storage_key)
                 except Exception as exc:
                     raise ExportError(
-                        f"The report {report.filename or ''} could not be read from storage."
+                        f"The report {report.uuid} could not be read from storage."
                     ) from exc
                 media.reports.append(
                     MediaFile(path=f"{stem}.PDF", size=size, storage_key=report.storage_key)

@@ -50,10 +50,13 @@ from .models import (
     Push,
     PushInstance,
     PushStatus,
+    Share,
     ShareEvent,
     ShareEventKind,
+    ShareKind,
     Study,
 )
+from .sharing import shares_received_by
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +129,13 @@ def push_create(
     request: HttpRequest | None = None,
 ) -> Push:
     """Queue a push of the study the user may open into one of their facility's PACS."""
-    if not access.can_import:
-        raise PushError("This share does not allow importing into a PACS.")
-    if not Membership.objects.filter(user=by, facility_id=destination.facility_id).exists():
-        raise PushError("You can send only to your own facility's PACS.")
+    share = push_share(access=access, destination=destination, by=by)
     study = access.study
     if Study.objects.filter(pk=study.pk, reconcile_running=True).exists():
         raise PushError("The patient of this study is being reconciled; send it when that is done.")
     with transaction.atomic():
         push = Push.objects.create(
-            study=study, destination=destination, share=access.share, requested_by=by
+            study=study, destination=destination, share=share, requested_by=by
         )
         PushInstance.objects.bulk_create(
             PushInstance(push=push, instance_id=pk)
@@ -149,21 +149,65 @@ def push_create(
             detail={
                 "destination": str(destination),
                 "push": str(push.uuid),
-                **({"share": str(access.share.uuid)} if access.share else {}),
+                **({"share": str(share.uuid)} if share else {}),
             },
         )
         push_queue(push)
     return push
 
 
-def push_rerun(*, push: Push) -> bool:
-    """Send again what did not arrive; False when everything already has."""
+def push_share(*, access: StudyAccess, destination: PacsDestination, by: User) -> Share | None:
+    """What lets `by` send the study into `destination`: None for the facility that holds the
+    study (into its own PACS only), else the active share with import rights that reaches the
+    destination's facility (a facility share: that facility; a physician's: their own).
+    PushError when nothing does, so a study never lands in a PACS it was not shared with."""
+    study = access.study
+    member = Membership.objects.filter(user=by, facility_id=destination.facility_id).exists()
+    if not member:
+        raise PushError("You can send only to your own facility's PACS.")
+    if destination.facility_id == study.facility_id:
+        return None
+    share = (
+        shares_received_by(by)
+        .filter(studies=study, can_import=True)
+        .filter(
+            Q(kind=ShareKind.FACILITY, recipient_facility_id=destination.facility_id)
+            | Q(kind=ShareKind.PHYSICIAN)
+        )
+        .order_by("-created_at")
+        .first()
+    )
+    if share is None:
+        raise PushError(
+            f"No active share of this study allows importing it into {destination.facility.name}'s PACS."
+        )
+    return share
+
+
+def push_rerun(
+    *, push: Push, access: StudyAccess, by: User, request: HttpRequest | None = None
+) -> bool:
+    """Send again what did not arrive; False when everything already has. The rights are
+    asked again (PushError): a share revoked since the first run sends nothing more."""
+    share = push_share(access=access, destination=push.destination, by=by)
     with transaction.atomic():
         if not push.items.filter(sent=False).exists():
             return False
         updated = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
-        if not updated.update(status=PushStatus.QUEUED, error="", finished_at=None):
+        if not updated.update(status=PushStatus.QUEUED, error="", finished_at=None, share=share):
             return False
+        audit_record(
+            action=AuditAction.STUDY_PUSH,
+            request=request,
+            actor=by,
+            study=push.study,
+            detail={
+                "destination": str(push.destination),
+                "push": str(push.uuid),
+                "rerun": True,
+                **({"share": str(share.uuid)} if share else {}),
+            },
+        )
         push_queue(push)
     return True
 
@@ -179,6 +223,20 @@ def push_send(*, push: Push) -> Push:
 
     Raises PushTransient when the destination could not be reached or asked to try later.
     """
+    if (
+        push.share_id is not None
+        and not Share.objects.filter(
+            pk=push.share_id, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        ).exists()
+    ):
+        # Revoked or expired while queued or waiting for a retry: nothing more leaves.
+        Push.objects.filter(pk=push.pk).update(
+            status=PushStatus.FAILED,
+            error="The share was revoked or has expired; nothing more was sent.",
+            finished_at=timezone.now(),
+        )
+        push.refresh_from_db()
+        return push
     claimed = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
     if not claimed.update(status=PushStatus.RUNNING, attempts=push.attempts + 1):
         return push  # another worker is sending it

@@ -54,10 +54,17 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
                     messages.success(request, f"Sending to {destination.name}.")
         elif action == "rerun":
             push = pushes.filter(uuid=_uuid(request.POST.get("push"))).first()
-            if push is not None and push_rerun(push=push):
-                messages.success(request, "Sending again what did not arrive.")
+            try:
+                again = push is not None and push_rerun(
+                    push=push, access=access, by=request.user, request=request
+                )
+            except PushError as exc:
+                messages.error(request, str(exc))
             else:
-                messages.error(request, "Nothing to send again.")
+                if again:
+                    messages.success(request, "Sending again what did not arrive.")
+                else:
+                    messages.error(request, "Nothing to send again.")
         return redirect("study_pacs", study_uuid=access.study.uuid)
     audit_record(
         action=AuditAction.STUDY_VIEW, request=request, study=access.study, detail={"page": "pacs"}

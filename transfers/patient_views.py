@@ -19,6 +19,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from portal.access import AuthedRequest, upload_facilities
+from portal.audit import audit_record
+from portal.models import AuditAction
 
 from .models import SecondFactor, Share, ShareKind
 from .patient import (
@@ -83,6 +85,12 @@ def patient_handout(request: AuthedRequest, share_uuid: str) -> HttpResponse:
         qr_svg = mark_safe(  # noqa: S308
             segno.make(link, error="m").svg_inline(scale=5, title="QR code of the patient link")
         )
+    audit_record(
+        action=AuditAction.STUDY_LIST,
+        request=request,
+        facility=share.facility,
+        detail={"page": "handout", "share": str(share.uuid), "link_shown": bool(raw_token)},
+    )
     return render(
         request,
         "transfers/patient_handout.html",

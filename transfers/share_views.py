@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta
+from typing import Any
 
 from django import forms
 from django.contrib import messages
@@ -15,7 +16,8 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal.access import AuthedRequest, upload_facilities
-from portal.models import Facility
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility
 
 from .models import SecondFactor, Share, ShareKind, Study
 from .reports import ReportError, report_attach
@@ -118,6 +120,12 @@ def share_new(request: AuthedRequest) -> HttpResponse:
                 return redirect("patient_handout", share_uuid=share.uuid)
             messages.success(request, f"Shared with {share.recipient_label}.")
             return redirect("share_detail", share_uuid=share.uuid)
+    audit_record(
+        action=AuditAction.STUDY_LIST,
+        request=request,
+        facility=facility,
+        detail={"page": "share_new", "studies": [str(study.uuid) for study in studies]},
+    )
     return render(
         request,
         "transfers/share_new.html",
@@ -148,7 +156,21 @@ def inbox(request: AuthedRequest) -> HttpResponse:
         .order_by("-created_at")
     )
     page = Paginator(shares, 25).get_page(request.GET.get("page"))
+    _audit_list(request, "inbox", page)
     return render(request, "transfers/inbox.html", {"page": page, "query": ""})
+
+
+def _audit_list(request: AuthedRequest, name: str, page: Any) -> None:
+    """A page listing shares shows their studies' patients: one event per page shown."""
+    audit_record(
+        action=AuditAction.STUDY_LIST,
+        request=request,
+        detail={
+            "page": name,
+            "page_number": page.number,
+            "shares": [str(share.uuid) for share in page.object_list],
+        },
+    )
 
 
 def _sent_shares(request: AuthedRequest):  # type: ignore[no-untyped-def]
@@ -165,6 +187,7 @@ def sent(request: AuthedRequest) -> HttpResponse:
         .order_by("-created_at")
     )
     page = Paginator(shares, 25).get_page(request.GET.get("page"))
+    _audit_list(request, "sent", page)
     return render(
         request, "transfers/sent.html", {"page": page, "query": "", "now": timezone.now()}
     )
@@ -193,6 +216,14 @@ def share_detail(request: AuthedRequest, share_uuid: str) -> HttpResponse:
     share, is_sender = _get_share_for_user(request, share_uuid)
     if not is_sender:
         share_open(share=share, who=request.user.email, request=request, actor=request.user)
+    else:
+        # The recipient's opening is audited as share_open; the sender's look is audited here.
+        audit_record(
+            action=AuditAction.STUDY_LIST,
+            request=request,
+            facility=share.facility,
+            detail={"page": "share", "share": str(share.uuid)},
+        )
     return render(
         request,
         "transfers/share_detail.html",

@@ -103,15 +103,15 @@ def share_create(
             ).first()
         else:
             raw_token = secrets.token_urlsafe(24)  # 192 bits
+            # Whatever the second factor, one patient's link never shows another's images.
+            if len({s.patient_id for s in studies}) != 1:
+                raise ShareError("A patient link can carry the studies of one patient only.")
             if second_factor == SecondFactor.BIRTH_DATE:
                 births = {s.patient_birth_date for s in studies}
                 if len(births) != 1 or None in births:
                     raise ShareError(
                         "The studies need one known birth date to use it as the second factor; set a PIN."
                     )
-                patients = {s.patient_id for s in studies}
-                if len(patients) != 1:
-                    raise ShareError("A patient link can carry the studies of one patient only.")
             elif second_factor == SecondFactor.PIN:
                 if not (pin.isdigit() and 4 <= len(pin) <= 10):
                     raise ShareError("The PIN is 4 to 10 digits.")

@@ -159,6 +159,14 @@ def patient_viewer_study_json(request: HttpRequest, token: str, study_uuid: UUID
 
 
 def _study_json(request: HttpRequest, access: StudyAccess, *, token: str | None) -> JsonResponse:
+    # The viewer page carries the same data and is audited; this is for a client that asks
+    # for it on its own, so it is audited too.
+    audit_record(
+        action=AuditAction.STUDY_VIEW,
+        request=request,
+        study=access.study,
+        detail={"via": "study.json", **({"share": str(access.share.uuid)} if access.share else {})},
+    )
     return JsonResponse(_study_data(access, token=token))
 
 

@@ -17,7 +17,7 @@ from django.core.files.storage import storages
 from django.test import Client
 
 from bench.servers import OrthancServer, free_port, stop_process_tree
-from portal.models import Facility, Membership, User
+from portal.models import AuditAction, AuditEvent, Facility, Membership, User
 from tests.helpers import PASSWORD, client_for, dicom_bytes, require_peer, upload
 from transfers.access import study_access
 from transfers.models import (
@@ -32,7 +32,7 @@ from transfers.models import (
     StudyStatus,
 )
 from transfers.pacs import PushError, destination_echo, push_create, push_rerun, push_send
-from transfers.sharing import share_create
+from transfers.sharing import share_create, share_revoke
 from transfers.tasks import push_run
 
 from .test_s3_storage import bucket  # noqa: F401  (fixture)
@@ -153,7 +153,9 @@ def test_a_rerun_sends_only_what_failed(
     storage.save(missing.storage_key, io.BytesIO(kept))
     for old in folder.iterdir():
         old.unlink()
-    assert push_rerun(push=push) is True  # queued; the task's work is done here directly
+    # Queued (the task's work is done here directly), and audited like the first run.
+    assert push_rerun(push=push, access=access, by=dana) is True
+    assert AuditEvent.objects.filter(action=AuditAction.STUDY_PUSH).count() == 2
     push_send(push=Push.objects.get(pk=push.pk))
 
     push.refresh_from_db()
@@ -217,6 +219,57 @@ def test_the_page_offers_only_your_facilitys_pacs_and_refuses_outsiders(
     erin = User.objects.create_user(email="erin@stluke.example", password=PASSWORD)
     Membership.objects.create(user=erin, facility=stluke, role="reader")
     assert client_for(erin).get(f"/studies/{study.uuid}/pacs/").status_code == 404
+
+
+@pytest.mark.peer
+def test_a_revoked_share_stops_a_queued_push_and_its_rerun(
+    shared: Share, dana: User, bob: User, gfc: Facility, storescp: tuple[int, Path]
+) -> None:
+    port, folder = storescp
+    access = study_access(FakeRequest(dana), Study.objects.get().uuid)  # type: ignore[arg-type]
+    push = push_create(access=access, destination=_destination(gfc, port), by=dana)
+    # Revoked while the push waits in the queue (or for a retry): nothing leaves.
+    share_revoke(share=shared, by=bob)
+
+    push_send(push=push)
+
+    push.refresh_from_db()
+    assert (push.status, push.sent) == (PushStatus.FAILED, 0)
+    assert "revoked" in push.error
+    assert not list(folder.iterdir())
+    assert not ShareEvent.objects.filter(kind=ShareEventKind.IMPORTED).exists()
+    # Another share of the study, to view only, does not let the reader send the rest.
+    share_create(
+        facility=shared.facility,
+        created_by=bob,
+        studies=list(shared.studies.all()),
+        kind="facility",
+        recipient_facility=gfc,
+    )
+    access = study_access(FakeRequest(dana), Study.objects.get().uuid)  # type: ignore[arg-type]
+    with pytest.raises(PushError):
+        push_rerun(push=push, access=access, by=dana)
+    push.refresh_from_db()
+    assert push.status == PushStatus.FAILED
+
+
+def test_a_share_with_one_facility_cannot_be_pushed_into_another_facilitys_pacs(
+    shared: Share, dana: User, gfc: Facility, bob: User
+) -> None:
+    # Dana reads at Great Falls, where the study was shared, and also at a facility it was not.
+    other = Facility.objects.create(name="Unrelated Hospital", slug="unrelated", ae_title="UNREL")
+    Membership.objects.create(user=dana, facility=other, role="reader")
+    access = study_access(FakeRequest(dana), Study.objects.get().uuid)  # type: ignore[arg-type]
+    with pytest.raises(PushError, match="No active share"):
+        push_create(access=access, destination=_destination(other, 104, ae="UNRELPACS"), by=dana)
+    assert not Push.objects.exists()
+    # The facility that holds the study sends into its own PACS, with no share needed.
+    krmc_pacs = _destination(shared.facility, 106, ae="KRMCPACS")
+    owner = study_access(FakeRequest(bob), Study.objects.get().uuid)  # type: ignore[arg-type]
+    push = push_create(access=owner, destination=krmc_pacs, by=bob)
+    assert push.share is None
+    # The share's own facility is still fine.
+    assert push_create(access=access, destination=_destination(gfc, 107), by=dana).share == shared
 
 
 @pytest.mark.peer

@@ -12,7 +12,7 @@ from django.utils import timezone
 from portal.models import AuditAction, AuditEvent, User
 from tests.helpers import client_for, dicom_bytes, upload
 from transfers.models import Share, ShareEvent, ShareEventKind, Study, StudyStatus
-from transfers.sharing import share_create, share_revoke
+from transfers.sharing import ShareError, share_create, share_revoke
 
 pytestmark = pytest.mark.django_db
 
@@ -293,3 +293,24 @@ def test_the_patient_downloads_the_study_and_reads_the_report(bob, study):
     # The sender's timeline says the patient took a copy.
     receipt = ShareEvent.objects.get(share=share, kind=ShareEventKind.DOWNLOADED)
     assert receipt.actor_label == "patient link"
+
+
+@pytest.mark.parametrize(
+    "factor", [{"second_factor": "birth_date"}, {"second_factor": "pin", "pin": "4821"}]
+)
+def test_it_refuses_a_link_with_two_patients_studies_whatever_the_factor(
+    bob, study, client, bob_token, factor
+):
+    other = dicom_bytes(
+        "MR_small.dcm", PatientID="OTHER-77", PatientBirthDate=BIRTH_DATE.replace("-", "")
+    )
+    assert upload(client, other, token=bob_token).status_code == 201
+    Study.objects.update(status=StudyStatus.COMPLETE)
+    studies = list(Study.objects.all())
+    assert len({s.patient_id for s in studies}) == 2
+
+    with pytest.raises(ShareError, match="one patient only"):
+        share_create(
+            facility=study.facility, created_by=bob, studies=studies, kind="patient", **factor
+        )
+    assert not Share.objects.exists()

@@ -50,7 +50,13 @@ def test_a_pdf_report_reaches_the_recipient_and_is_audited(bob, charlie, study, 
     response = reader.get(f"/studies/{study.uuid}/reports/{report.uuid}/")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/pdf"
-    assert "attachment" in response["Content-Disposition"]
+    # Saved under a name that says when, not the name it was uploaded as (often the patient's).
+    disposition = response["Content-Disposition"]
+    assert disposition.startswith("attachment") and "chest" not in disposition
+    assert (
+        f"report-{timezone.localtime(report.created_at):%Y%m%d}-{str(report.uuid)[:8]}.pdf"
+        in disposition
+    )
     assert b"".join(response.streaming_content) == PDF
     assert AuditEvent.objects.filter(action="report_view", actor=charlie).exists()
     share_revoke(share=share, by=bob)
