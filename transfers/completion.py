@@ -58,10 +58,16 @@ def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> Mani
                 "Each entry needs a valid 'sop_instance_uid' and a 64-hex-digit 'sha256'."
             )
         wanted[uid] = sha
-    stored: dict[str, tuple[str, int]] = {
-        uid: (sha, study_id)
-        for uid, sha, study_id in Instance.objects.rows_by_uid(
-            facility, list(wanted), "sop_instance_uid", "sha256", "series__study_id"
+    # A copy rewritten since (patient reconciliation) is still known by the hash it came with.
+    stored: dict[str, tuple[set[str], int]] = {
+        uid: ({sha, original} - {""}, study_id)
+        for uid, sha, original, study_id in Instance.objects.rows_by_uid(
+            facility,
+            list(wanted),
+            "sop_instance_uid",
+            "sha256",
+            "original_sha256",
+            "series__study_id",
         )
     }
     result = ManifestResult()
@@ -71,9 +77,9 @@ def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> Mani
         if uid not in stored:
             result.missing.append(uid)
             continue
-        stored_sha, study_id = stored[uid]
+        known, study_id = stored[uid]
         studies.add(study_id)
-        if stored_sha != sha:
+        if sha not in known:
             result.mismatched.append(uid)
             bad_studies.add(study_id)
     # A missing instance's study is unknown here; its study stays receiving if any listed

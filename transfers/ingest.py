@@ -42,6 +42,8 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome, User
 
 from .models import Instance, Series, Study, StudyStatus
+from .purge import study_has_contents
+from .tasks import purge_expired
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +475,8 @@ def instance_ingest(
                 facility=facility, user=user, spooled=spooled, filename=filename, audit=audit
             )
     except Rejected as exc:
+        if exc.reason == PURGING:
+            _purge_finish_soon()
         status = UNAVAILABLE if exc.http_status == 503 else REJECTED
         result = IngestResult(
             status, filename=filename, reason=exc.reason, http_status=exc.http_status
@@ -490,6 +494,10 @@ def instance_ingest(
 
 
 DATABASE_DOWN = "The database is unavailable; nothing was stored. Try again shortly."
+PURGING = (
+    "An earlier copy of this study is being deleted (its shares ended); nothing was stored. "
+    "Send it again in a few minutes."
+)
 STORAGE_DOWN = "The image store is unavailable; nothing was stored. Try again shortly."
 
 
@@ -540,6 +548,9 @@ def _ingest_spooled(
         log.exception("database unavailable before storing %s", header.sop_uid)
         raise Rejected(DATABASE_DOWN, 503) from exc
     if existing is not None:
+        if existing[2]:
+            # Its row is in a study a purge has claimed: it is about to go, so it is not stored.
+            raise Rejected(PURGING, 503)
         return _dedup_result(result, existing, spooled.sha256)
 
     storage = storages["default"]
@@ -581,6 +592,8 @@ def _ingest_spooled(
         if existing is None:
             log.exception("rows for %s refused by the database", header.sop_uid)
             raise Rejected(DATABASE_DOWN, 503) from None
+        if existing[2]:
+            raise Rejected(PURGING, 503) from None
         return _dedup_result(result, existing, spooled.sha256)
     except DatabaseError as exc:
         # The rows could not be committed, so the object must not stay behind either.
@@ -652,8 +665,15 @@ def _index(
 
 def _revive(study: Study) -> None:
     """A purged study's UID arrives again (the patient's CD, a resend): the tombstone becomes
-    a study again, counted from zero; the purge stays in the audit trail."""
+    a study again, counted from zero; the purge stays in the audit trail.
+
+    Only once the purge has emptied it: a study claimed but still holding images (a purge
+    running, or stopped halfway) refuses the file for now (the sender tries again), so that
+    nothing acknowledged is deleted by the purge and nothing the purge must delete is orphaned.
+    """
     Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+    if study_has_contents(study):
+        raise Rejected(PURGING, 503)
     study.series.all().delete()
     Study.objects.filter(pk=study.pk).update(
         purged_at=None, purged_bytes=0, num_series=0, num_instances=0, size_bytes=0, modalities=""
@@ -680,25 +700,34 @@ def _count(*, study: Study, series: Series, size: int, series_created: bool) -> 
         modalities = sorted({m for m in study.series.values_list("modality", flat=True) if m})
         study_update["num_series"] = F("num_series") + 1
         study_update["modalities"] = ("," + ",".join(modalities) + ",") if modalities else ""
-    Study.objects.filter(pk=study.pk).update(**study_update)
+    # The update waits for a purge claiming the study at this moment and then sees its mark:
+    # the instance is then refused (and rolled back) rather than acknowledged and deleted.
+    if not Study.objects.filter(pk=study.pk, purged_at__isnull=True).update(**study_update):
+        raise Rejected(PURGING, 503)
 
 
-def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str] | None:
-    """(the SHA-256s the copy is known by, study uuid) of the copy this facility holds, if any:
-    its own, and the one it arrived with when it was rewritten since (patient reconciliation)."""
+def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str, bool] | None:
+    """(the SHA-256s the copy is known by, study uuid, whether a purge claimed its study) of
+    the copy this facility holds, if any: its own, and the one it arrived with when it was
+    rewritten since (patient reconciliation)."""
     rows = Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid).values_list(
-        "sha256", "original_sha256", "series__study__uuid"
+        "sha256", "original_sha256", "series__study__uuid", "series__study__purged_at"
     )[:1]
     if not rows:
         return None
-    sha, original, study_uuid = rows[0]
-    return {sha, original} - {""}, str(study_uuid)
+    sha, original, study_uuid, purged_at = rows[0]
+    return {sha, original} - {""}, str(study_uuid), purged_at is not None
+
+
+def _purge_finish_soon() -> None:
+    """A purge stopped halfway holds up uploads of its study: run it now, not at night."""
+    transaction.on_commit(purge_expired.delay)
 
 
 def _dedup_result(
-    result: IngestResult, existing: tuple[set[str], str], sha256: str
+    result: IngestResult, existing: tuple[set[str], str, bool], sha256: str
 ) -> IngestResult:
-    known, result.study_uuid = existing
+    known, result.study_uuid, _ = existing
     if sha256 in known:
         result.status = DUPLICATE
         result.reason = "Already stored with the same content; nothing to do."

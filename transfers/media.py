@@ -84,12 +84,17 @@ def media_build(*, export: MediaExport) -> MediaExport:
         log.exception("disc image %s failed", export.uuid)
         return _failed(export, str(exc))
     with transaction.atomic():
-        MediaExport.objects.filter(pk=export.pk).update(
+        ready = MediaExport.objects.filter(pk=export.pk).update(
             status=ExportStatus.READY,
             storage_key=key,
             done_bytes=total,
             finished_at=timezone.now(),
         )
+        if not ready:
+            # The study was purged while the image was being built: it must not stay behind.
+            storage.delete(key)
+            log.info("disc image %s dropped: its study was purged meanwhile", export.uuid)
+            return export
         link = reverse("media_export", args=[study.uuid, export.uuid])
         email_queue(
             name="media_ready",

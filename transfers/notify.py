@@ -12,7 +12,10 @@ from django.utils import timezone
 from portal.emails import email_render
 from portal.models import Membership
 
-from .models import NotifyStatus, Share, ShareEvent, ShareEventKind, ShareKind
+from .models import NotifyStatus, Share, ShareEvent, ShareEventKind, ShareKind, StudyStatus
+
+# Queued, or failed and waiting for the task's retry.
+NOTIFY_PENDING = (NotifyStatus.QUEUED, NotifyStatus.FAILED)
 
 
 def share_recipients(share: Share) -> list[str]:
@@ -34,6 +37,13 @@ def share_notify_send(*, share_id: int) -> str:
     if not share.is_active:
         Share.objects.filter(pk=share.pk).update(notify_status=NotifyStatus.NONE)
         return "inactive"
+    if share.studies.exclude(status=StudyStatus.COMPLETE).exists():
+        # More images arrived since it was queued (a retry can come hours later): the
+        # recipient is told when the study is complete again.
+        Share.objects.filter(pk=share.pk, notify_status__in=NOTIFY_PENDING).update(
+            notify_status=NotifyStatus.WAITING
+        )
+        return "waiting"
     recipients = share_recipients(share)
     link = reverse("share_detail", args=[share.uuid])
     subject, text, html = email_render("share_notify", {"share": share, "link": link})

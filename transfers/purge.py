@@ -227,9 +227,10 @@ def studies_purgeable(*, now: datetime) -> QuerySet[Study]:
     ]
     if not past_retention:
         return Study.objects.none()
-    return Study.objects.filter(reduce(or_, past_retention), purged_at__isnull=True).exclude(
-        Exists(live_share)
-    )
+    # A study being reconciled is rewritten copy by copy: it waits for the next run.
+    return Study.objects.filter(
+        reduce(or_, past_retention), purged_at__isnull=True, reconcile_running=False
+    ).exclude(Exists(live_share))
 
 
 def studies_purge_unfinished() -> QuerySet[Study]:
@@ -317,13 +318,13 @@ def _study_claim(*, study: Study, now: datetime) -> bool:
             )
             for share in study.shares.all()
         )
-        if not _study_has_contents(study):
+        if not study_has_contents(study):
             # Nothing to delete, so no emptying transaction will write the audit event.
             _purge_audit(study=study)
         return True
 
 
-def _study_has_contents(study: Study) -> bool:
+def study_has_contents(study: Study) -> bool:
     return (
         Instance.objects.filter(series__study=study).exists()
         or Report.objects.filter(study=study).exists()
@@ -370,8 +371,10 @@ def _study_empty(*, study: Study, storage: Storage) -> tuple[int, int]:
             break
         objects += _objects_delete(storage, [key for _, key in reports if key])
         freed += _rows_delete(study, Report.objects.filter(pk__in=[pk for pk, _ in reports]))
-    # Again at the end: a render task that was running on the study may have written since.
+    # Again at the end: a render task or a disc image build that was running on the study may
+    # have written since.
     objects += _prefix_delete(storage, renders)
+    objects += _prefix_delete(storage, exports)
     return objects, freed
 
 
@@ -411,7 +414,7 @@ def _rows_delete(study: Study, rows: QuerySet[Any]) -> int:
         if not deleted:
             return 0
         Study.objects.filter(pk=study.pk).update(purged_bytes=F("purged_bytes") + size)
-        if not _study_has_contents(study):
+        if not study_has_contents(study):
             # The transaction that empties the study writes its audit event: exactly once.
             _purge_audit(study=study)
         return size

@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from portal.audit import audit_record
-from portal.models import AuditAction, Membership, User
+from portal.models import AuditAction, Membership, Outcome, User
 
 from .models import Instance, Series, Study
 
@@ -83,10 +83,14 @@ def study_reconcile_start(
     if study.purged_at is not None:
         raise ReconcileError("The images of this study were purged.")
     with transaction.atomic():
-        if not Study.objects.filter(pk=study.pk, reconcile_running=False).update(
-            reconcile_running=True
-        ):
-            raise ReconcileError("A reconciliation of this study is already running.")
+        # Claimed only while not purged: this update waits for a purge claiming the study at
+        # the same moment, and the purge leaves a study being reconciled alone.
+        if not Study.objects.filter(
+            pk=study.pk, reconcile_running=False, purged_at__isnull=True
+        ).update(reconcile_running=True):
+            raise ReconcileError(
+                "A reconciliation of this study is already running, or its images were purged."
+            )
         audit_record(
             action=AuditAction.PATIENT_RECONCILE,
             request=request,
@@ -129,15 +133,27 @@ def study_reconcile(*, study: Study, identity: Identity) -> int:
         last_pk = batch[-1].pk
         for instance in batch:
             rewritten += _instance_rewrite(instance, identity, now=now, storage=storage)
-    Study.objects.filter(pk=study.pk).update(
+    Study.objects.filter(pk=study.pk, purged_at__isnull=True).update(
         patient_id=identity.patient_id,
         patient_name=identity.patient_name,
         issuer_of_patient_id=identity.issuer,
-        reconcile_running=False,
         reconciled_at=timezone.now(),
     )
+    Study.objects.filter(pk=study.pk).update(reconcile_running=False)
     log.info("study %s reconciled: %d stored copies rewritten", study.uuid, rewritten)
     return rewritten
+
+
+def study_reconcile_abandon(*, study: Study, reason: str) -> None:
+    """A rewrite that kept failing: release the study and audit the failure."""
+    Study.objects.filter(pk=study.pk).update(reconcile_running=False)
+    log.error("reconciliation of study %s abandoned: %s", study.uuid, reason)
+    audit_record(
+        action=AuditAction.PATIENT_RECONCILE,
+        study=study,
+        outcome=Outcome.FAILURE,
+        detail={"reason": reason[:300], "note": "stopped; start it again to finish"},
+    )
 
 
 def _instance_rewrite(
@@ -180,12 +196,15 @@ def _instance_rewrite(
     delta = len(data) - instance.size_bytes
     try:
         with transaction.atomic():
-            Instance.objects.filter(pk=instance.pk).update(
+            if not Instance.objects.filter(pk=instance.pk, storage_key=old_key).update(
                 storage_key=new_key,
                 size_bytes=len(data),
                 sha256=sha256,
                 original_sha256=instance.original_sha256 or instance.sha256,
-            )
+            ):
+                # The row is gone (or another run rewrote it): the new copy is nobody's.
+                storage.delete(new_key)
+                return 0
             Series.objects.filter(pk=instance.series_id).update(size_bytes=F("size_bytes") + delta)
             Study.objects.filter(series__pk=instance.series_id).update(
                 size_bytes=F("size_bytes") + delta

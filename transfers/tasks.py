@@ -28,9 +28,11 @@ def studies_complete_quiet() -> int:
             status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
         ).values_list("pk", flat=True)
     )
-    completed = Study.objects.filter(pk__in=quiet, status=StudyStatus.RECEIVING).update(
-        status=StudyStatus.COMPLETE, completed_at=timezone.now()
-    )
+    # The cutoff again in the update: an instance that arrived since the list was read keeps
+    # its study receiving.
+    completed = Study.objects.filter(
+        pk__in=quiet, status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
+    ).update(status=StudyStatus.COMPLETE, completed_at=timezone.now())
     for study in Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE):
         # Every frame made ready for the viewer, in the render queue.
         render_tasks.study_render_queue(study)
@@ -114,11 +116,29 @@ def media_build_task(export_id: int) -> str:
     return media.media_build(export=export).status
 
 
-@shared_task(soft_time_limit=3000, time_limit=3600)
-def study_reconcile_task(study_id: int, patient_id: str, patient_name: str, issuer: str) -> int:
-    """Rewrite the study's stored copies with the local patient identity (restartable)."""
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=3,
+    soft_time_limit=3000,
+    time_limit=3600,
+)
+def study_reconcile_task(
+    self: Task, study_id: int, patient_id: str, patient_name: str, issuer: str
+) -> int:
+    """Rewrite the study's stored copies with the local patient identity (restartable: a
+    worker lost midway hands it to another, copies already rewritten are skipped)."""
     study = Study.objects.filter(pk=study_id).first()
     if study is None:
         return 0
     identity = reconcile.Identity(patient_id, patient_name, issuer)
-    return reconcile.study_reconcile(study=study, identity=identity)
+    try:
+        return reconcile.study_reconcile(study=study, identity=identity)
+    except Exception as exc:
+        if self.request.retries < (self.max_retries or 0):
+            raise self.retry(exc=exc, countdown=60 * 2**self.request.retries) from exc
+        # Given up: the study is released (sharing and pushing work again) and the failure is
+        # on the record; starting the reconciliation again finishes the copies not yet done.
+        reconcile.study_reconcile_abandon(study=study, reason=f"{type(exc).__name__}: {exc}")
+        raise
