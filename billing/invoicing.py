@@ -114,30 +114,27 @@ def invoice_number(*, period: date, slug: str) -> str:
 
 
 def _issue_batch(bills: list[Bill], *, names: dict[int, tuple[str, str]]) -> int:
+    if not bills:
+        return 0
     run_id = uuid.uuid4()
     now = timezone.now()
     with transaction.atomic():
-        Invoice.objects.bulk_create(
-            [
-                Invoice(
-                    number=invoice_number(period=bill.period, slug=names[bill.facility_id][1]),
-                    facility_id=bill.facility_id,
-                    facility_name=names[bill.facility_id][0],
-                    period=bill.period,
-                    currency=bill.currency,
-                    total=bill.total,
-                    records=bill.usage.records,
-                    bytes=bill.usage.bytes,
-                    images=bill.usage.images,
-                    studies=bill.studies,
-                    courier_cost=bill.courier_cost,
-                    issued_at=now,
-                    run_id=run_id,
-                )
-                for bill in bills
-            ],
-            ignore_conflicts=True,
+        _invoices_insert(bills, names=names, run_id=run_id, now=now, unique_suffix=False)
+        # Slugs differing only in case ("abc", "ABC") make the same number: those invoices get
+        # the facility's id as well, rather than being dropped as if already issued.
+        period = bills[0].period
+        issued = set(
+            Invoice.objects.filter(
+                period=period, facility_id__in=[b.facility_id for b in bills]
+            ).values_list("facility_id", flat=True)
         )
+        missing = [bill for bill in bills if bill.facility_id not in issued]
+        if missing:
+            _invoices_insert(missing, names=names, run_id=run_id, now=now, unique_suffix=True)
+            if Invoice.objects.filter(
+                period=period, facility_id__in=[b.facility_id for b in missing]
+            ).count() != len(missing):
+                raise BillingError("an invoice number collided twice; nothing of this batch kept")
         mine = dict(
             Invoice.objects.filter(run_id=run_id).values_list("facility_id", "pk").order_by()
         )
@@ -159,6 +156,39 @@ def _issue_batch(bills: list[Bill], *, names: dict[int, tuple[str, str]]) -> int
             for position, line in enumerate(by_facility[facility_id].lines, start=1)
         )
     return len(mine)
+
+
+def _invoices_insert(
+    bills: list[Bill],
+    *,
+    names: dict[int, tuple[str, str]],
+    run_id: uuid.UUID,
+    now: datetime,
+    unique_suffix: bool,
+) -> None:
+    """Insert the invoices; one already there (another worker's, or a number taken) is skipped."""
+    Invoice.objects.bulk_create(
+        [
+            Invoice(
+                number=invoice_number(period=bill.period, slug=names[bill.facility_id][1])
+                + (f"-{bill.facility_id}" if unique_suffix else ""),
+                facility_id=bill.facility_id,
+                facility_name=names[bill.facility_id][0],
+                period=bill.period,
+                currency=bill.currency,
+                total=bill.total,
+                records=bill.usage.records,
+                bytes=bill.usage.bytes,
+                images=bill.usage.images,
+                studies=bill.studies,
+                courier_cost=bill.courier_cost,
+                issued_at=now,
+                run_id=run_id,
+            )
+            for bill in bills
+        ],
+        ignore_conflicts=True,
+    )
 
 
 def invoices_notify(*, period: date) -> int:

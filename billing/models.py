@@ -11,6 +11,7 @@ Money is always `Decimal` with a three-letter currency next to it, never a float
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -148,6 +149,33 @@ class PlanAssignment(models.Model):
             raise ValidationError(
                 "This facility already has a plan for part of these dates; end that one first."
             )
+        # The same rules as plan_assign: an invoiced month is final, and a month is billed in
+        # one currency.
+        earliest = self.starts_on.replace(day=1)
+        if self.pk is not None:
+            before = PlanAssignment.objects.filter(pk=self.pk).values_list("starts_on", flat=True)
+            earliest = min([earliest, *(d.replace(day=1) for d in before)])
+        if Invoice.objects.filter(facility_id=self.facility_id, period__gte=earliest).exists():
+            raise ValidationError(
+                "This facility is already invoiced for these dates; change plans only in months "
+                "not yet invoiced."
+            )
+        if self.starts_on.day != 1 and self.plan_id is not None:
+            day_before = self.starts_on - timedelta(days=1)
+            running = (
+                PlanAssignment.objects.filter(
+                    facility_id=self.facility_id, starts_on__lte=day_before
+                )
+                .filter(Q(ends_on__isnull=True) | Q(ends_on__gt=day_before))
+                .exclude(pk=self.pk)
+                .select_related("plan")
+                .first()
+            )
+            if running is not None and running.plan.currency != self.plan.currency:
+                raise ValidationError(
+                    f"The running plan is in {running.plan.currency}; a plan in "
+                    f"{self.plan.currency} starts on the first of a month (one currency a month)."
+                )
 
 
 # --- usage --------------------------------------------------------------------------------------
@@ -327,8 +355,10 @@ class CreditNote(models.Model):
     currency = models.CharField(max_length=3, validators=[currency_validator])
     reason = models.CharField(max_length=300)
     issued_at = models.DateTimeField(default=timezone.now)
+    # PROTECT: a credit note is never changed (a trigger refuses it), so the staff member who
+    # issued one is deactivated rather than deleted.
     issued_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
 
     class Meta:

@@ -22,6 +22,7 @@ The rules (also in billing/README.md):
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from .models import (
     UsageDay,
     UsageStudy,
 )
+
+log = logging.getLogger(__name__)
 
 GB = Decimal(10**9)
 CENT = Decimal("0.01")
@@ -105,6 +108,13 @@ def plan_assign(*, facility: Facility, plan: Plan, starts_on: date) -> PlanAssig
                 f"{facility} is already invoiced for {starts_on:%B %Y}; "
                 "start the new plan in a month not yet invoiced."
             )
+        if starts_on.day != 1:
+            running = plan_on(facility=facility, day=starts_on - timedelta(days=1))
+            if running.currency != plan.currency:
+                raise BillingError(
+                    f"{facility} is billed in {running.currency} until {starts_on:%d %B}; a plan "
+                    f"in {plan.currency} starts on the first of a month (one currency a month)."
+                )
         PlanAssignment.objects.filter(facility=facility, starts_on__gte=starts_on).delete()
         PlanAssignment.objects.filter(facility=facility).filter(
             Q(ends_on__isnull=True) | Q(ends_on__gt=starts_on)
@@ -278,18 +288,26 @@ def bills_for_month(*, period: date, facility_ids: Iterable[int] | None = None) 
             default=default,
             usage=usage_by_day.get(facility_id, []),
         )
-        bills[facility_id] = _bill(
-            facility_id=facility_id,
-            period=period,
-            segments=segments,
-            studies=study_counts.get(facility_id, 0),
-            courier=courier,
-        )
+        try:
+            bills[facility_id] = _bill(
+                facility_id=facility_id,
+                period=period,
+                segments=segments,
+                studies=study_counts.get(facility_id, 0),
+                courier=courier,
+            )
+        except BillingError as exc:
+            # One facility's impossible month (plans refuse it now; older rows may not) is
+            # reported, and every other facility is still billed.
+            log.error("facility %s not billed for %s: %s", facility_id, f"{period:%Y-%m}", exc)
     return bills
 
 
 def bill_for(*, facility: Facility, period: date) -> Bill:
-    return bills_for_month(period=period, facility_ids=[facility.pk])[facility.pk]
+    bills = bills_for_month(period=period, facility_ids=[facility.pk])
+    if facility.pk not in bills:
+        raise BillingError(f"{facility} has plans in two currencies in {period:%B %Y}")
+    return bills[facility.pk]
 
 
 def _segments(
@@ -371,6 +389,7 @@ def _bill(
             f"facility {facility_id} has plans in {', '.join(sorted(currencies))} in "
             f"{period:%B %Y}; one month is billed in one currency"
         )
+    currency = currencies.pop() if currencies else billing_currency()
     lines: list[Line] = []
     for s in segments:
         plan, used, when = s.plan, s.usage, _when(s)
@@ -409,7 +428,9 @@ def _bill(
                     fraction.quantize(QUANTITY, rounding=ROUND_HALF_UP),
                     "month",
                     plan.monthly_fee,
-                    money(plan.monthly_fee * fraction),
+                    # Multiplied before dividing: 19.95 for 10 of 28 days is 7.125 exactly,
+                    # which rounds half up to 7.13 (a fraction rounded first gave 7.12).
+                    money(plan.monthly_fee * s.days / s.month_days),
                     s.starts_on,
                     s.ends_on,
                 )
@@ -445,10 +466,11 @@ def _bill(
     return Bill(
         facility_id=facility_id,
         period=period,
-        currency=currencies.pop() if currencies else billing_currency(),
+        currency=currency,
         segments=tuple(segments),
         lines=tuple(lines),
         usage=usage,
         studies=studies,
-        courier_price=courier,
+        # The courier price is in the billing currency: no comparison for a bill in another.
+        courier_price=courier if currency == billing_currency() else ZERO,
     )

@@ -26,7 +26,7 @@ from django.views.decorators.http import require_GET
 from portal.access import AuthedRequest, get_membership_for_user
 
 from .charts import Bar, bar_chart
-from .conf import billing_tz
+from .conf import billing_currency, billing_tz
 from .dashboard import (
     dashboard_data,
     invoices_csv_rows,
@@ -109,8 +109,10 @@ def facility_billing(request: AuthedRequest, slug: str) -> HttpResponse:
     ]
     invoices = list(with_credited(Invoice.objects.filter(facility=facility)).order_by("-period"))
     # What the facility was charged: invoice totals less credit notes.
-    charged = sum((i.balance for i in invoices), ZERO)  # type: ignore[attr-defined]
-    courier = sum((i.courier_cost for i in invoices), ZERO)
+    # The courier comparison is in the billing currency: invoices in another are not added in.
+    compared = [i for i in invoices if i.currency == billing_currency()]
+    charged = sum((i.balance for i in compared), ZERO)  # type: ignore[attr-defined]
+    courier = sum((i.courier_cost for i in compared), ZERO)
     return render(
         request,
         "billing/facility_billing.html",
@@ -124,6 +126,7 @@ def facility_billing(request: AuthedRequest, slug: str) -> HttpResponse:
             "invoiced_total": charged,
             "courier_total": courier,
             "saved_total": courier - charged,
+            "billing_currency": billing_currency(),
             "tz": billing_tz(),
         },
     )

@@ -134,6 +134,15 @@ def push_create(
     if Study.objects.filter(pk=study.pk, reconcile_running=True).exists():
         raise PushError("The patient of this study is being reconciled; send it when that is done.")
     with transaction.atomic():
+        # One push of a study to a destination at a time (a double-clicked Send is one push,
+        # sent and billed once): the study row's lock makes the check hold.
+        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+        if Push.objects.filter(
+            study=study,
+            destination=destination,
+            status__in=[PushStatus.QUEUED, PushStatus.RUNNING],
+        ).exists():
+            raise PushError(f"This study is already being sent to {destination.name}.")
         push = Push.objects.create(
             study=study, destination=destination, share=share, requested_by=by
         )

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from django.core import mail
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, transaction
+from django.db.models import ProtectedError
 from django.test.utils import CaptureQueriesContext
 
 from billing import invoicing
@@ -21,7 +23,7 @@ from billing.invoicing import (
     invoice_month,
     invoices_notify,
 )
-from billing.models import CreditNote, Invoice, InvoiceLine, LineKind
+from billing.models import CreditNote, Invoice, InvoiceLine, LineKind, PlanAssignment
 from billing.plans import BillingError, plan_assign, plan_default
 from billing.tasks import invoice_previous_month
 from portal.models import Facility, User
@@ -274,3 +276,39 @@ def test_it_invoices_in_a_number_of_queries_that_does_not_grow_with_facilities(
     with CaptureQueriesContext(connection) as many:
         assert invoice_month(year=2025, month=4).issued == 40
     assert len(few) == len(many) <= 20
+
+
+def test_facilities_whose_slugs_differ_only_in_case_each_get_their_invoice(db: None) -> None:
+    lower = Facility.objects.create(name="Abc Clinic", slug="abc")
+    upper = Facility.objects.create(name="ABC Hospital", slug="ABC")
+    for facility in (lower, upper):
+        deliver(facility, nbytes=GB, at=local(date(2025, 3, 2)))
+
+    run = invoice_month(year=2025, month=3)
+
+    assert run.issued == 2
+    numbers = dict(Invoice.objects.values_list("facility__slug", "number"))
+    assert len(set(numbers.values())) == 2 and numbers["abc"] == "2025-03-ABC"
+    assert InvoiceLine.objects.filter(invoice__facility=upper).exists()
+    assert invoice_month(year=2025, month=3).issued == 0
+
+
+def test_a_staff_member_who_issued_a_credit_note_is_kept_not_deleted(
+    gfc: Facility, operator: User
+) -> None:
+    deliver(gfc, nbytes=3 * GB, at=local(date(2025, 3, 2)))
+    invoice_month(year=2025, month=3)
+    credit_note_issue(invoice=Invoice.objects.get(), amount=Decimal("1"), reason="x", by=operator)
+    # A clear refusal (deactivate them instead), not the immutability trigger's error.
+    with pytest.raises(ProtectedError):
+        operator.delete()
+    assert CreditNote.objects.get().issued_by == operator
+
+
+def test_the_admin_cannot_move_a_plan_into_an_invoiced_month(gfc: Facility) -> None:
+    deliver(gfc, nbytes=GB, at=local(date(2025, 3, 3)))
+    invoice_month(year=2025, month=3)
+    row = PlanAssignment(facility=gfc, plan=subscription(), starts_on=date(2025, 3, 20))
+    with pytest.raises(ValidationError, match="already invoiced"):
+        row.clean()
+    PlanAssignment(facility=gfc, plan=subscription("Later"), starts_on=date(2025, 4, 1)).clean()

@@ -10,7 +10,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from billing.invoicing import invoice_month
-from billing.models import LineKind, Plan, PlanAssignment, PlanKind
+from billing.models import Invoice, LineKind, Plan, PlanAssignment, PlanKind
 from billing.plans import (
     BillingError,
     bill_for,
@@ -130,13 +130,63 @@ def test_it_rounds_each_line_half_up_to_the_cent(gfc: Facility) -> None:
     assert bill_for(facility=gfc, period=MARCH).total == Decimal("0.01")
 
 
-def test_it_refuses_two_currencies_in_one_month(gfc: Facility) -> None:
-    euro = Plan.objects.create(
+def _euro() -> Plan:
+    return Plan.objects.create(
         name="Euro", kind=PlanKind.PER_GB, currency="EUR", price_per_gb=Decimal("1")
     )
-    plan_assign(facility=gfc, plan=euro, starts_on=date(2025, 3, 15))
-    with pytest.raises(BillingError, match="one currency"):
+
+
+def test_it_refuses_two_currencies_in_one_month(gfc: Facility) -> None:
+    euro = _euro()
+    with pytest.raises(BillingError, match="one currency a month"):
+        plan_assign(facility=gfc, plan=euro, starts_on=date(2025, 3, 15))
+    form_row = PlanAssignment(facility=gfc, plan=euro, starts_on=date(2025, 3, 15))
+    plan_assign(facility=gfc, plan=plan_default(), starts_on=date(2025, 1, 1))
+    PlanAssignment.objects.filter(facility=gfc).update(ends_on=date(2025, 3, 15))
+    with pytest.raises(ValidationError, match="one currency a month"):
+        form_row.clean()
+    # From the first of a month it is a new month in a new currency.
+    plan_assign(facility=gfc, plan=euro, starts_on=date(2025, 4, 1))
+    deliver(gfc, nbytes=GB, at=local(date(2025, 4, 2)))
+    assert bill_for(facility=gfc, period=date(2025, 4, 1)).currency == "EUR"
+
+
+def test_a_facility_with_two_currencies_in_a_month_does_not_stop_the_others(
+    gfc: Facility, krmc: Facility
+) -> None:
+    # Rows written before the rule (or by hand): the month cannot be billed for gfc ...
+    PlanAssignment.objects.create(
+        facility=gfc, plan=plan_default(), starts_on=date(2025, 1, 1), ends_on=date(2025, 3, 15)
+    )
+    PlanAssignment.objects.create(facility=gfc, plan=_euro(), starts_on=date(2025, 3, 15))
+    for facility in (gfc, krmc):
+        deliver(facility, nbytes=GB, at=local(date(2025, 3, 20)))
+    with pytest.raises(BillingError, match="two currencies"):
         bill_for(facility=gfc, period=MARCH)
+
+    run = invoice_month(year=2025, month=3)
+
+    # ... and every other facility is still invoiced.
+    assert run.issued == 1
+    assert list(Invoice.objects.values_list("facility__slug", flat=True)) == ["krmc"]
+
+
+def test_it_rounds_a_prorated_fee_half_up_from_its_exact_amount(gfc: Facility) -> None:
+    # 19.95 for 10 of February's 28 days is 7.125 exactly: half up, 7.13.
+    plan_assign(facility=gfc, plan=subscription(fee="19.95"), starts_on=date(2025, 2, 19))
+    bill = bill_for(facility=gfc, period=date(2025, 2, 1))
+    fees = [line.amount for line in bill.lines if line.kind == LineKind.SUBSCRIPTION]
+    assert fees == [Decimal("7.13")]
+
+
+def test_it_compares_with_the_courier_only_in_the_billing_currency(gfc: Facility) -> None:
+    plan_assign(facility=gfc, plan=_euro(), starts_on=date(2025, 3, 1))
+    study = make_study(gfc)
+    deliver(gfc, nbytes=GB, at=local(date(2025, 3, 3)), study=study)
+    bill = bill_for(facility=gfc, period=MARCH)
+    assert bill.currency == "EUR"
+    # The courier price is in USD: no 11 "EUR" a disc, no savings made of two currencies.
+    assert bill.courier_cost == 0 and bill.courier_price == 0
 
 
 def test_it_ends_the_running_plan_when_a_new_one_starts(gfc: Facility) -> None:

@@ -253,6 +253,15 @@ def test_a_revoked_share_stops_a_queued_push_and_its_rerun(
     assert push.status == PushStatus.FAILED
 
 
+def test_a_double_clicked_send_is_one_push(shared: Share, dana: User, gfc: Facility) -> None:
+    destination = _destination(gfc, 104)
+    access = study_access(FakeRequest(dana), Study.objects.get().uuid)  # type: ignore[arg-type]
+    push_create(access=access, destination=destination, by=dana)
+    with pytest.raises(PushError, match="already being sent"):
+        push_create(access=access, destination=destination, by=dana)
+    assert Push.objects.count() == 1
+
+
 def test_a_share_with_one_facility_cannot_be_pushed_into_another_facilitys_pacs(
     shared: Share, dana: User, gfc: Facility, bob: User
 ) -> None:
