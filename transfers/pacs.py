@@ -150,19 +150,22 @@ def push_create(
             PushInstance(push=push, instance_id=pk)
             for pk in Instance.objects.filter(series__study=study).values_list("pk", flat=True)
         )
-        audit_record(
-            action=AuditAction.STUDY_PUSH,
-            request=request,
-            actor=by,
-            study=study,
-            detail={
-                "destination": str(destination),
-                "push": str(push.uuid),
-                **({"share": str(share.uuid)} if share else {}),
-            },
-        )
+        _audit_push(push, share=share, by=by, request=request)
         push_queue(push)
     return push
+
+
+def _audit_push(
+    push: Push, *, share: Share | None, by: User, request: HttpRequest | None, rerun: bool = False
+) -> None:
+    detail: dict[str, object] = {"destination": str(push.destination), "push": str(push.uuid)}
+    if rerun:
+        detail["rerun"] = True
+    if share:
+        detail["share"] = str(share.uuid)
+    audit_record(
+        action=AuditAction.STUDY_PUSH, request=request, actor=by, study=push.study, detail=detail
+    )
 
 
 def push_share(*, access: StudyAccess, destination: PacsDestination, by: User) -> Share | None:
@@ -205,18 +208,7 @@ def push_rerun(
         updated = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
         if not updated.update(status=PushStatus.QUEUED, error="", finished_at=None, share=share):
             return False
-        audit_record(
-            action=AuditAction.STUDY_PUSH,
-            request=request,
-            actor=by,
-            study=push.study,
-            detail={
-                "destination": str(push.destination),
-                "push": str(push.uuid),
-                "rerun": True,
-                **({"share": str(share.uuid)} if share else {}),
-            },
-        )
+        _audit_push(push, share=share, by=by, request=request, rerun=True)
         push_queue(push)
     return True
 
