@@ -225,7 +225,7 @@ def main() -> int:
         text=True,
     ).stdout
     leftovers += subprocess.run(
-        ["pgrep", "-f", "celery -A portal"], capture_output=True, text=True
+        ["pgrep", "-f", "celery -A relay"], capture_output=True, text=True
     ).stdout
     if leftovers.strip() or up():
         print((var / "make-run.log").read_text(errors="replace")[-5000:])

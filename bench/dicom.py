@@ -294,7 +294,7 @@ def push_section(wb: Workbench) -> Section:
         Row("sender peak RSS (MiB)", pushed["rss_peak"] / MiB, None, "{:.0f}"),
     ]
     section.notes.append(
-        "Relay: transfers.pacs.push_send of the study received by the gateway, in its own "
+        "Relay: transfers.dicom.push.push_send of the study received by the gateway, in its own "
         "process (the body of the push task; not via Celery), timed around push_send only. "
         "storescu sends the original files; each into a freshly started Orthanc."
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "relay.settings")
 
 MiB = 1024 * 1024
 RESULT = "BENCH-RESULT "
@@ -86,10 +86,10 @@ def study_info(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def push(args: dict[str, Any]) -> dict[str, Any]:
-    """transfers.pacs.push_send of the whole study into a PACS (one association)."""
+    """transfers.dicom.push.push_send of the whole study into a PACS (one association)."""
     from portal.models import User
+    from transfers.dicom.push import PushTransient, push_send
     from transfers.models import Instance, PacsDestination, Push, PushInstance
-    from transfers.pacs import PushTransient, push_send
 
     study = _study(args["study_uuid"])
     destination = PacsDestination.objects.create(
@@ -129,7 +129,13 @@ def push(args: dict[str, Any]) -> dict[str, Any]:
 
 def export(args: dict[str, Any]) -> dict[str, Any]:
     """export_plan, zip_stream read to the end, iso_size and iso_build into a temporary file."""
-    from transfers.export import export_plan, iso_build, iso_size, volume_label_for, zip_stream
+    from transfers.media.export import (
+        export_plan,
+        iso_build,
+        iso_size,
+        volume_label_for,
+        zip_stream,
+    )
 
     study = _study(args["study_uuid"])
     result: dict[str, Any] = {}
@@ -167,7 +173,7 @@ def render(args: dict[str, Any]) -> dict[str, Any]:
     from django.core.files.storage import storages
 
     from transfers.models import Instance
-    from transfers.render import frame_render_key, study_render
+    from transfers.viewer.render import frame_render_key, study_render
 
     study = _study(args["study_uuid"])
     started = time.perf_counter()
@@ -187,7 +193,7 @@ def viewer(args: dict[str, Any]) -> dict[str, Any]:
     """Server-side time of the viewer's data, without HTTP: look the instance up as a view would
     and get its frame (frame_render_get), and the series thumbnail (thumbnail_get)."""
     from transfers.models import Instance, Series
-    from transfers.render import frame_render_get, thumbnail_get
+    from transfers.viewer.render import frame_render_get, thumbnail_get
 
     study = _study(args["study_uuid"])
 

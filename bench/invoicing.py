@@ -3,7 +3,7 @@ PostgreSQL, and the billing pages' response times on that data (issue 6).
 
 Runs in its own throwaway PostgreSQL database (relay_bench_billing on the server of
 DATABASE_URL, or 127.0.0.1:5432 as user postgres), migrated from scratch, filled with COPY by
-`billing.bench_data.billing_bench`, and dropped afterwards. There is no peer: the figures are
+`bench/billing_data.py` (`billing_bench`), and dropped afterwards. There is no peer: the figures are
 compared with the issue's aims (a month invoiced in under a minute, the dashboard under 500 ms).
 """
 
@@ -24,10 +24,13 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 DB_NAME = "relay_bench_billing"
 
 SCRIPT = """
-import json, django
+import json, sys, django
+sys.path.insert(0, "bench")
+from relay.embedded import var_prepare
+var_prepare()
 django.setup()
 from dataclasses import asdict
-from billing.bench_data import billing_bench
+from billing_data import billing_bench
 result = billing_bench(facilities={facilities}, rows={rows})
 print("BILLING-BENCH " + json.dumps(asdict(result)))
 """
@@ -54,7 +57,7 @@ def billing_section(*, facilities: int = 1000, rows: int = 1_000_000) -> dict[st
     env = {
         **os.environ,
         "DATABASE_URL": url,
-        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DJANGO_SETTINGS_MODULE": "relay.settings",
         # Its own folder: the 1,000 invoice e-mails queue into a broker that is thrown away.
         "RELAY_VAR_DIR": var,
         "ALLOWED_HOSTS": "testserver",

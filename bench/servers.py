@@ -247,7 +247,7 @@ class RelayServer(_Server):
         for name in ("MEDIA_ROOT", "RELAY_BROKER_DIR", "SECRET_KEY", "S3_BUCKET", "DATABASE_URL"):
             env.pop(name, None)
         env.update(
-            RELAY_VAR_DIR=str(self.var_dir), DEBUG="0", DJANGO_SETTINGS_MODULE="portal.settings"
+            RELAY_VAR_DIR=str(self.var_dir), DEBUG="0", DJANGO_SETTINGS_MODULE="relay.settings"
         )
         if self.database.url:
             env["DATABASE_URL"] = self.database.url
@@ -281,7 +281,7 @@ class RelayServer(_Server):
         gunicorn = VENV_BIN / "gunicorn"
         args = [
             str(gunicorn),
-            "portal.wsgi:application",
+            "relay.wsgi:application",
             "--bind",
             f"127.0.0.1:{self.port}",
             "--workers",

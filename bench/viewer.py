@@ -23,7 +23,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 VIEWER_FILES = (
     REPO / "templates" / "transfers" / "viewer.html",
-    REPO / "static" / "js" / "viewer.js",
+    REPO / "static" / "js" / "viewer" / "main.js",
 )
 
 
@@ -81,7 +81,7 @@ def render_section(wb: Workbench) -> Section:
         Row("render process peak RSS (MiB)", result["rss_peak"] / MiB, None, "{:.0f}"),
     ]
     section.notes.append(
-        "in-process: transfers.render.study_render in one Python process in Relay's environment "
+        "in-process: transfers.viewer.render.study_render in one Python process in Relay's environment "
         "(the body of study_render_task; not through Celery and its broker), started as soon as "
         f"the ingest ({wb.ingest_how}) finished. In production the task is queued when the study "
         "is complete, after RELAY_STUDY_QUIET_SECONDS (300 s) for a gateway study."
@@ -94,7 +94,7 @@ def render_section(wb: Workbench) -> Section:
 
 
 def viewer_endpoints_exist() -> bool:
-    urls = REPO / "transfers" / "viewer_urls.py"
+    urls = REPO / "transfers" / "viewer" / "urls.py"
     return urls.exists() and "frames" in urls.read_text()
 
 
@@ -223,7 +223,7 @@ def viewer_section(wb: Workbench) -> Section:
         )
     else:
         section.notes.append(
-            "Relay in-process: the viewer's HTTP endpoints (transfers/viewer_urls.py) do not "
+            "Relay in-process: the viewer's HTTP endpoints (transfers/viewer/urls.py) do not "
             "exist yet, so Relay's numbers are server work without HTTP (instance lookup + "
             "frame_render_get; series lookup + thumbnail_get), while Orthanc's are HTTP round "
             "trips on loopback: the ratio flatters Relay by about the HTTP floor row."
@@ -274,7 +274,7 @@ FIRST_IMAGE_JS = """
 
 def viewer_page_missing() -> str:
     missing = [str(path.relative_to(REPO)) for path in VIEWER_FILES if not path.exists()]
-    urls = REPO / "transfers" / "viewer_urls.py"
+    urls = REPO / "transfers" / "viewer" / "urls.py"
     if not urls.exists() or "view" not in urls.read_text().split("urlpatterns", 1)[-1]:
         missing.append("a /view/ route in transfers/viewer_urls.py")
     return ", ".join(missing)

@@ -1,1 +1,2 @@
-"""Metering of delivered data, plans and invoices (built in the billing issue)."""
+"""Billing: metering of delivered image data, plans, monthly invoices and the operator's
+dashboard."""

@@ -1,6 +1,6 @@
 """Billing settings, read in one place with their defaults.
 
-The variables are set in portal/settings.py from the environment (see billing/README.md); the
+The variables are set in relay/settings.py from the environment (see the README, Billing); the
 defaults here keep billing working on a checkout whose settings do not name them yet.
 """
 

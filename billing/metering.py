@@ -1,22 +1,20 @@
 """Metering: every byte of image data delivered to a recipient is recorded once.
 
-The places that deliver data call one function, in the request or task that delivers, inside
-whatever transaction they already have open:
-
-- `usage_record(facility=..., user=..., share=..., study=..., kind=..., bytes=..., images=...,
-  key=...)` records a delivery charged to `facility`;
-- `delivery_record(share=..., user=..., ...)` does the same after `billed_facility` decided who
-  pays, for the views that deliver under a share (viewer, ZIP, disc image).
+Transfers announces every delivery through one seam, `transfers.deliveries.delivery_made`, in
+the request or task that delivers and inside its transaction; `delivery_meter` (connected in
+billing.apps) decides who pays (`billed_facility`) and calls `usage_record`, which records a
+delivery charged to a facility.
 
 Rules, decided here and nowhere else:
 
-- **Who pays.** The facility that receives the data: for a share to a facility, that facility;
-  for a share to a physician, the facility the physician belongs to (their oldest membership,
-  which for an invited physician is their own practice), or the sender if they have none; for
-  a patient link, the sending facility (`RELAY_BILL_PATIENT_LINKS_TO = "sender"`, or `"none"`
-  to meter nothing). A facility reading its own studies (no share) is not a delivery and is not
-  metered; a push into a PACS is charged to the facility that owns the PACS.
-- **Once.** `key` names one delivery (`delivery_key("zip", share, user, study, ...)`); it is
+- **Who pays.** The facility that receives the data, as transfers names it: for a share to a
+  facility, that facility; for a share to a physician, the facility the physician belongs to
+  (their oldest membership, which for an invited physician is their own practice); for a push
+  into a PACS, the facility that owns the PACS. A physician with no facility: the sender. A
+  patient link: the sending facility (`RELAY_BILL_PATIENT_LINKS_TO = "sender"`, or `"none"` to
+  meter nothing). A facility reading its own studies is not a delivery (transfers announces
+  none).
+- **Once.** `key` names one delivery (`transfers.deliveries.delivery_key`); it is
   unique in the table, so a retried push, a resumed or repeated download, or a frame fetched
   again after its cache expired writes nothing new. The insert runs in a savepoint, so the
   duplicate does not spoil the caller's transaction.
@@ -35,22 +33,18 @@ reads those (about 31 rows per facility), never the raw rows.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from portal.models import Facility, Membership, User
+from portal.models import Facility, User
+from transfers.deliveries import KEY_MAX, Delivery
+from transfers.models import Share, ShareKind, Study
 
 from .conf import PATIENT_LINKS_TO_SENDER, billing_tz, patient_links_billed_to
 from .models import UsageDay, UsageKind, UsageRecord, UsageStudy
-
-if TYPE_CHECKING:
-    from transfers.models import Share, Study
-
-KEY_MAX = 255
 
 
 def billing_day(at: datetime) -> date:
@@ -62,38 +56,33 @@ def month_start(day: date) -> date:
     return day.replace(day=1)
 
 
-def delivery_key(kind: str, *parts: object) -> str:
-    """A key naming one delivery, e.g. delivery_key("viewer", share.uuid, user.pk, sop, 0).
-
-    Long keys (many long UIDs) are hashed so that they always fit the column."""
-    key = ":".join(str(part) for part in (kind, *parts))
-    if len(key) > KEY_MAX:
-        key = f"{kind}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-    return key
-
-
-def billed_facility(*, share: Share | None, user: User | None) -> Facility | None:
-    """The facility that pays for data delivered under `share` to `user` (None: nobody)."""
-    from transfers.models import ShareKind
-
-    if share is None:
-        return None  # a facility reading its own studies
-    if share.kind == ShareKind.PATIENT:
+def billed_facility(delivery: Delivery) -> Facility | None:
+    """The facility that pays for a delivery (None: nobody)."""
+    if delivery.receiving_facility is not None:
+        return delivery.receiving_facility
+    if delivery.share.kind == ShareKind.PATIENT:
         if patient_links_billed_to() == PATIENT_LINKS_TO_SENDER:
-            return share.facility
+            return delivery.share.facility
         return None
-    if share.kind == ShareKind.FACILITY and share.recipient_facility_id is not None:
-        return share.recipient_facility
-    if user is not None:
-        membership = (
-            Membership.objects.filter(user=user)
-            .select_related("facility")
-            .order_by("created_at", "pk")
-            .first()
-        )
-        if membership is not None:
-            return membership.facility
-    return share.facility
+    return delivery.share.facility  # a physician with no facility of their own
+
+
+def delivery_meter(sender: object, *, delivery: Delivery, **kwargs: Any) -> UsageRecord | None:
+    """The receiver of `transfers.deliveries.delivery_made`: record the delivery against the
+    facility that pays for it."""
+    facility = billed_facility(delivery)
+    if facility is None:
+        return None
+    return usage_record(
+        facility=facility,
+        user=delivery.user,
+        share=delivery.share,
+        study=delivery.study,
+        kind=str(delivery.kind),
+        bytes=delivery.bytes,
+        images=delivery.images,
+        key=delivery.key,
+    )
 
 
 def usage_record(
@@ -115,7 +104,9 @@ def usage_record(
     if bytes < 0 or images < 0:
         raise ValueError("a delivery cannot have a negative size")
     if not key or len(key) > KEY_MAX:
-        raise ValueError("a usage key is 1 to 255 characters; build it with delivery_key()")
+        raise ValueError(
+            "a usage key is 1 to 255 characters; build it with transfers.deliveries.delivery_key"
+        )
     if bytes == 0:
         return None
     at = at or timezone.now()
@@ -148,32 +139,6 @@ def usage_record(
     return record
 
 
-def delivery_record(
-    *,
-    share: Share | None,
-    user: User | None,
-    study: Study,
-    kind: str,
-    bytes: int,
-    images: int,
-    key: str,
-) -> UsageRecord | None:
-    """usage_record for a delivery under a share, charged to whoever `billed_facility` says."""
-    facility = billed_facility(share=share, user=user)
-    if facility is None:
-        return None
-    return usage_record(
-        facility=facility,
-        user=user,
-        share=share,
-        study=study,
-        kind=kind,
-        bytes=bytes,
-        images=images,
-        key=key,
-    )
-
-
 def _usage_day_add(*, facility_id: int, day: date, nbytes: int, images: int) -> None:
     """Add one delivery to its day's rollup row with one upsert. The ORM cannot say
     "increment on conflict"; PostgreSQL and SQLite (3.24+) both speak this SQL."""
@@ -194,7 +159,7 @@ def _usage_day_add(*, facility_id: int, day: date, nbytes: int, images: int) -> 
 
 def usage_rollups_rebuild(*, first_month: date, last_month: date) -> None:
     """Recompute both rollups of whole months from the raw rows: for rows loaded in bulk
-    (billing.bench_data) and as a repair tool. Runs in one transaction."""
+    (bench/billing_data.py) and as a repair tool. Runs in one transaction."""
     first = month_start(first_month)
     end = _next_month(month_start(last_month))
     ops = connection.ops

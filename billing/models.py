@@ -192,7 +192,7 @@ class UsageKind(models.TextChoices):
 class UsageRecord(models.Model):
     """One delivery of image data to a recipient, charged to `facility`.
 
-    `key` names the delivery (see `billing.metering.delivery_key`): a retried push or a resumed
+    `key` names the delivery (see `transfers.deliveries.delivery_key`): a retried push or a resumed
     download writes the same key again and is not counted twice. `day` is the calendar date of
     `at` in the billing time zone, fixed when the row is written, so that every later query
     by month is a plain date range with no time-zone arithmetic in SQL.

@@ -4,7 +4,7 @@
 tables in six queries, however many facilities there are. Invoicing issues what it returns;
 the facility page and the staff dashboard show it for the month still running.
 
-The rules (also in billing/README.md):
+The rules (also in the README, Billing):
 
 - A GB is 10⁹ bytes. Money is Decimal, rounded half-up to the cent once per invoice line;
   the total is the sum of the rounded lines.

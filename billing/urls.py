@@ -1,6 +1,6 @@
 """Billing URLs: the facility admin's billing page and invoices, the staff dashboard and CSVs.
 
-portal/urls.py includes these with `path("", include("billing.urls"))`.
+relay/urls.py includes these with `path("", include("billing.urls"))`.
 """
 
 from __future__ import annotations

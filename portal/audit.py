@@ -7,7 +7,7 @@ Django reports logins, logouts and failed logins (including the admin's) only th
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
@@ -15,8 +15,15 @@ from django.http import HttpRequest
 
 from .models import AuditAction, AuditEvent, Facility, Outcome, User
 
-if TYPE_CHECKING:
-    from transfers.models import Study
+
+class AuditedStudy(Protocol):
+    """What the trail copies from a study (transfers' Study has it; portal does not import it)."""
+
+    study_instance_uid: str
+    patient_id: str
+
+    @property
+    def facility(self) -> Facility: ...
 
 
 def client_ip(request: HttpRequest) -> str | None:
@@ -35,12 +42,14 @@ def audit_record(
     request: HttpRequest | None = None,
     actor: User | None = None,
     facility: Facility | None = None,
-    study: Study | None = None,
+    study: AuditedStudy | None = None,
     study_instance_uid: str = "",
     patient_id: str = "",
     outcome: str = Outcome.SUCCESS,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
+    # Refuses a misspelt or unknown action: the trail is searched by these values.
+    action = AuditAction(action).value
     if actor is None and request is not None and getattr(request, "user", None) is not None:
         if request.user.is_authenticated:
             actor = request.user  # type: ignore[assignment]

@@ -112,6 +112,35 @@ def invitation_accept(
     return membership
 
 
+def invitation_withdraw(
+    *, facility: Facility, invitation_id: int, by: User, request: HttpRequest | None = None
+) -> bool:
+    """Withdraw an invitation of the facility not yet accepted; False when there is none."""
+    with transaction.atomic():
+        invitation = (
+            Invitation.objects.select_for_update()
+            .filter(
+                pk=invitation_id,
+                facility=facility,
+                accepted_at__isnull=True,
+                revoked_at__isnull=True,
+            )
+            .first()
+        )
+        if invitation is None:
+            return False
+        invitation.revoked_at = timezone.now()
+        invitation.save(update_fields=["revoked_at"])
+        audit_record(
+            action=AuditAction.INVITATION_REVOKE,
+            request=request,
+            actor=by,
+            facility=facility,
+            detail={"email": invitation.email, "role": invitation.role},
+        )
+    return True
+
+
 def membership_change_role(
     *, membership: Membership, role: str, by: User, request: HttpRequest | None = None
 ) -> None:

@@ -1,10 +1,10 @@
-"""Top-level URLs."""
+"""URLs of accounts (sign-in, password, profile, API tokens, invitations) and facility
+administration (members, audit log)."""
 
 from __future__ import annotations
 
-from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import path
 
 from . import views
 
@@ -40,7 +40,14 @@ urlpatterns = [
     path("invitations/<str:token>/", views.invitation_open, name="invitation_open"),
     path("facilities/<slug:slug>/members/", views.facility_members, name="facility_members"),
     path(
-        "facilities/<slug:slug>/members/<int:member_id>/", views.member_update, name="member_update"
+        "facilities/<slug:slug>/members/<int:member_id>/role/",
+        views.member_role,
+        name="member_role",
+    ),
+    path(
+        "facilities/<slug:slug>/members/<int:member_id>/remove/",
+        views.member_remove,
+        name="member_remove",
     ),
     path(
         "facilities/<slug:slug>/invitations/<int:invitation_id>/revoke/",
@@ -48,7 +55,4 @@ urlpatterns = [
         name="invitation_revoke",
     ),
     path("facilities/<slug:slug>/audit/", views.facility_audit, name="facility_audit"),
-    path("", include("billing.urls")),
-    path("", include("transfers.urls")),
-    path("admin/", admin.site.urls),
 ]

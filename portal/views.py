@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, time
 
 from django.contrib import messages
@@ -34,6 +35,7 @@ from .services import (
     invitation_accept,
     invitation_create,
     invitation_for_token,
+    invitation_withdraw,
     membership_change_role,
     membership_remove,
 )
@@ -221,9 +223,8 @@ def facility_members(request: AuthedRequest, slug: str) -> HttpResponse:
     )
 
 
-@require_POST
-@login_required
-def member_update(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
+def _get_member_for_admin(request: AuthedRequest, slug: str, member_id: int) -> Membership:
+    """A membership of the facility this admin manages; 404 otherwise."""
     admin = get_membership_for_user(request, slug, manage=True)
     member = (
         Membership.objects.filter(pk=member_id, facility=admin.facility)
@@ -232,24 +233,13 @@ def member_update(request: AuthedRequest, slug: str, member_id: int) -> HttpResp
     )
     if member is None:
         raise Http404("No such member.")
+    return member
+
+
+def _member_change(request: AuthedRequest, slug: str, change: Callable[[], str]) -> HttpResponse:
+    """Run one change of a membership; its message, or the reason it was refused."""
     try:
-        if request.POST.get("action") == "remove":
-            membership_remove(membership=member, by=request.user, request=request)
-            messages.success(request, f"{member.user.email} removed.")
-        else:
-            form = RoleForm(request.POST)
-            if not form.is_valid():
-                messages.error(request, "Choose a role.")
-            else:
-                membership_change_role(
-                    membership=member,
-                    role=form.cleaned_data["role"],
-                    by=request.user,
-                    request=request,
-                )
-                messages.success(
-                    request, f"{member.user.email} is now {form.cleaned_data['role']}."
-                )
+        messages.success(request, change())
     except ServiceError as exc:
         messages.error(request, str(exc))
     return redirect("facility_members", slug=slug)
@@ -257,12 +247,41 @@ def member_update(request: AuthedRequest, slug: str, member_id: int) -> HttpResp
 
 @require_POST
 @login_required
+def member_role(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
+    member = _get_member_for_admin(request, slug, member_id)
+    form = RoleForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose a role.")
+        return redirect("facility_members", slug=slug)
+    role = form.cleaned_data["role"]
+
+    def change() -> str:
+        membership_change_role(membership=member, role=role, by=request.user, request=request)
+        return f"{member.user.email} is now {role}."
+
+    return _member_change(request, slug, change)
+
+
+@require_POST
+@login_required
+def member_remove(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
+    member = _get_member_for_admin(request, slug, member_id)
+
+    def change() -> str:
+        membership_remove(membership=member, by=request.user, request=request)
+        return f"{member.user.email} removed."
+
+    return _member_change(request, slug, change)
+
+
+@require_POST
+@login_required
 def invitation_revoke(request: AuthedRequest, slug: str, invitation_id: int) -> HttpResponse:
     admin = get_membership_for_user(request, slug, manage=True)
-    Invitation.objects.filter(
-        pk=invitation_id, facility=admin.facility, accepted_at__isnull=True
-    ).update(revoked_at=timezone.now())
-    messages.success(request, "Invitation withdrawn.")
+    if invitation_withdraw(
+        facility=admin.facility, invitation_id=invitation_id, by=request.user, request=request
+    ):
+        messages.success(request, "Invitation withdrawn.")
     return redirect("facility_members", slug=slug)
 
 

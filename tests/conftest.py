@@ -32,7 +32,7 @@ def _private_storage(settings: Any, tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _eager_celery(settings: Any) -> None:
-    from portal.celery import app
+    from relay.celery import app
 
     app.conf.task_always_eager = True
     app.conf.task_eager_propagates = True

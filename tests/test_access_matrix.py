@@ -61,7 +61,7 @@ def test_only_admins_change_members(request, persona, alice, krmc):
 
     user = request.getfixturevalue(persona)
     target = Membership.objects.get(user=alice)
-    response = client_for(user).post(f"/facilities/krmc/members/{target.pk}/", {"action": "remove"})
+    response = client_for(user).post(f"/facilities/krmc/members/{target.pk}/remove/")
     assert response.status_code == 404
     assert Membership.objects.filter(pk=target.pk).exists()
     response = client_for(user).post(

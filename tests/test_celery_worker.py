@@ -26,8 +26,8 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from portal.celery import app
 from portal.services import invitation_create
+from relay.celery import app
 from tests.helpers import PASSWORD, client_for, read_testdata, upload
 from transfers.models import NotifyStatus, Share, Study, StudyStatus
 from transfers.tasks import studies_complete_quiet
@@ -106,7 +106,7 @@ def _worker_process(
             "-m",
             "celery",
             "-A",
-            "portal",
+            "relay",
             "worker",
             "-Q",
             "quick,slow,render",

@@ -23,8 +23,15 @@ from django.http import Http404, HttpRequest
 from portal.access import facilities_of
 
 from .models import Share, ShareKind, Study
-from .patient import patient_session_has, patient_share_for_token
-from .sharing import shares_received_by
+
+# The session key listing the patient shares this browser session answered the second factor of
+# (written by transfers.patient_links when the answer is right).
+PATIENT_SESSION_KEY = "patient_shares"
+
+
+def patient_session_has(*, request: HttpRequest, share: Share) -> bool:
+    """Whether this browser session answered the second factor of this patient share."""
+    return share.pk in request.session.get(PATIENT_SESSION_KEY, [])
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,11 @@ def study_access(
             can_import=True,
             who=user.email,
         )  # type: ignore[union-attr]
-    shares = shares_received_by(user).filter(studies=study).order_by("-can_download", "-created_at")  # type: ignore[arg-type]
+    shares = (
+        Share.objects.received_by(user)
+        .filter(studies=study)
+        .order_by("-can_download", "-created_at")
+    )  # type: ignore[arg-type]
     share = shares.first()
     if share is None:
         raise Http404("No such study.")
@@ -93,7 +104,7 @@ def study_access(
 
 
 def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) -> StudyAccess:
-    share = patient_share_for_token(token)
+    share = Share.objects.patient_link(token)
     if share is None or not patient_session_has(request=request, share=share):
         raise Http404("No such study.")
     study = (

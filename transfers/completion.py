@@ -3,24 +3,31 @@
 An upload through the browser or `relay send` ends with a manifest: the SOP Instance UID and
 SHA-256 of every file it sent. The SHA-256 is of the file with its 128-byte preamble zeroed,
 which is the copy Relay stores (see ingest). A study is complete when every instance the manifest
-lists for it is stored with that hash. A study that arrives without a manifest (later: the DICOM
-gateway) is complete after RELAY_STUDY_QUIET_SECONDS with nothing new (tasks.studies_complete_quiet).
+lists for it is stored with that hash. A study that arrives without a manifest (through the DICOM
+gateway) is complete after RELAY_STUDY_QUIET_SECONDS with nothing new (`studies_complete_quiet`,
+run every minute by Celery beat through `transfers.tasks`).
+
+A study that completes is rendered for the viewer, its waiting shares are notified, and one
+that came from a PACS is shared by its facility's routing rules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from portal.models import Facility
 
+from .dicom.routing import routing_apply
 from .ingest import is_valid_uid
 from .models import Instance, Study, StudyStatus
-from .render_tasks import study_render_queue
-from .sharing import shares_notify_completed
+from .sharing.services import shares_notify_completed
+from .viewer.tasks import study_render_queue
 
 MAX_MANIFEST = 20_000
 
@@ -101,3 +108,30 @@ def manifest_apply(*, facility: Facility, entries: list[dict[str, str]]) -> Mani
             result.complete.append(str(study.uuid))
         shares_notify_completed()
     return result
+
+
+def studies_complete_quiet() -> int:
+    """A study that has received nothing for the quiet period is complete; returns how many.
+
+    One conditional UPDATE: safe to run twice or on two beats at once.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.RELAY_STUDY_QUIET_SECONDS)
+    quiet = list(
+        Study.objects.filter(
+            status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
+        ).values_list("pk", flat=True)
+    )
+    # The cutoff again in the update: an instance that arrived since the list was read keeps
+    # its study receiving.
+    completed = Study.objects.filter(
+        pk__in=quiet, status=StudyStatus.RECEIVING, last_received_at__lte=cutoff
+    ).update(status=StudyStatus.COMPLETE, completed_at=timezone.now())
+    for study in Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE):
+        # Every frame made ready for the viewer, in the render queue.
+        study_render_queue(study)
+        # Studies from a PACS are shared by their facility's routing rules (once per rule).
+        if study.received_from_ae:
+            routing_apply(study=study)
+    # Shares made while their studies were still arriving are notified now.
+    shares_notify_completed()
+    return completed

@@ -43,7 +43,7 @@ from portal.models import AuditAction, Facility, Outcome, User
 
 from .models import Instance, Series, Study, StudyStatus
 from .purge import study_has_contents
-from .tasks import purge_expired
+from .queue import task_queue_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -721,7 +721,7 @@ def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str, bool] | 
 
 def _purge_finish_soon() -> None:
     """A purge stopped halfway holds up uploads of its study: run it now, not at night."""
-    transaction.on_commit(purge_expired.delay)
+    task_queue_on_commit("transfers.tasks.purge_expired")
 
 
 def _dedup_result(

@@ -1,19 +1,23 @@
 """Radiology reports attached to studies: a PDF or text typed in. The recipient of a share sees
-and downloads them with the study; exports include them (export work)."""
+and downloads them with the study (`report_response`, for the study page and the patient's);
+ZIPs and disc images include them (transfers.media.export)."""
 
 from __future__ import annotations
 
 import uuid
 
-from django.core.files.base import ContentFile, File
+from django.core.files.base import File
 from django.core.files.storage import storages
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.http import HttpRequest
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from django.utils import timezone
 
 from portal.audit import audit_record
 from portal.models import AuditAction, User
 
+from .access import StudyAccess
 from .models import Report, Study
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
@@ -83,5 +87,33 @@ def report_attach(
     return report
 
 
-def report_text_file(report: Report) -> ContentFile[bytes]:
-    return ContentFile(report.text.encode("utf-8"), name="REPORT.TXT")
+def report_response(
+    request: HttpRequest, access: StudyAccess, report_uuid: str
+) -> HttpResponseBase:
+    """A report of the study as a download, audited; 404 when it is not this study's."""
+    report = access.study.reports.filter(uuid=report_uuid).first()
+    if report is None:
+        raise Http404("No such report.")
+    audit_record(
+        action=AuditAction.REPORT_VIEW,
+        request=request,
+        study=access.study,
+        detail={"report": str(report.uuid)},
+    )
+    # As for studies, the saved file's name says when, not who: the name the PDF was uploaded
+    # under (often the patient's) is shown on the page to those who may read it, never put in
+    # download lists and browser history.
+    stem = f"report-{timezone.localtime(report.created_at):%Y%m%d}-{str(report.uuid)[:8]}"
+    response: HttpResponseBase
+    if report.is_pdf:
+        response = FileResponse(
+            storages["default"].open(report.storage_key),
+            content_type="application/pdf",
+            as_attachment=True,
+            filename=f"{stem}.pdf",
+        )
+    else:
+        response = HttpResponse(report.text, content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{stem}.txt"'
+    response["Cache-Control"] = "private, no-store"
+    return response

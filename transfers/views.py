@@ -19,10 +19,8 @@ from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .access import study_access
-from .download_views import report_response
-from .models import Study
-from .reports import ReportError, report_attach
-from .sharing import studies_shared_with
+from .models import Share, Study
+from .reports import ReportError, report_attach, report_response
 
 PAGE_SIZE = 25
 SORTS = {
@@ -44,7 +42,9 @@ def _visible_studies(request: AuthedRequest) -> QuerySet[Study]:
 def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
     """A study of one of the user's facilities, or one shared with them by an active share."""
     own = _visible_studies(request).filter(uuid=study_uuid)
-    shared = studies_shared_with(request.user).filter(uuid=study_uuid)
+    shared = Study.objects.filter(
+        shares__in=Share.objects.received_by(request.user), purged_at__isnull=True, uuid=study_uuid
+    )
     study = (own | shared).select_related("facility", "uploaded_by").distinct().first()
     if study is None:
         raise Http404("No such study.")

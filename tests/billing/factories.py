@@ -9,9 +9,10 @@ from zoneinfo import ZoneInfo
 
 from django.utils import timezone
 
-from billing.metering import delivery_key, usage_record
+from billing.metering import usage_record
 from billing.models import Plan, PlanKind, UsageKind, UsageRecord
 from portal.models import Facility, User
+from transfers.deliveries import DeliveryKind, delivery_announce, delivery_key
 from transfers.models import Share, ShareKind, Study
 
 DENVER = ZoneInfo("America/Denver")
@@ -61,6 +62,29 @@ def deliver(
         key=key or delivery_key("test", next(_counter)),
         at=at,
     )
+
+
+def announce(
+    share: Share,
+    *,
+    user: User | None,
+    study: Study,
+    kind: DeliveryKind,
+    nbytes: int,
+    images: int,
+    key_parts: tuple[object, ...],
+) -> UsageRecord | None:
+    """Announce a delivery as transfers does; the usage row billing recorded for it, if any."""
+    delivery = delivery_announce(
+        kind=kind,
+        share=share,
+        study=study,
+        user=user,
+        nbytes=nbytes,
+        images=images,
+        key_parts=key_parts,
+    )
+    return UsageRecord.objects.filter(key=delivery.key).first()
 
 
 def subscription(

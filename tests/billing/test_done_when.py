@@ -1,8 +1,9 @@
 """The issue's "done when", on the demo's shape: Kalispell shares, Great Falls views, downloads,
 and pays; the month is invoiced once; the operator's dashboard and CSV agree.
 
-The viewer and the ZIP download call `delivery_record` exactly as below once the call sites in
-transfers/ are wired (see billing/README.md); here the calls are made directly.
+The viewer and the ZIP download announce their deliveries exactly as below (the seam
+`transfers.deliveries`; tests/billing/test_wiring.py goes through the real views); here the
+announcements are made directly.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from django.core import mail
 from django.core.management import call_command
 
 from billing.dashboard import this_month
-from billing.metering import delivery_key, delivery_record
-from billing.models import Invoice, UsageKind, UsageRecord
+from billing.models import Invoice, UsageRecord
 from billing.plans import plan_default
 from portal.models import Facility, Membership, User
-from tests.billing.factories import make_share
+from tests.billing.factories import announce, make_share
 from tests.helpers import client_for
+from transfers.deliveries import DeliveryKind
 from transfers.models import ShareKind, Study
 
 
@@ -42,24 +43,24 @@ def test_it_meters_bills_and_invoices_a_shared_study_once(
 
     # The reader views 12 frames (frame 2 twice: its cache expired), then downloads the ZIP twice.
     for frame in [*range(12), 2]:
-        delivery_record(
-            share=share,
+        announce(
+            share,
             user=reader,
             study=study,
-            kind=UsageKind.VIEWER,
-            bytes=524_288,
+            kind=DeliveryKind.VIEWER,
+            nbytes=524_288,
             images=1,
-            key=delivery_key("viewer", share.uuid, reader.pk, f"1.2.3.{frame}", 0),
+            key_parts=(share.uuid, reader.pk, f"1.2.3.{frame}", 0),
         )
     for _ in range(2):
-        delivery_record(
-            share=share,
+        announce(
+            share,
             user=reader,
             study=study,
-            kind=UsageKind.ZIP,
-            bytes=200_000_000,
+            kind=DeliveryKind.ZIP,
+            nbytes=200_000_000,
             images=12,
-            key=delivery_key("zip", share.uuid, reader.pk, study.uuid, 12, 200_000_000),
+            key_parts=(share.uuid, reader.pk, study.uuid, 12, 200_000_000),
         )
     assert UsageRecord.objects.filter(facility=gfc).count() == 13
     total_bytes = 12 * 524_288 + 200_000_000

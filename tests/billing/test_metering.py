@@ -10,30 +10,25 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 
-from billing.metering import (
-    billed_facility,
-    billing_day,
-    delivery_key,
-    delivery_record,
-    usage_rollups_rebuild,
-)
-from billing.models import UsageDay, UsageKind, UsageRecord, UsageStudy
+from billing.metering import billing_day, usage_rollups_rebuild
+from billing.models import UsageDay, UsageRecord, UsageStudy
 from portal.models import Facility, Membership, User
-from tests.billing.factories import deliver, local, make_share, make_study
+from tests.billing.factories import announce, deliver, local, make_share, make_study
+from transfers.deliveries import DeliveryKind, delivery_key
 from transfers.models import Share, ShareKind, Study
 
 
 def test_it_records_a_delivery_with_its_rollups(
     gfc: Facility, charlie: User, share_to_gfc: Share, study: Study
 ) -> None:
-    record = delivery_record(
-        share=share_to_gfc,
+    record = announce(
+        share_to_gfc,
         user=charlie,
         study=study,
-        kind=UsageKind.ZIP,
-        bytes=200_000_000,
+        kind=DeliveryKind.ZIP,
+        nbytes=200_000_000,
         images=120,
-        key=delivery_key("zip", share_to_gfc.uuid, charlie.pk, study.uuid),
+        key_parts=(share_to_gfc.uuid, charlie.pk, study.uuid),
     )
     assert record is not None
     assert (record.facility, record.user, record.share, record.study) == (
@@ -103,10 +98,24 @@ def test_it_follows_the_billing_time_zone_setting(settings: Any, gfc: Facility) 
     assert record is not None and record.day == date(2025, 2, 1)
 
 
+def _charged(share: Share, user: User | None) -> Facility | None:
+    """The facility a one-image viewer delivery under `share` to `user` is charged to."""
+    record = announce(
+        share,
+        user=user,
+        study=share.studies.get(),
+        kind=DeliveryKind.VIEWER,
+        nbytes=1000,
+        images=1,
+        key_parts=(share.uuid, user.pk if user else "patient", "1.2.3", 0),
+    )
+    return record.facility if record is not None else None
+
+
 def test_it_charges_a_facility_share_to_the_recipient_facility(
     share_to_gfc: Share, charlie: User, gfc: Facility
 ) -> None:
-    assert billed_facility(share=share_to_gfc, user=charlie) == gfc
+    assert _charged(share_to_gfc, charlie) == gfc
 
 
 def test_it_charges_a_physician_share_to_the_physicians_practice(study: Study, bob: User) -> None:
@@ -116,7 +125,7 @@ def test_it_charges_a_physician_share_to_the_physicians_practice(study: Study, b
     Membership.objects.create(user=doctor, facility=practice, role="admin")
     Membership.objects.create(user=doctor, facility=later, role="reader")
     share = make_share(study, by=bob, kind=ShareKind.PHYSICIAN, recipient_user=doctor)
-    assert billed_facility(share=share, user=doctor) == practice
+    assert _charged(share, doctor) == practice
 
 
 def test_it_charges_a_physician_without_a_facility_to_the_sender(
@@ -124,21 +133,21 @@ def test_it_charges_a_physician_without_a_facility_to_the_sender(
 ) -> None:
     doctor = User.objects.create_user(email="dr@example.org", password="x" * 12)
     share = make_share(study, by=bob, kind=ShareKind.PHYSICIAN, recipient_user=doctor)
-    assert billed_facility(share=share, user=doctor) == krmc
+    assert _charged(share, doctor) == krmc
 
 
 def test_it_charges_a_patient_link_to_the_sending_facility(
     study: Study, bob: User, krmc: Facility
 ) -> None:
     share = make_share(study, by=bob, kind=ShareKind.PATIENT)
-    record = delivery_record(
-        share=share,
+    record = announce(
+        share,
         user=None,
         study=study,
-        kind=UsageKind.VIEWER,
-        bytes=524_288,
+        kind=DeliveryKind.VIEWER,
+        nbytes=524_288,
         images=1,
-        key=delivery_key("viewer", share.uuid, "patient", "1.2.3", 0),
+        key_parts=(share.uuid, "patient", "1.2.3", 0),
     )
     assert record is not None and record.facility == krmc
 
@@ -146,23 +155,7 @@ def test_it_charges_a_patient_link_to_the_sending_facility(
 def test_it_meters_no_patient_link_when_set_to_none(settings: Any, study: Study, bob: User) -> None:
     settings.RELAY_BILL_PATIENT_LINKS_TO = "none"
     share = make_share(study, by=bob, kind=ShareKind.PATIENT)
-    assert billed_facility(share=share, user=None) is None
-    assert (
-        delivery_record(
-            share=share, user=None, study=study, kind=UsageKind.ZIP, bytes=5, images=1, key="p"
-        )
-        is None
-    )
-    assert not UsageRecord.objects.exists()
-
-
-def test_it_does_not_meter_a_facility_reading_its_own_study(bob: User, study: Study) -> None:
-    assert (
-        delivery_record(
-            share=None, user=bob, study=study, kind=UsageKind.VIEWER, bytes=5, images=1, key="o"
-        )
-        is None
-    )
+    assert _charged(share, None) is None
     assert not UsageRecord.objects.exists()
 
 

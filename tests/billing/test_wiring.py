@@ -10,7 +10,7 @@ from billing.models import UsageDay, UsageKind, UsageRecord
 from portal.models import Facility, User
 from tests.helpers import client_for, dicom_bytes, upload
 from transfers.models import Instance, Share, Study, StudyStatus
-from transfers.sharing import share_create
+from transfers.sharing.services import share_create
 
 pytestmark = pytest.mark.django_db
 

@@ -21,12 +21,12 @@ from playwright.sync_api import expect
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from portal.management.commands.seed_demo import demo_ct_series
 from portal.models import Facility, Membership, User
+from relay.management.commands.seed_demo import demo_ct_series
 from transfers.ingest import instance_ingest
 from transfers.models import Study
 from transfers.reports import report_attach
-from transfers.sharing import share_create
+from transfers.sharing.services import share_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -261,7 +261,7 @@ def test_a_ct_stack_draws_scrolls_and_windows_in_the_browser(
 
 
 def _num(value: float) -> str:
-    """The overlay's number format (viewer.js `num`): at most two decimals, no trailing zeros."""
+    """The overlay's number format (static/js/viewer/windowing.js `num`): at most two decimals, no trailing zeros."""
     rounded = round(value * 100) / 100
     return str(int(rounded)) if rounded == int(rounded) else str(rounded)
 

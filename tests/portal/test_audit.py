@@ -104,3 +104,23 @@ def test_the_facility_admin_reads_and_filters_their_facilitys_log(
         client_for(alice).get("/facilities/krmc/audit/", {"patient_id": "1CT1"}).content.decode()
     )
     assert "x.dcm" in by_patient and "garbage.bin" not in by_patient
+
+
+def test_an_unknown_action_is_refused_and_every_action_fits_its_column():
+    from portal.audit import audit_record
+    from portal.models import AuditAction
+
+    with pytest.raises(ValueError):
+        audit_record(action="image_veiw")
+    assert not AuditEvent.objects.exists()
+    width = AuditEvent._meta.get_field("action").max_length
+    assert all(len(action.value) <= width for action in AuditAction)
+    # Not database choices: a new action adds no migration.
+    assert not AuditEvent._meta.get_field("action").choices
+
+
+def test_an_action_no_longer_written_still_reads_on_the_log(alice):
+    # Rows written before an action was retired keep their value and show it as stored.
+    AuditEvent.objects.create(action="image_view", facility=alice.memberships.get().facility)
+    page = client_for(alice).get("/facilities/krmc/audit/").content.decode()
+    assert "image_view" in page

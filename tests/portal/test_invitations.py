@@ -119,14 +119,25 @@ def test_inviting_a_member_again_is_refused(alice, bob, mailoutbox):
 def test_the_admin_changes_roles_but_keeps_one_admin(alice, bob):
     client = client_for(alice)
     bob_m = Membership.objects.get(user=bob)
-    client.post(f"/facilities/krmc/members/{bob_m.pk}/", {"action": "role", "role": "reader"})
+    client.post(f"/facilities/krmc/members/{bob_m.pk}/role/", {"role": "reader"})
     assert Membership.objects.get(user=bob).role == "reader"
     alice_m = Membership.objects.get(user=alice)
-    response = client.post(
-        f"/facilities/krmc/members/{alice_m.pk}/", {"action": "remove"}, follow=True
-    )
+    response = client.post(f"/facilities/krmc/members/{alice_m.pk}/remove/", follow=True)
     assert b"at least one admin" in response.content
     assert Membership.objects.filter(pk=alice_m.pk).exists()
-    client.post(f"/facilities/krmc/members/{bob_m.pk}/", {"action": "remove"})
+    client.post(f"/facilities/krmc/members/{bob_m.pk}/remove/")
     assert not Membership.objects.filter(pk=bob_m.pk).exists()
     assert AuditEvent.objects.filter(action="member_remove", facility__slug="krmc").count() == 1
+
+
+def test_withdrawing_an_invitation_is_audited_once(
+    alice, mailoutbox, django_capture_on_commit_callbacks
+):
+    _invite(alice, "gone@clinic.example", "reader", mailoutbox, django_capture_on_commit_callbacks)
+    invitation = Invitation.objects.get()
+    client = client_for(alice)
+    client.post(f"/facilities/krmc/invitations/{invitation.pk}/revoke/")
+    client.post(f"/facilities/krmc/invitations/{invitation.pk}/revoke/")
+    event = AuditEvent.objects.get(action="invitation_revoke")
+    assert event.actor == alice
+    assert event.detail == {"email": "gone@clinic.example", "role": "reader"}

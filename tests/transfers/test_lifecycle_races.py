@@ -18,8 +18,9 @@ from django.utils import timezone
 
 from portal.models import AuditAction, AuditEvent, Facility, Outcome, User
 from tests.helpers import dicom_bytes, upload
-from transfers import ingest, media
+from transfers import ingest
 from transfers.completion import manifest_apply
+from transfers.media import discs as media
 from transfers.models import (
     ExportStatus,
     Instance,
@@ -29,11 +30,11 @@ from transfers.models import (
     Study,
     StudyStatus,
 )
-from transfers.notify import share_notify_send
 from transfers.purge import _study_claim, purge_expired
-from transfers.reconcile import Identity, study_reconcile
-from transfers.sharing import share_create, shares_notify_completed
-from transfers.tasks import study_reconcile_task
+from transfers.reconcile.services import Identity, study_reconcile
+from transfers.reconcile.tasks import study_reconcile_task
+from transfers.sharing.notify import share_notify_send
+from transfers.sharing.services import share_create, shares_notify_completed
 
 pytestmark = pytest.mark.django_db
 

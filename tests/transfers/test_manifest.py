@@ -10,7 +10,7 @@ from django.test import Client
 
 from tests.helpers import dicom_bytes, upload
 from transfers.models import NotifyStatus, Share, Study, StudyStatus
-from transfers.sharing import share_create
+from transfers.sharing.services import share_create
 
 pytestmark = pytest.mark.django_db
 

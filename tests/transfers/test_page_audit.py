@@ -10,7 +10,7 @@ from django.test import Client
 from portal.models import AuditAction, AuditEvent, Facility, User
 from tests.helpers import PASSWORD, client_for, dicom_bytes, upload
 from transfers.models import Instance, Series, Share, Study, StudyStatus
-from transfers.sharing import share_create
+from transfers.sharing.services import share_create
 
 pytestmark = pytest.mark.django_db
 

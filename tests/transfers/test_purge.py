@@ -28,15 +28,10 @@ from transfers.models import (
     Study,
     StudyStatus,
 )
-from transfers.purge import (
-    _study_claim,
-    purge_expired,
-    shares_mark_expired,
-    shares_warn_expiring,
-    studies_purgeable,
-)
+from transfers.purge import _study_claim, purge_expired, studies_purgeable
 from transfers.reports import report_attach
-from transfers.sharing import ShareError, share_create, share_extend, share_revoke
+from transfers.sharing.expiry import shares_mark_expired, shares_warn_expiring
+from transfers.sharing.services import ShareError, share_create, share_extend, share_revoke
 
 from . import test_s3_storage
 
@@ -500,7 +495,7 @@ def test_a_purged_study_sent_again_becomes_a_study_again(client, bob_token):
 
 
 def test_renders_and_thumbnails_go_with_the_images(bob, gfc, study):
-    from transfers.render import frame_render_get, series_thumbnail_key, thumbnail_get
+    from transfers.viewer.render import frame_render_get, series_thumbnail_key, thumbnail_get
 
     instance = Instance.objects.filter(series__study=study).first()
     series = Series.objects.get(study=study)

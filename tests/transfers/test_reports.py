@@ -11,7 +11,7 @@ from django.utils import timezone
 from portal.models import AuditEvent
 from tests.helpers import client_for, read_testdata, upload
 from transfers.models import Report, Study, StudyStatus
-from transfers.sharing import share_create, share_revoke
+from transfers.sharing.services import share_create, share_revoke
 
 pytestmark = pytest.mark.django_db
 

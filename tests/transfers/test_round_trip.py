@@ -22,11 +22,11 @@ from django.core.management import call_command
 from pydicom.fileset import FileSet
 
 from bench.servers import OrthancServer, free_port
-from portal.management.commands.seed_demo import demo_ct_series
 from portal.models import Facility, User
+from relay.management.commands.seed_demo import demo_ct_series
 from tests.helpers import client_for, dicom_bytes, require_peer
-from tests.transfers.test_gateway import _storescu
-from transfers.gateway import Gateway
+from tests.transfers.dicom.test_gateway import _storescu
+from transfers.dicom.gateway import Gateway
 from transfers.models import (
     ExportStatus,
     MediaExport,

@@ -21,7 +21,7 @@ from portal.models import Facility, Membership, User
 from tests.helpers import PASSWORD, client_for, dicom_bytes, upload
 from transfers.models import Share, Study, StudyStatus
 from transfers.reports import report_attach
-from transfers.sharing import share_create, share_revoke
+from transfers.sharing.services import share_create, share_revoke
 
 pytestmark = pytest.mark.django_db
 

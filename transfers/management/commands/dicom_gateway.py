@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from transfers.gateway import Gateway
+from ...dicom.gateway import Gateway
 
 
 class Command(BaseCommand):

@@ -12,7 +12,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.template.defaultfilters import filesizeformat
 
-from transfers.purge import purge_expired, shares_mark_expired
+from ...purge import purge_expired
+from ...sharing.expiry import shares_mark_expired
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,10 @@
+"""The project package as an app, so that its management commands are found; it has no models."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class RelayConfig(AppConfig):
+    name = "relay"
+    verbose_name = "Relay"

@@ -1,0 +1,185 @@
+"""A facility admin's DICOM configuration: who may send to the gateway, PACS destinations, and
+routing rules. Each change is one service, written in one transaction with an audit event that
+carries the values before and after (routing rules share patient data automatically, and the
+gateway allow-lists decide who may send it: a security officer wants to see who changed them).
+
+The forms check the input; these services trust it and only apply and record it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models import ProtectedError
+from django.http import HttpRequest
+
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility, User
+
+from ..models import PacsDestination, RoutingRule
+from .push import EchoResult, destination_echo
+
+
+class ConfigError(Exception):
+    """A change that cannot be made, with the reason to show."""
+
+
+def _audit(
+    action: str,
+    facility: Facility,
+    by: User,
+    request: HttpRequest | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    **detail: Any,
+) -> None:
+    """One event of a configuration change: who, which facility, the values before and after
+    (None for a thing added or removed)."""
+    detail = {**detail, "before": before, "after": after}
+    audit_record(action=action, request=request, actor=by, facility=facility, detail=detail)
+
+
+def gateway_access_change(
+    *,
+    facility: Facility,
+    by: User,
+    calling_aes: str,
+    addresses: str,
+    request: HttpRequest | None = None,
+) -> None:
+    """Set the calling AE titles and addresses allowed to use the facility's AE title."""
+    with transaction.atomic():
+        locked = Facility.objects.select_for_update().get(pk=facility.pk)
+        before = {"calling_aes": locked.gateway_calling_aes, "addresses": locked.gateway_addresses}
+        after = {"calling_aes": calling_aes, "addresses": addresses}
+        if before == after:
+            return
+        locked.gateway_calling_aes, locked.gateway_addresses = calling_aes, addresses
+        locked.save(update_fields=["gateway_calling_aes", "gateway_addresses"])
+        facility.gateway_calling_aes, facility.gateway_addresses = calling_aes, addresses
+        _audit(AuditAction.GATEWAY_CHANGE, facility, by, request, before, after)
+
+
+def _destination_values(destination: PacsDestination) -> dict[str, Any]:
+    return {
+        "destination": str(destination.uuid),
+        "name": destination.name,
+        "ae_title": destination.ae_title,
+        "host": destination.host,
+        "port": destination.port,
+    }
+
+
+def destination_add(
+    *,
+    facility: Facility,
+    by: User,
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int,
+    request: HttpRequest | None = None,
+) -> PacsDestination:
+    with transaction.atomic():
+        destination = PacsDestination.objects.create(
+            facility=facility, name=name, ae_title=ae_title, host=host, port=port
+        )
+        after = _destination_values(destination)
+        _audit(AuditAction.DESTINATION_ADD, facility, by, request, None, after)
+    return destination
+
+
+def destination_remove(
+    *, destination: PacsDestination, by: User, request: HttpRequest | None = None
+) -> None:
+    """Remove a destination; one with pushes on record stays (they name it)."""
+    before = _destination_values(destination)
+    try:
+        with transaction.atomic():
+            destination.delete()
+            _audit(AuditAction.DESTINATION_REMOVE, destination.facility, by, request, before, None)
+    except ProtectedError:
+        raise ConfigError(f"{destination.name} has pushes on record; it stays.") from None
+
+
+def destination_test(
+    *, destination: PacsDestination, by: User, request: HttpRequest | None = None
+) -> EchoResult:
+    """The "Test connection" button: a C-ECHO, its result kept on the destination and audited."""
+    before = {"ok": destination.last_echo_ok, "message": destination.last_echo_message}
+    result = destination_echo(destination=destination)
+    _audit(
+        AuditAction.DESTINATION_ECHO,
+        destination.facility,
+        by,
+        request,
+        before,
+        {"ok": result.ok, "message": result.message},
+        destination=str(destination.uuid),
+    )
+    return result
+
+
+def _rule_values(rule: RoutingRule) -> dict[str, Any]:
+    return {
+        "rule": str(rule.uuid),
+        "calling_ae": rule.calling_ae,
+        "referring_physician": rule.referring_physician,
+        "modality": rule.modality,
+        "recipient_facility": rule.recipient_facility.slug if rule.recipient_facility else "",
+        "recipient_email": rule.recipient_email,
+        "can_download": rule.can_download,
+        "can_import": rule.can_import,
+    }
+
+
+def routing_rule_add(
+    *,
+    facility: Facility,
+    by: User,
+    calling_ae: str = "",
+    referring_physician: str = "",
+    modality: str = "",
+    recipient_facility: Facility | None = None,
+    recipient_email: str = "",
+    can_download: bool = True,
+    can_import: bool = True,
+    request: HttpRequest | None = None,
+) -> RoutingRule:
+    """A standing order: matching studies from the gateway are shared once they complete, in
+    the name of `by`."""
+    with transaction.atomic():
+        rule = RoutingRule.objects.create(
+            facility=facility,
+            created_by=by,
+            calling_ae=calling_ae.strip(),
+            referring_physician=referring_physician.strip(),
+            modality=modality.strip().upper(),
+            recipient_facility=recipient_facility,
+            recipient_email=recipient_email,
+            can_download=can_download,
+            can_import=can_import,
+        )
+        _audit(AuditAction.ROUTING_RULE_ADD, facility, by, request, None, _rule_values(rule))
+    return rule
+
+
+def routing_rule_remove(
+    *, facility: Facility, rule_uuid: str, by: User, request: HttpRequest | None = None
+) -> bool:
+    """Remove one of the facility's rules; False when it has none by that id. Shares the rule
+    made stay until they expire."""
+    with transaction.atomic():
+        rule = (
+            RoutingRule.objects.select_for_update()
+            .select_related("recipient_facility")
+            .filter(facility=facility, uuid=rule_uuid)
+            .first()
+        )
+        if rule is None:
+            return False
+        before = _rule_values(rule)
+        rule.delete()
+        _audit(AuditAction.ROUTING_RULE_REMOVE, facility, by, request, before, None)
+    return True

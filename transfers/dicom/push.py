@@ -1,0 +1,425 @@
+"""Push to PACS: a recipient sends a study into one of their facility's PACS with C-STORE.
+
+One association per run. Each instance is offered in its own transfer syntax, with explicit and
+implicit little endian as the fallback; when the destination accepts only the fallback, the
+instance is decompressed (or byte-swapped, for big endian) on the way, keeping its SOP Instance
+UID: it is the same image, not a new one. Every instance's answer is recorded, so a re-run
+sends only what has not arrived yet.
+
+A run that cannot reach the destination, or that is told "out of resources", is retried by the
+Celery task with backoff; refusals that will not change ("data set does not match SOP class")
+are recorded and shown, and are not retried on their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from django.conf import settings
+from django.core.files.storage import Storage, storages
+from django.db import transaction
+from django.db.models import Count, Q
+from django.http import HttpRequest
+from django.utils import timezone
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config, build_context
+
+from portal.audit import audit_record
+from portal.models import AuditAction, Membership, User
+
+from ..access import StudyAccess
+from ..deliveries import DeliveryKind, delivery_announce
+from ..models import (
+    Instance,
+    PacsDestination,
+    Push,
+    PushInstance,
+    PushStatus,
+    Share,
+    ShareEvent,
+    ShareEventKind,
+    ShareKind,
+    Study,
+)
+from ..queue import task_queue_on_commit
+from .net import tcp_nodelay_enable
+
+log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# pynetdicom (and the standard) allow at most 128 presentation contexts per association.
+MAX_CONTEXTS = 128
+TIMEOUT_S = 30
+
+
+class PushError(Exception):
+    """The push cannot be made (no right, not this facility's destination): shown to the user."""
+
+
+class PushTransient(Exception):
+    """The destination is unreachable or busy: the task tries again later."""
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    message: str
+
+
+def _ae() -> AE:
+    tcp_nodelay_enable()
+    # Files sent by path are streamed as stored instead of decoded and encoded again.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=settings.DICOM_GATEWAY_AE_TITLE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    return ae
+
+
+def destination_echo(*, destination: PacsDestination) -> EchoResult:
+    """The "Test connection" button: C-ECHO, and what happened in words."""
+    ae = _ae()
+    ae.add_requested_context(VERIFICATION)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except (OSError, ValueError) as exc:
+        result = EchoResult(False, f"Could not connect: {exc}")
+    else:
+        if not assoc.is_established:
+            result = EchoResult(
+                False,
+                "The PACS refused the association (check the AE titles)"
+                if assoc.is_rejected
+                else f"No answer from {destination.host}:{destination.port}",
+            )
+        else:
+            status = assoc.send_c_echo()
+            assoc.release()
+            code = getattr(status, "Status", None)
+            result = (
+                EchoResult(True, "C-ECHO succeeded")
+                if code == 0
+                else EchoResult(False, f"C-ECHO answered status {code}")
+            )
+    PacsDestination.objects.filter(pk=destination.pk).update(
+        last_echo_at=timezone.now(), last_echo_ok=result.ok, last_echo_message=result.message
+    )
+    return result
+
+
+def push_create(
+    *,
+    access: StudyAccess,
+    destination: PacsDestination,
+    by: User,
+    request: HttpRequest | None = None,
+) -> Push:
+    """Queue a push of the study the user may open into one of their facility's PACS."""
+    share = push_share(access=access, destination=destination, by=by)
+    study = access.study
+    if Study.objects.filter(pk=study.pk, reconcile_running=True).exists():
+        raise PushError("The patient of this study is being reconciled; send it when that is done.")
+    with transaction.atomic():
+        # One push of a study to a destination at a time (a double-clicked Send is one push,
+        # sent and billed once): the study row's lock makes the check hold.
+        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+        if Push.objects.filter(
+            study=study,
+            destination=destination,
+            status__in=[PushStatus.QUEUED, PushStatus.RUNNING],
+        ).exists():
+            raise PushError(f"This study is already being sent to {destination.name}.")
+        push = Push.objects.create(
+            study=study, destination=destination, share=share, requested_by=by
+        )
+        PushInstance.objects.bulk_create(
+            PushInstance(push=push, instance_id=pk)
+            for pk in Instance.objects.filter(series__study=study).values_list("pk", flat=True)
+        )
+        _audit_push(push, share=share, by=by, request=request)
+        push_queue(push)
+    return push
+
+
+def _audit_push(
+    push: Push, *, share: Share | None, by: User, request: HttpRequest | None, rerun: bool = False
+) -> None:
+    detail: dict[str, object] = {"destination": str(push.destination), "push": str(push.uuid)}
+    if rerun:
+        detail["rerun"] = True
+    if share:
+        detail["share"] = str(share.uuid)
+    audit_record(
+        action=AuditAction.STUDY_PUSH, request=request, actor=by, study=push.study, detail=detail
+    )
+
+
+def push_share(*, access: StudyAccess, destination: PacsDestination, by: User) -> Share | None:
+    """What lets `by` send the study into `destination`: None for the facility that holds the
+    study (into its own PACS only), else the active share with import rights that reaches the
+    destination's facility (a facility share: that facility; a physician's: their own).
+    PushError when nothing does, so a study never lands in a PACS it was not shared with."""
+    study = access.study
+    member = Membership.objects.filter(user=by, facility_id=destination.facility_id).exists()
+    if not member:
+        raise PushError("You can send only to your own facility's PACS.")
+    if destination.facility_id == study.facility_id:
+        return None
+    share = (
+        Share.objects.received_by(by)
+        .filter(studies=study, can_import=True)
+        .filter(
+            Q(kind=ShareKind.FACILITY, recipient_facility_id=destination.facility_id)
+            | Q(kind=ShareKind.PHYSICIAN)
+        )
+        .order_by("-created_at")
+        .first()
+    )
+    if share is None:
+        raise PushError(
+            f"No active share of this study allows importing it into {destination.facility.name}'s PACS."
+        )
+    return share
+
+
+def push_rerun(
+    *, push: Push, access: StudyAccess, by: User, request: HttpRequest | None = None
+) -> bool:
+    """Send again what did not arrive; False when everything already has. The rights are
+    asked again (PushError): a share revoked since the first run sends nothing more."""
+    share = push_share(access=access, destination=push.destination, by=by)
+    with transaction.atomic():
+        if not push.items.filter(sent=False).exists():
+            return False
+        updated = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
+        if not updated.update(status=PushStatus.QUEUED, error="", finished_at=None, share=share):
+            return False
+        _audit_push(push, share=share, by=by, request=request, rerun=True)
+        push_queue(push)
+    return True
+
+
+def push_queue(push: Push) -> None:
+    task_queue_on_commit("transfers.dicom.tasks.push_run", push.pk)
+
+
+def push_send(*, push: Push) -> Push:
+    """Send the instances of the push not yet accepted; record each answer.
+
+    Raises PushTransient when the destination could not be reached or asked to try later.
+    """
+    if (
+        push.share_id is not None
+        and not Share.objects.filter(
+            pk=push.share_id, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        ).exists()
+    ):
+        # Revoked or expired while queued or waiting for a retry: nothing more leaves.
+        Push.objects.filter(pk=push.pk).update(
+            status=PushStatus.FAILED,
+            error="The share was revoked or has expired; nothing more was sent.",
+            finished_at=timezone.now(),
+        )
+        push.refresh_from_db()
+        return push
+    claimed = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
+    if not claimed.update(status=PushStatus.RUNNING, attempts=push.attempts + 1):
+        return push  # another worker is sending it
+    push.refresh_from_db()
+    destination = push.destination
+    items = list(
+        push.items.filter(sent=False)
+        .select_related("instance")
+        .order_by("instance__series_id", "instance__instance_number", "instance_id")
+    )
+    transient = ""
+    try:
+        if items:
+            transient = _send(destination, items)
+    except PushTransient as exc:
+        transient = str(exc)
+    _finish(push, transient=transient)
+    if transient:
+        raise PushTransient(transient)
+    return push
+
+
+def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
+    """One association for all the items; returns why a retry is needed, or ""."""
+    ae = _ae()
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for item in items:
+        wanted[item.instance.sop_class_uid].add(item.instance.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in sorted(wanted.items()):
+        for syntax in sorted(syntaxes - set(UNCOMPRESSED)):
+            contexts.append(build_context(sop_class, [syntax]))
+        contexts.append(build_context(sop_class, UNCOMPRESSED))
+    if len(contexts) > MAX_CONTEXTS:
+        # So many kinds of object in one study is unusual; offer what is needed uncompressed.
+        contexts = [build_context(sop_class, UNCOMPRESSED) for sop_class in sorted(wanted)]
+    contexts = contexts[:MAX_CONTEXTS]
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, contexts=contexts
+        )
+    except (OSError, ValueError) as exc:
+        raise PushTransient(f"Could not connect to {destination}: {exc}") from exc
+    if not assoc.is_established:
+        reason = "refused the association" if assoc.is_rejected else "did not answer"
+        raise PushTransient(f"{destination} {reason}")
+    accepted: dict[str, set[str]] = defaultdict(set)
+    for context in assoc.accepted_contexts:
+        if context.abstract_syntax and context.transfer_syntax:
+            accepted[context.abstract_syntax].add(context.transfer_syntax[0])
+    storage = storages["default"]
+    transient = ""
+    try:
+        for item in items:
+            instance = item.instance
+            offered = accepted.get(instance.sop_class_uid, set())
+            try:
+                if instance.transfer_syntax_uid in offered:
+                    # As stored, byte for byte: pynetdicom streams the file's data set in PDU
+                    # sized chunks without decoding it (flat memory, no re-encoding).
+                    with _local_file(storage, instance.storage_key) as path:
+                        status = assoc.send_c_store(path)
+                    syntax = instance.transfer_syntax_uid
+                elif offered & set(UNCOMPRESSED):
+                    with storage.open(instance.storage_key) as f:
+                        ds = pydicom.dcmread(f)
+                    _to_little_endian(ds)
+                    status = assoc.send_c_store(ds)
+                    syntax = str(ds.file_meta.TransferSyntaxUID)
+                else:
+                    _record(
+                        item,
+                        status=None,
+                        error="The PACS accepts no transfer syntax for this kind of object",
+                    )
+                    continue
+            except Exception as exc:  # one bad instance must not stop the others
+                if not assoc.is_established:
+                    transient = f"The association ended: {exc}"
+                    break
+                _record(item, status=None, error=f"{type(exc).__name__}: {exc}")
+                continue
+            code = getattr(status, "Status", None)
+            if code is None:
+                transient = "The PACS stopped answering"
+                break
+            ok = code == 0 or 0xB000 <= code <= 0xBFFF
+            _record(
+                item,
+                status=code,
+                sent=ok,
+                syntax=syntax,
+                error="" if ok else f"Refused with status 0x{code:04X}",
+            )
+            if 0xA700 <= code <= 0xA7FF:
+                transient = "The PACS is out of resources"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return transient
+
+
+@contextmanager
+def _local_file(storage: Storage, key: str) -> Iterator[Path]:
+    """A path to the stored object: the file itself on disk, else a temporary copy (S3)."""
+    try:
+        local = storage.path(key)
+    except NotImplementedError:
+        local = None
+    if local is not None:
+        yield Path(local)
+        return
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as copy, storage.open(key, "rb") as f:
+        shutil.copyfileobj(f, copy, 1024 * 1024)
+        copy.flush()
+        yield Path(copy.name)
+
+
+def _to_little_endian(ds: pydicom.Dataset) -> None:
+    """Make the instance explicit VR little endian, keeping its identity (same SOP UID)."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if syntax.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    elif syntax == ExplicitVRBigEndian and "PixelData" in ds:
+        pixels = ds.pixel_array
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _record(
+    item: PushInstance, *, status: int | None, error: str = "", sent: bool = False, syntax: str = ""
+) -> None:
+    item.status, item.sent, item.error, item.at = status, sent, error[:300], timezone.now()
+    item.transfer_syntax_uid = syntax
+    with transaction.atomic():
+        item.save(update_fields=["status", "sent", "error", "at", "transfer_syntax_uid"])
+        push = item.push
+        if sent and push.share_id is not None and (share := push.share) is not None:
+            # A study pushed under a share is delivered to the facility that owns the PACS, one
+            # usage record per instance accepted (keyed by the item, so a retry cannot add one).
+            delivery_announce(
+                kind=DeliveryKind.PUSH,
+                share=share,
+                study=push.study,
+                user=push.requested_by,
+                nbytes=item.instance.size_bytes,
+                images=1,
+                key_parts=(item.pk,),
+                to_facility=push.destination.facility,
+            )
+
+
+def _finish(push: Push, *, transient: str) -> None:
+    counts = push.items.aggregate(
+        n_sent=Count("pk", filter=Q(sent=True)), n_failed=Count("pk", filter=Q(sent=False))
+    )
+    sent, failed = counts["n_sent"], counts["n_failed"]
+    if failed == 0:
+        status = PushStatus.DONE
+    elif transient:
+        status = PushStatus.QUEUED  # the retry will send the rest
+    elif sent:
+        status = PushStatus.PARTIAL
+    else:
+        status = PushStatus.FAILED
+    with transaction.atomic():
+        Push.objects.filter(pk=push.pk).update(
+            status=status,
+            sent=sent,
+            failed=failed,
+            error=transient[:300],
+            finished_at=None if status == PushStatus.QUEUED else timezone.now(),
+        )
+        if push.share_id is not None and status != PushStatus.QUEUED and sent:
+            ShareEvent.objects.create(
+                share_id=push.share_id,
+                kind=ShareEventKind.IMPORTED,
+                actor_label=push.requested_by.email,
+                detail=f"{sent} of {sent + failed} images into {push.destination.name}",
+            )
+    push.refresh_from_db()
+
+
+def pushes_give_up(*, push: Push, reason: str) -> None:
+    """The task ran out of retries: the push is failed, with the last reason, for the user."""
+    Push.objects.filter(pk=push.pk).update(
+        status=PushStatus.FAILED, error=reason[:300], finished_at=timezone.now()
+    )

@@ -1,0 +1,46 @@
+"""The models of transfers, one module per feature; every model is importable from here.
+
+Django finds models by importing this package, so each module is imported below, and their
+names are re-exported so that `from transfers.models import Study` works from anywhere.
+"""
+
+from __future__ import annotations
+
+from .dicom import PacsDestination, Push, PushInstance, PushStatus, RoutedStudy, RoutingRule
+from .media import ExportStatus, MediaExport
+from .sharing import NotifyStatus, SecondFactor, Share, ShareEvent, ShareEventKind, ShareKind
+from .studies import (
+    UID_BATCH,
+    Instance,
+    InstanceQuerySet,
+    Report,
+    Series,
+    Study,
+    StudyStatus,
+    person_name_display,
+)
+
+__all__ = [
+    "UID_BATCH",
+    "ExportStatus",
+    "Instance",
+    "InstanceQuerySet",
+    "MediaExport",
+    "NotifyStatus",
+    "PacsDestination",
+    "Push",
+    "PushInstance",
+    "PushStatus",
+    "Report",
+    "RoutedStudy",
+    "RoutingRule",
+    "SecondFactor",
+    "Series",
+    "Share",
+    "ShareEvent",
+    "ShareEventKind",
+    "ShareKind",
+    "Study",
+    "StudyStatus",
+    "person_name_display",
+]

@@ -1,0 +1,18 @@
+"""URLs of patient links: the sender's handout and the patient's pages (no sign-in)."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern, path
+
+from . import views
+
+urlpatterns: list[URLPattern] = [
+    path("shares/<uuid:share_uuid>/handout/", views.patient_handout, name="patient_handout"),
+    path("p/<str:token>/", views.patient_open, name="patient_open"),
+    path("p/<str:token>/studies/", views.patient_studies, name="patient_studies"),
+    path(
+        "p/<str:token>/studies/<uuid:study_uuid>/reports/<uuid:report_uuid>/",
+        views.patient_report_download,
+        name="patient_report_download",
+    ),
+]

@@ -1,0 +1,1 @@
+"""Patient reconciliation: a disc from elsewhere takes the local patient identity."""

@@ -1,0 +1,300 @@
+"""Sharing: a study leaves its facility for a facility, a physician or a patient, with an expiry.
+
+Services here are the only way shares are made, opened, revoked or extended; each writes the
+share's timeline (the sender's access receipts) and the audit trail in the same transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from django.contrib.auth.hashers import make_password
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import transaction
+from django.http import HttpRequest
+from django.utils import timezone
+
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility, Membership, User, hash_token
+from portal.services import invitation_create, practice_create
+
+from ..models import (
+    NotifyStatus,
+    SecondFactor,
+    Share,
+    ShareEvent,
+    ShareEventKind,
+    ShareKind,
+    Study,
+    StudyStatus,
+)
+from ..queue import task_queue_on_commit
+
+
+class ShareError(Exception):
+    """A refusal shown to the person who asked."""
+
+
+def share_create(
+    *,
+    facility: Facility,
+    created_by: User,
+    studies: Iterable[Study],
+    kind: str,
+    recipient_facility: Facility | None = None,
+    recipient_email: str = "",
+    message: str = "",
+    expires_at: datetime | None = None,
+    can_view: bool = True,
+    can_download: bool = False,
+    can_import: bool = False,
+    second_factor: str = "",
+    pin: str = "",
+    request: HttpRequest | None = None,
+) -> tuple[Share, str | None]:
+    """Make a share; returns it and, for a patient link, the raw token (shown once)."""
+    studies = list(studies)
+    membership = Membership.objects.filter(user=created_by, facility=facility).first()
+    if membership is None or not membership.can_upload:
+        raise ShareError("Only senders and admins of the facility can share its studies.")
+    if not studies:
+        raise ShareError("Choose at least one study.")
+    if any(s.facility_id != facility.pk for s in studies):
+        raise ShareError("You can share only studies of your own facility.")
+    if any(s.purged_at is not None for s in studies):
+        raise ShareError("A purged study cannot be shared: its images are gone.")
+    if any(s.reconcile_running for s in studies):
+        raise ShareError("The patient of a study is being reconciled; share it when that is done.")
+    now = timezone.now()
+    if expires_at is None:
+        expires_at = now + timedelta(days=facility.share_default_days)
+    if expires_at <= now:
+        raise ShareError("The expiry must be in the future.")
+    if expires_at > now + timedelta(days=facility.share_max_days, minutes=5):
+        raise ShareError(
+            f"{facility.name} allows shares of at most {facility.share_max_days} days."
+        )
+    if not (can_view or can_download or can_import):
+        raise ShareError("Allow the recipient at least one thing: view, download or import.")
+
+    recipient_email = recipient_email.strip().lower()
+    recipient_user = None
+    raw_token = None
+    pin_hash = ""
+    if kind == ShareKind.FACILITY:
+        if recipient_facility is None:
+            raise ShareError("Choose the facility to share with.")
+        if recipient_facility.pk == facility.pk:
+            raise ShareError("Its own members already see the facility's studies.")
+        recipient_email = ""
+    elif kind in (ShareKind.PHYSICIAN, ShareKind.PATIENT):
+        recipient_facility = None
+        if recipient_email or kind == ShareKind.PHYSICIAN:
+            try:
+                validate_email(recipient_email)
+            except ValidationError:
+                raise ShareError(f"'{recipient_email}' is not a valid e-mail address.") from None
+        if kind == ShareKind.PHYSICIAN:
+            recipient_user = User.objects.filter(
+                email__iexact=recipient_email, is_active=True
+            ).first()
+        else:
+            raw_token = secrets.token_urlsafe(24)  # 192 bits
+            # Whatever the second factor, one patient's link never shows another's images.
+            if len({s.patient_id for s in studies}) != 1:
+                raise ShareError("A patient link can carry the studies of one patient only.")
+            if second_factor == SecondFactor.BIRTH_DATE:
+                births = {s.patient_birth_date for s in studies}
+                if len(births) != 1 or None in births:
+                    raise ShareError(
+                        "The studies need one known birth date to use it as the second factor; set a PIN."
+                    )
+            elif second_factor == SecondFactor.PIN:
+                if not (pin.isdigit() and 4 <= len(pin) <= 10):
+                    raise ShareError("The PIN is 4 to 10 digits.")
+                pin_hash = make_password(pin)
+            else:
+                raise ShareError("Choose the patient's second factor: birth date or PIN.")
+    else:
+        raise ShareError("Choose who to share with.")
+
+    with transaction.atomic():
+        # Lock the studies and look again: a purge that claimed one meanwhile wins.
+        alive = Study.objects.select_for_update().filter(
+            pk__in=[s.pk for s in studies], purged_at__isnull=True
+        )
+        if alive.count() != len(studies):
+            raise ShareError("A purged study cannot be shared: its images are gone.")
+        share = Share.objects.create(
+            facility=facility,
+            created_by=created_by,
+            kind=kind,
+            recipient_facility=recipient_facility,
+            recipient_email=recipient_email,
+            recipient_user=recipient_user,
+            message=message.strip()[:2000],
+            can_view=can_view,
+            can_download=can_download,
+            can_import=can_import,
+            expires_at=expires_at,
+            token_hash=hash_token(raw_token) if raw_token else None,
+            second_factor=second_factor if kind == ShareKind.PATIENT else "",
+            pin_hash=pin_hash,
+            # A patient's e-mail carries the link's token, which only this request knows: it
+            # is sent from here (patient_link_email), never by the notification task.
+            notify_status=NotifyStatus.NONE if kind == ShareKind.PATIENT else NotifyStatus.WAITING,
+        )
+        share.studies.set(studies)
+        ShareEvent.objects.create(
+            share=share, kind=ShareEventKind.CREATED, actor_label=created_by.email
+        )
+        if kind == ShareKind.PHYSICIAN and recipient_user is None:
+            # Someone without an account is invited to create one, in a practice of their own;
+            # the share reaches them by their address once they have signed up.
+            invitation_create(
+                facility=practice_create(email=recipient_email),
+                email=recipient_email,
+                role="admin",
+                invited_by=created_by,
+                request=request,
+                email_template="invitation_share",
+                extra_context={"sender_facility": facility, "message": share.message},
+            )
+            ShareEvent.objects.create(
+                share=share,
+                kind=ShareEventKind.CREATED,
+                detail=f"invited {recipient_email} to Relay",
+            )
+        for study in studies:
+            audit_record(
+                action=AuditAction.SHARE_CREATE,
+                request=request,
+                actor=created_by,
+                study=study,
+                detail={"share": str(share.uuid), "kind": kind, "to": share.recipient_label},
+            )
+        share_notify_if_ready(share=share)
+    return share, raw_token
+
+
+def share_notify_if_ready(*, share: Share) -> bool:
+    """Queue the recipient's e-mail once every study of the share is complete."""
+    if share.notify_status != NotifyStatus.WAITING:
+        return False
+    if share.studies.exclude(status=StudyStatus.COMPLETE).exists():
+        return False
+    claimed = Share.objects.filter(pk=share.pk, notify_status=NotifyStatus.WAITING).update(
+        notify_status=NotifyStatus.QUEUED
+    )
+    if claimed:
+        task_queue_on_commit("transfers.sharing.tasks.share_notify", share.pk)
+    return bool(claimed)
+
+
+def shares_notify_completed() -> int:
+    """Queue the e-mails of waiting shares whose studies have all completed."""
+    queued = 0
+    waiting = Share.objects.filter(
+        notify_status=NotifyStatus.WAITING, revoked_at__isnull=True, expires_at__gt=timezone.now()
+    )
+    for share in waiting.exclude(studies__status__in=[StudyStatus.RECEIVING, StudyStatus.FAILED]):
+        with transaction.atomic():
+            queued += share_notify_if_ready(share=share)
+    return queued
+
+
+def share_open(
+    *, share: Share, who: str, request: HttpRequest | None = None, actor: User | None = None
+) -> None:
+    """A recipient opened the share: the first time is the sender's 'opened' receipt."""
+    with transaction.atomic():
+        first = Share.objects.filter(pk=share.pk, first_opened_at__isnull=True).update(
+            first_opened_at=timezone.now(), first_opened_by=who[:254]
+        )
+        if first:
+            ShareEvent.objects.create(
+                share=share, kind=ShareEventKind.OPENED, actor_label=who[:254]
+            )
+        _audit_share(share, AuditAction.SHARE_OPEN, request=request, actor=actor, who=who)
+
+
+def share_downloaded(
+    *,
+    share: Share,
+    who: str,
+    what: str,
+) -> None:
+    """A recipient took a copy: every download is a receipt on the sender's timeline."""
+    ShareEvent.objects.create(
+        share=share, kind=ShareEventKind.DOWNLOADED, actor_label=who[:254], detail=what[:300]
+    )
+
+
+def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
+    with transaction.atomic():
+        if Share.objects.filter(pk=share.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now(), revoked_by=by
+        ):
+            ShareEvent.objects.create(
+                share=share, kind=ShareEventKind.REVOKED, actor_label=by.email
+            )
+            _audit_share(share, AuditAction.SHARE_REVOKE, request=request, actor=by)
+
+
+def share_extend(
+    *, share: Share, by: User, expires_at: datetime, request: HttpRequest | None = None
+) -> None:
+    now = timezone.now()
+    if share.revoked_at is not None:
+        raise ShareError("A revoked share cannot be extended; share the study again.")
+    if share.studies.filter(purged_at__isnull=False).exists():
+        raise ShareError("The images of this share were purged; it cannot be extended.")
+    if expires_at <= now:
+        raise ShareError("The new expiry must be in the future.")
+    if expires_at > now + timedelta(days=share.facility.share_max_days, minutes=5):
+        raise ShareError(
+            f"{share.facility.name} allows shares of at most {share.facility.share_max_days} days."
+        )
+    with transaction.atomic():
+        Share.objects.filter(pk=share.pk).update(expires_at=expires_at, expiry_warned_at=None)
+        ShareEvent.objects.create(
+            share=share,
+            kind=ShareEventKind.EXTENDED,
+            actor_label=by.email,
+            detail=f"until {expires_at:%Y-%m-%d %H:%M}",
+        )
+        _audit_share(
+            share, AuditAction.SHARE_EXTEND, request=request, actor=by, until=expires_at.isoformat()
+        )
+
+
+def _audit_share(
+    share: Share, action: str, *, request: HttpRequest | None, actor: User | None, **detail: str
+) -> None:
+    """One audit event per study of the share: the trail is searched by patient and study."""
+    for study in share.studies.all():
+        audit_record(
+            action=action,
+            request=request,
+            actor=actor,
+            study=study,
+            detail={"share": str(share.uuid), **detail},
+        )
+
+
+def patient_link_email(*, share: Share, raw_token: str) -> None:
+    """E-mail the patient their link (no patient data in it; the second factor guards it)."""
+    from django.urls import reverse
+
+    from portal.emails import email_queue
+
+    if not share.recipient_email:
+        return
+    email_queue(
+        name="patient_link",
+        to=share.recipient_email,
+        context={"share": share, "link": reverse("patient_open", kwargs={"token": raw_token})},
+    )

@@ -1,0 +1,42 @@
+"""Celery tasks of sharing: the recipient's e-mail, and the shares' expiry receipts and warnings."""
+
+from __future__ import annotations
+
+from celery import Task, shared_task
+
+from . import expiry, notify
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(OSError,),
+    retry_backoff=30,
+    retry_backoff_max=3600,
+    max_retries=10,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def share_notify(self: Task, share_id: int) -> str:
+    """E-mail the recipients of a share. Safe to run twice: a share already notified is skipped.
+
+    An SMTP failure is recorded on the share (the Sent page shows it) and retried with backoff.
+    """
+    try:
+        return notify.share_notify_send(share_id=share_id)
+    except OSError as exc:
+        notify.share_notify_failed(
+            share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
+        )
+        raise
+
+
+@shared_task(soft_time_limit=120, time_limit=180)
+def shares_expire() -> int:
+    """Mark lapsed shares EXPIRED on their timelines (the sender's receipt)."""
+    return expiry.shares_mark_expired()
+
+
+@shared_task(soft_time_limit=120, time_limit=180)
+def shares_warn_expiring() -> int:
+    """E-mail senders a few days before a share lapses."""
+    return expiry.shares_warn_expiring(days=3)

@@ -1,0 +1,2 @@
+"""The browser viewer: decoding frames, the renders kept in storage, and the viewer's pages and
+data endpoints."""
