@@ -21,7 +21,9 @@ def _env(var: Path) -> dict[str, str]:
 
 def test_importing_settings_writes_nothing(tmp_path: Path) -> None:
     var = tmp_path / "var"
-    code = "import django; django.setup(); from django.conf import settings; print(settings.VAR_DIR)"
+    code = (
+        "import django; django.setup(); from django.conf import settings; print(settings.VAR_DIR)"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
