@@ -136,11 +136,12 @@ def export(args: dict[str, Any]) -> dict[str, Any]:
         volume_label_for,
         zip_stream,
     )
+    from transfers.reports import reports_for
 
     study = _study(args["study_uuid"])
     result: dict[str, Any] = {}
     started = time.perf_counter()
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=lambda s: reports_for(s, share_ids=None))
     result["plan_s"] = time.perf_counter() - started
     result["image_bytes"] = plan.image_bytes
     result["images"] = plan.images

@@ -46,6 +46,9 @@ class StudyAccess:
     can_import: bool
     # Who it is, for receipts and audit: the user's e-mail or "patient link".
     who: str
+    # Every active share that lets them in (a recipient may hold several shares of one study):
+    # what they may read of the reports depends on it. Empty for the facility holding it.
+    share_ids: frozenset[int] = frozenset()
 
     @property
     def is_patient(self) -> bool:
@@ -100,6 +103,7 @@ def study_access(
         can_download=shares.filter(can_download=True).exists(),
         can_import=shares.filter(can_import=True).exists(),
         who=user.email,  # type: ignore[union-attr]
+        share_ids=frozenset(shares.values_list("pk", flat=True)),
     )
 
 
@@ -121,4 +125,5 @@ def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) ->
         can_download=share.can_download,
         can_import=False,
         who="patient link",
+        share_ids=frozenset({share.pk}),
     )

@@ -1,15 +1,20 @@
-"""Radiology reports attached to studies: a PDF or text typed in. The recipient of a share sees
-and downloads them with the study (`report_response`, for the study page and the patient's);
-ZIPs and disc images include them (transfers.media.export)."""
+"""Radiology reports attached to studies: a PDF or text typed in.
+
+A report attached while sharing belongs to that share; one attached on the study page is for
+every recipient of the study. Patients read only reports marked for them. `reports_visible` is
+the one answer to "which reports may this person read", asked by the study page, the viewer,
+the downloads (`report_response`) and the ZIP and disc image (transfers.media)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 from django.core.files.base import File
 from django.core.files.storage import storages
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.db.models import Q, QuerySet
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
@@ -18,7 +23,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, User
 
 from .access import StudyAccess
-from .models import Report, Study
+from .models import Report, Share, Study
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
 MAX_REPORT_TEXT = 50_000
@@ -28,15 +33,37 @@ class ReportError(Exception):
     pass
 
 
+def reports_for(
+    study: Study, *, share_ids: Collection[int] | None, patient: bool = False
+) -> QuerySet[Report]:
+    """The study's reports someone reads through `share_ids` (None: the facility holding the
+    study, which reads all); a patient reads only those marked for the patient."""
+    reports = study.reports.select_related("uploaded_by", "share__recipient_facility")
+    if share_ids is None:
+        return reports.all()
+    reports = reports.filter(Q(share__isnull=True) | Q(share_id__in=list(share_ids)))
+    return reports.filter(for_patient=True) if patient else reports
+
+
+def reports_visible(access: StudyAccess) -> QuerySet[Report]:
+    """The reports of the study that this access may read."""
+    share_ids = None if access.is_owner else access.share_ids
+    return reports_for(access.study, share_ids=share_ids, patient=access.is_patient)
+
+
 def report_attach(
     *,
     study: Study,
     by: User,
     text: str = "",
     pdf: UploadedFile | None = None,
+    share: Share | None = None,
+    for_patient: bool = False,
     request: HttpRequest | None = None,
 ) -> Report:
-    """Attach one report. The PDF is written to storage first and removed if the row fails."""
+    """Attach one report, for the recipients of `share` (None: every recipient of the study),
+    and for patients too when `for_patient`. The PDF is written to storage first and removed if
+    the row fails."""
     text = text.strip()
     if not text and pdf is None:
         raise ReportError("Type the report or choose a PDF.")
@@ -72,13 +99,20 @@ def report_attach(
                 filename=name,
                 size_bytes=size,
                 uploaded_by=by,
+                share=share,
+                for_patient=for_patient,
             )
             audit_record(
                 action=AuditAction.REPORT_ATTACH,
                 request=request,
                 actor=by,
                 study=study,
-                detail={"report": str(report.uuid), "kind": "pdf" if key else "text"},
+                detail={
+                    "report": str(report.uuid),
+                    "kind": "pdf" if key else "text",
+                    "share": str(share.uuid) if share else None,
+                    "for_patient": for_patient,
+                },
             )
     except BaseException:
         if key:
@@ -90,8 +124,9 @@ def report_attach(
 def report_response(
     request: HttpRequest, access: StudyAccess, report_uuid: str
 ) -> HttpResponseBase:
-    """A report of the study as a download, audited; 404 when it is not this study's."""
-    report = access.study.reports.filter(uuid=report_uuid).first()
+    """A report of the study as a download, audited; 404 when it is not one this access may
+    read (another study's, or attached to a share that is not theirs)."""
+    report = reports_visible(access).filter(uuid=report_uuid).first()
     if report is None:
         raise Http404("No such report.")
     audit_record(

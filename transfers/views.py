@@ -20,7 +20,7 @@ from portal.models import AuditAction
 
 from .access import study_access
 from .models import Share, Study
-from .reports import ReportError, report_attach, report_response
+from .reports import ReportError, report_attach, report_response, reports_visible
 
 PAGE_SIZE = 25
 SORTS = {
@@ -134,7 +134,8 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             "can_download": access is not None and access.can_download,
             "can_import": access is not None and access.can_import,
             "can_reconcile": access is not None and access.is_owner and is_sender,
-            "reports": list(study.reports.select_related("uploaded_by")),
+            "reports": list(reports_visible(access)) if access is not None else [],
+            "is_owner": access is not None and access.is_owner,
         },
     )
 
@@ -151,6 +152,7 @@ def report_add(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             by=request.user,
             text=request.POST.get("text", ""),
             pdf=request.FILES.get("pdf"),
+            for_patient=request.POST.get("for_patient") == "on",
             request=request,
         )
     except ReportError as exc:

@@ -98,3 +98,135 @@ def test_only_senders_of_the_owning_facility_attach_reports(request, persona, st
     response = client_for(user).post(f"/studies/{study.uuid}/reports/", {"text": "fake report"})
     assert response.status_code == 404
     assert not Report.objects.exists()
+
+
+def _zip_names(response) -> list[str]:  # type: ignore[no-untyped-def]
+    import io
+    import zipfile
+
+    return zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
+
+
+def test_a_report_sent_with_one_share_reaches_that_recipient_only(bob, charlie, study, gfc):
+    """An ER physician's preliminary read, sent to Great Falls, reaches neither another
+    facility the study is shared with nor the patient."""
+    from portal.models import Facility, Membership, User
+    from tests.helpers import PASSWORD
+    from transfers.models import Share
+
+    stluke = Facility.objects.create(name="St. Luke", slug="stluke")
+    eve = User.objects.create_user(email="eve@stluke.example", password=PASSWORD)
+    Membership.objects.create(user=eve, facility=stluke, role="reader")
+    expires = (timezone.localdate() + timedelta(days=5)).isoformat()
+    response = client_for(bob).post(
+        "/share/",
+        {
+            "study": [str(study.uuid)],
+            "kind": "facility",
+            "recipient_facility": gfc.pk,
+            "expires_on": expires,
+            "can_view": "on",
+            "can_download": "on",
+            "report_text": "PRELIMINARY READ: suspected fracture.",
+        },
+    )
+    assert response.status_code == 302
+    report = Report.objects.get()
+    assert report.share == Share.objects.get() and not report.for_patient
+    share_create(
+        facility=study.facility,
+        created_by=bob,
+        studies=[study],
+        kind="facility",
+        recipient_facility=stluke,
+        can_download=True,
+    )
+    _, token = share_create(
+        facility=study.facility,
+        created_by=bob,
+        studies=[study],
+        kind="patient",
+        second_factor="pin",
+        pin="482915",
+        can_download=True,
+    )
+
+    report_url = f"/studies/{study.uuid}/reports/{report.uuid}/"
+    # Great Falls reads it on the study page, in the viewer, as a download and in the ZIP.
+    gfc_reader = client_for(charlie)
+    assert "PRELIMINARY READ" in gfc_reader.get(f"/studies/{study.uuid}/").content.decode()
+    assert "PRELIMINARY READ" in gfc_reader.get(f"/studies/{study.uuid}/view/").content.decode()
+    assert gfc_reader.get(report_url).status_code == 200
+    assert any(
+        n.startswith("REPORT/")
+        for n in _zip_names(gfc_reader.get(f"/studies/{study.uuid}/download/"))
+    )
+
+    # St. Luke, which received the same study, sees no trace of it.
+    other = client_for(eve)
+    assert "PRELIMINARY READ" not in other.get(f"/studies/{study.uuid}/").content.decode()
+    assert "PRELIMINARY READ" not in other.get(f"/studies/{study.uuid}/view/").content.decode()
+    assert other.get(report_url).status_code == 404
+    names = _zip_names(other.get(f"/studies/{study.uuid}/download/"))
+    assert not any(n.startswith("REPORT/") for n in names)
+
+    # Nor does the patient.
+    from django.test import Client
+
+    patient = Client()
+    patient.post(f"/p/{token}/", {"pin": "482915"})
+    page = patient.get(f"/p/{token}/studies/").content.decode()
+    assert str(report.uuid) not in page
+    assert patient.get(f"/p/{token}/studies/{study.uuid}/reports/{report.uuid}/").status_code == 404
+    assert (
+        "PRELIMINARY READ"
+        not in patient.get(f"/p/{token}/studies/{study.uuid}/view/").content.decode()
+    )
+    names = _zip_names(patient.get(f"/p/{token}/studies/{study.uuid}/download/"))
+    assert not any(n.startswith("REPORT/") for n in names)
+
+
+def test_a_report_for_everyone_reaches_patients_only_when_marked(bob, study):
+    from django.test import Client
+
+    client = client_for(bob)
+    client.post(f"/studies/{study.uuid}/reports/", {"text": "FINAL: for the radiologists."})
+    client.post(
+        f"/studies/{study.uuid}/reports/", {"text": "FINAL: for the patient.", "for_patient": "on"}
+    )
+    _, token = share_create(
+        facility=study.facility,
+        created_by=bob,
+        studies=[study],
+        kind="patient",
+        second_factor="pin",
+        pin="482915",
+    )
+    patient = Client()
+    patient.post(f"/p/{token}/", {"pin": "482915"})
+    viewer = patient.get(f"/p/{token}/studies/{study.uuid}/view/").content.decode()
+    assert "FINAL: for the patient." in viewer
+    assert "FINAL: for the radiologists." not in viewer
+    # The sending facility reads both, each with who it is for.
+    page = client.get(f"/studies/{study.uuid}/").content.decode()
+    assert page.count("· for every recipient") == 2 and page.count("patients too") == 1
+
+
+def test_a_report_sent_with_a_patient_link_is_for_that_patient(bob, study):
+    response = client_for(bob).post(
+        "/share/",
+        {
+            "study": [str(study.uuid)],
+            "kind": "patient",
+            "second_factor": "pin",
+            "pin": "482915",
+            "expires_on": (timezone.localdate() + timedelta(days=5)).isoformat(),
+            "can_view": "on",
+            "report_text": "Your scan is normal.",
+        },
+    )
+    assert response.status_code == 302
+    from transfers.models import Share
+
+    report = Report.objects.get()
+    assert report.share == Share.objects.get() and report.for_patient

@@ -23,6 +23,7 @@ from portal.models import User
 from ..access import StudyAccess
 from ..models import ExportStatus, MediaExport
 from ..queue import task_queue_on_commit
+from ..reports import reports_for
 from .export import ExportError, export_plan, iso_build, iso_size, media_kind_for, volume_label_for
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ def media_build(*, export: MediaExport) -> MediaExport:
         return export
     study = export.study
     try:
-        plan = export_plan(studies=[study])
+        # The reports its requester may read: the holding facility's all, a recipient's those
+        # for every recipient and those sent with the share the image was asked under.
+        share_ids = None if export.share_id is None else {export.share_id}
+        plan = export_plan(
+            studies=[study], reports_of=lambda s: reports_for(s, share_ids=share_ids)
+        )
         total = iso_size(plan)
         media = media_kind_for(total)
         label = volume_label_for([study])

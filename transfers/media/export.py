@@ -19,7 +19,7 @@ import json
 import re
 import tempfile
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -37,7 +37,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import UID
 from zipstream import ZIP_STORED, ZipStream
 
-from ..models import Instance, Series, Study
+from ..models import Instance, Report, Series, Study
 
 CHUNK = 1024 * 1024
 SECTOR = 2048
@@ -101,8 +101,13 @@ class ExportPlan:
 # --- planning -----------------------------------------------------------------------------------
 
 
-def export_plan(*, studies: list[Study]) -> ExportPlan:
-    """Lay out the studies as IHE PDI media: File IDs, DICOMDIR, reports and README."""
+def export_plan(
+    *, studies: list[Study], reports_of: Callable[[Study], Iterable[Report]]
+) -> ExportPlan:
+    """Lay out the studies as IHE PDI media: File IDs, DICOMDIR, reports and README.
+
+    `reports_of` says which reports of each study go on it: those its recipient may read
+    (transfers.reports.reports_visible), never simply all of them."""
     if not studies:
         raise ExportError("There is nothing to export: no study was chosen.")
     storage = storages["default"]
@@ -156,7 +161,7 @@ def export_plan(*, studies: list[Study]) -> ExportPlan:
                     sha256=instance.sha256,
                 )
             )
-    _plan_reports(storage, [media for media, _ in planned])
+    _plan_reports(storage, [media for media, _ in planned], reports_of)
     studies_media = [media for media, _ in planned]
     readme_bytes = _readme(studies_media)
     readme = MediaFile(path="README.TXT", size=len(readme_bytes), data=readme_bytes)
@@ -266,7 +271,8 @@ def _dicomdir_cache(
 def export_plan_warm(*, study: Study) -> None:
     """Build and keep the study's DICOMDIR ahead of the first download (after rendering)."""
     try:
-        export_plan(studies=[study])
+        # Reports play no part in the DICOMDIR; each download adds its reader's own.
+        export_plan(studies=[study], reports_of=lambda _: ())
     except ExportError:
         pass
 
@@ -459,10 +465,12 @@ def _write_dicomdir(fileset: FileSet) -> tuple[bytes, dict[str, str]]:
     return dicomdir, file_ids
 
 
-def _plan_reports(storage: Storage, studies: list[StudyMedia]) -> None:
+def _plan_reports(
+    storage: Storage, studies: list[StudyMedia], reports_of: Callable[[Study], Iterable[Report]]
+) -> None:
     number = 0
     for media in studies:
-        for report in media.study.reports.all():
+        for report in reports_of(media.study):
             number += 1
             stem = f"REPORT/{_report_stem(number)}"
             if report.is_pdf:

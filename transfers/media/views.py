@@ -31,6 +31,7 @@ from portal.models import AuditAction, User
 from ..access import StudyAccess, study_access
 from ..deliveries import DeliveryKind, delivery_announce
 from ..models import ExportStatus, MediaExport, Study
+from ..reports import reports_visible
 from ..sharing.services import share_downloaded
 from .discs import MediaError, media_export_create
 from .export import ExportError, export_plan, zip_size, zip_stream
@@ -141,7 +142,7 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
         return _refused()
     study = access.study
     try:
-        plan = export_plan(studies=[study])
+        plan = export_plan(studies=[study], reports_of=lambda _: reports_visible(access))
     except ExportError as exc:
         # A stored copy is missing or damaged: say so plainly; nothing half-made is sent.
         log.error("export of study %s failed: %s", study.uuid, exc)

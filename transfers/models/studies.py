@@ -187,10 +187,26 @@ class Instance(models.Model):
 
 
 class Report(models.Model):
-    """A radiology report attached to a study: a PDF (kept in storage) or text typed in."""
+    """A radiology report attached to a study: a PDF (kept in storage) or text typed in.
+
+    Who reads it: the facility holding the study always; a recipient when the report was
+    attached to the study for everyone (`share` empty) or to a share they receive; a patient
+    only when it is also marked `for_patient` (an ER physician's preliminary read is not).
+    """
 
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="reports")
+    share = models.ForeignKey(
+        "transfers.Share",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="reports",
+        help_text="the share it was attached with; empty: every recipient of the study",
+    )
+    for_patient = models.BooleanField(
+        default=False, help_text="patient links show it (those of its share, or all when empty)"
+    )
     text = models.TextField(blank=True, max_length=50_000)
     storage_key = models.CharField(max_length=400, blank=True)
     filename = models.CharField(max_length=200, blank=True)

@@ -25,7 +25,7 @@ from portal.models import AuditAction
 
 from ..access import patient_session_has, study_access
 from ..models import SecondFactor, Share, ShareKind
-from ..reports import report_response
+from ..reports import report_response, reports_for
 from .services import (
     FactorResult,
     patient_factor_check,
@@ -156,11 +156,11 @@ def patient_studies(request: HttpRequest, token: str) -> HttpResponse:
     if not patient_session_has(request=request, share=share):
         return redirect("patient_open", token=token)
     patient_studies_view(share=share, request=request)
-    return render(
-        request,
-        "transfers/patient_studies.html",
-        {"share": share, "studies": share.studies.filter(purged_at__isnull=True)},
-    )
+    studies = list(share.studies.filter(purged_at__isnull=True))
+    for study in studies:
+        # Only the reports marked for the patient, of this link or of the study as a whole.
+        study.patient_reports = list(reports_for(study, share_ids={share.pk}, patient=True))  # type: ignore[attr-defined]
+    return render(request, "transfers/patient_studies.html", {"share": share, "studies": studies})
 
 
 @require_GET

@@ -110,7 +110,7 @@ def share_new(request: AuthedRequest) -> HttpResponse:
             form.add_error(None, str(exc))
         else:
             if data["report_text"] or data["report_pdf"]:
-                _attach_reports(request, studies, data["report_text"], data["report_pdf"])
+                _attach_reports(request, share, studies, data["report_text"], data["report_pdf"])
             if raw_token:
                 # Shown once, on the handout page (and e-mailed if an address was given);
                 # only the hash is kept.
@@ -133,13 +133,23 @@ def share_new(request: AuthedRequest) -> HttpResponse:
 
 
 def _attach_reports(
-    request: AuthedRequest, studies: list[Study], text: str, pdf: UploadedFile | None
+    request: AuthedRequest, share: Share, studies: list[Study], text: str, pdf: UploadedFile | None
 ) -> None:
+    """A report sent with a share is for that share's recipient only (and, on a patient link,
+    for the patient, to whom the sender chose to send it)."""
     for study in studies:
         if pdf is not None:
             pdf.seek(0)
         try:
-            report_attach(study=study, by=request.user, text=text, pdf=pdf, request=request)
+            report_attach(
+                study=study,
+                by=request.user,
+                text=text,
+                pdf=pdf,
+                share=share,
+                for_patient=share.kind == ShareKind.PATIENT,
+                request=request,
+            )
         except ReportError as exc:
             messages.error(request, f"The share was made, but the report was not attached: {exc}")
             return

@@ -38,6 +38,7 @@ from portal.models import AuditAction, User
 from ..access import StudyAccess, study_access
 from ..deliveries import DeliveryKind, delivery_announce
 from ..models import Instance, Series, Share, Study
+from ..reports import reports_visible
 from ..sharing.services import share_open
 from .render import frame_render_get, thumbnail_get
 
@@ -118,7 +119,7 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
             "patient_study_download", kwargs={"token": token, "study_uuid": study.uuid}
         )
     reports = []
-    for report in study.reports.all():
+    for report in reports_visible(access):
         kwargs: dict[str, Any] = {"study_uuid": study.uuid, "report_uuid": report.uuid}
         if token is not None:
             kwargs["token"] = token

@@ -36,7 +36,13 @@ from transfers.media.export import (
     zip_stream,
 )
 from transfers.models import Instance, Study
-from transfers.reports import report_attach
+from transfers.reports import report_attach, reports_for
+
+
+def _owner_reports(study: Study):  # type: ignore[no-untyped-def]
+    """What the facility holding the study exports: every report."""
+    return reports_for(study, share_ids=None)
+
 
 pytestmark = pytest.mark.django_db
 
@@ -91,7 +97,7 @@ def _assert_dcdirdmp_lists(dcdirdmp: str, root: Path, plan: ExportPlan) -> None:
 
 
 def test_it_lays_out_the_study_as_pdi_media_in_a_zip(study):
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     data = _zip_bytes(plan)
     assert zip_size(plan) == len(data)
 
@@ -130,7 +136,7 @@ def test_it_lays_out_the_study_as_pdi_media_in_a_zip(study):
 
 
 def test_the_series_keep_their_order_and_folders(study):
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     paths = [f.path for f in plan.studies[0].instances]
     folders = [p.rsplit("/", 1)[0] for p in paths]
     assert len(set(folders)) == 2  # the CT series and the MR series
@@ -143,7 +149,7 @@ def test_the_series_keep_their_order_and_folders(study):
 def test_the_reports_go_on_the_media(study, bob):
     report_attach(study=study, by=bob, pdf=SimpleUploadedFile("r.pdf", PDF))
     report_attach(study=study, by=bob, text="FINDINGS: none.\nIMPRESSION: normal, señor.")
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     data = _zip_bytes(plan)
     assert zip_size(plan) == len(data)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
@@ -161,7 +167,7 @@ def test_dicom3tools_and_dcmtk_read_the_exported_media(study, bob, tmp_path):
     dcmdump = require_peer("dcmdump")
     dcmftest = require_peer("dcmftest")
     report_attach(study=study, by=bob, text="IMPRESSION: normal.")
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     root = _extract(_zip_bytes(plan), tmp_path / "export")
 
     result = _run(dciodvfy, str(root / "DICOMDIR"))
@@ -183,7 +189,7 @@ def test_dicom3tools_and_dcmtk_read_the_exported_media(study, bob, tmp_path):
 def test_the_dicomdir_references_each_file_with_its_own_transfer_syntax(study):
     import pydicom
 
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     dicomdir = pydicom.dcmread(io.BytesIO(plan.dicomdir.data))
     leaves = [r for r in dicomdir.DirectoryRecordSequence if "ReferencedFileID" in r]
     assert len(leaves) == 4
@@ -200,7 +206,7 @@ def test_the_dicomdir_references_each_file_with_its_own_transfer_syntax(study):
 
 def test_the_cd_image_holds_the_same_files(study, bob, tmp_path):
     report_attach(study=study, by=bob, pdf=SimpleUploadedFile("r.pdf", PDF))
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     calls: list[tuple[int, int]] = []
     target = tmp_path / "study.iso"
     with target.open("wb") as out:
@@ -249,7 +255,7 @@ def test_the_cd_image_holds_the_same_files(study, bob, tmp_path):
 @pytest.mark.peer
 def test_dicom3tools_read_the_dicomdir_of_the_cd_image(study, tmp_path):
     dcdirdmp = require_peer("dcdirdmp")
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     target = tmp_path / "study.iso"
     with target.open("wb") as out:
         iso_build(plan, out=out, volume_label=volume_label_for([study]))
@@ -268,7 +274,7 @@ def test_dicom3tools_read_the_dicomdir_of_the_cd_image(study, tmp_path):
 
 def test_the_zip_is_streamed_while_the_images_are_read(study, monkeypatch):
     storage = storages["default"]
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     opened: list[str] = []
     real_open = storage.open
 
@@ -298,15 +304,15 @@ def test_a_stored_object_that_changed_size_stops_the_export(study):
     assert instance is not None
     Path(storages["default"].path(instance.storage_key)).write_bytes(b"short")
     with pytest.raises(ExportError, match="bytes"):
-        export_plan(studies=[study])
+        export_plan(studies=[study], reports_of=_owner_reports)
 
 
 def test_a_purged_study_or_nothing_cannot_be_exported(study):
     with pytest.raises(ExportError):
-        export_plan(studies=[])
+        export_plan(studies=[], reports_of=_owner_reports)
     study.purged_at = timezone.now()
     with pytest.raises(ExportError, match="deleted"):
-        export_plan(studies=[study])
+        export_plan(studies=[study], reports_of=_owner_reports)
 
 
 def _study_with_empty_values(client: Any, token: str) -> Study:
@@ -318,7 +324,7 @@ def _study_with_empty_values(client: Any, token: str) -> Study:
 
 def test_missing_directory_values_are_invented_without_touching_the_files(client, bob_token):
     study = _study_with_empty_values(client, bob_token)
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     by_key = {i.storage_key: i for i in Instance.objects.filter(series__study=study)}
     with zipfile.ZipFile(io.BytesIO(_zip_bytes(plan))) as archive:
         for media_file in plan.studies[0].instances:
@@ -329,7 +335,9 @@ def test_missing_directory_values_are_invented_without_touching_the_files(client
 @pytest.mark.peer
 def test_a_dicomdir_with_invented_values_validates(client, bob_token, tmp_path):
     dciodvfy = require_peer("dciodvfy")
-    plan = export_plan(studies=[_study_with_empty_values(client, bob_token)])
+    plan = export_plan(
+        studies=[_study_with_empty_values(client, bob_token)], reports_of=_owner_reports
+    )
     root = _extract(_zip_bytes(plan), tmp_path / "export")
     result = _run(dciodvfy, str(root / "DICOMDIR"))
     output = result.stdout + result.stderr
@@ -346,7 +354,7 @@ def test_two_studies_of_two_patients_share_one_medium(client, bob_token):
         PatientName="Other^Patient",
         StudyDate="20240301",
     )
-    plan = export_plan(studies=[first, second])
+    plan = export_plan(studies=[first, second], reports_of=_owner_reports)
     assert plan.images == 4 and len(plan.studies) == 2
     paths = [f.path for s in plan.studies for f in s.instances]
     assert len(set(paths)) == 4
@@ -369,7 +377,7 @@ def test_long_header_values_are_skipped_and_the_files_kept_whole(client, bob_tok
     ds.save_as(buffer, enforce_file_format=True)
     assert upload(client, buffer.getvalue(), token=bob_token).status_code == 201
     study = Study.objects.get()
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     instance = Instance.objects.get()
     with zipfile.ZipFile(io.BytesIO(_zip_bytes(plan))) as archive:
         content = archive.read(plan.studies[0].instances[0].path)
@@ -408,7 +416,7 @@ def test_the_volume_label_has_only_legal_characters(krmc, name, study_date, labe
 
 
 def test_an_illegal_volume_label_is_refused(study, tmp_path):
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     with (tmp_path / "x.iso").open("wb") as out, pytest.raises(ExportError):
         iso_build(plan, out=out, volume_label="o'brien")
 
@@ -449,7 +457,7 @@ def test_the_plan_of_images_reads_nothing_from_storage(study, monkeypatch, bob: 
             super().close()
 
     monkeypatch.setattr(storage, "open", lambda name, mode="rb": Counting(name))
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     assert reads == {}
     assert plan.images == Instance.objects.filter(series__study=study).count()
 
@@ -464,7 +472,7 @@ def test_objects_other_than_images_get_their_own_records_from_their_headers(
     for name in ("rtdose.dcm", "test-SR.dcm"):
         data = dicom_bytes(name, SeriesInstanceUID=generate_uid(), **extra)
         assert upload(client, data, token=bob_token).status_code == 201
-    plan = export_plan(studies=[study])
+    plan = export_plan(studies=[study], reports_of=_owner_reports)
     root = _extract(_zip_bytes(plan), tmp_path / "export")
     records = pydicom.dcmread(root / "DICOMDIR").DirectoryRecordSequence
     kinds = {r.DirectoryRecordType: r for r in records}
@@ -487,8 +495,8 @@ def test_the_dicomdir_is_built_once_and_again_when_the_study_changes(
     built: list[int] = []
     real_build = export._dicomdir_build
     monkeypatch.setattr(export, "_dicomdir_build", lambda *a: built.append(1) or real_build(*a))
-    first = export_plan(studies=[study])
-    second = export_plan(studies=[study])
+    first = export_plan(studies=[study], reports_of=_owner_reports)
+    second = export_plan(studies=[study], reports_of=_owner_reports)
     assert len(built) == 1
     assert second.dicomdir.data == first.dicomdir.data
     assert [f.path for f in second.studies[0].instances] == [
@@ -499,5 +507,5 @@ def test_the_dicomdir_is_built_once_and_again_when_the_study_changes(
         "CT_small.dcm", StudyInstanceUID=study.study_instance_uid, StudyDate="20240115", **PATIENT
     )
     assert upload(client, data, token=bob_token).status_code == 201
-    third = export_plan(studies=[Study.objects.get(pk=study.pk)])
+    third = export_plan(studies=[Study.objects.get(pk=study.pk)], reports_of=_owner_reports)
     assert len(built) == 2 and third.images == first.images + 1

@@ -277,7 +277,7 @@ def test_it_shows_the_handout_only_to_the_sending_side(
 def test_the_patient_downloads_the_study_and_reads_the_report(bob, study):
     from transfers.reports import report_attach
 
-    report = report_attach(study=study, by=bob, text="IMPRESSION: no fracture.")
+    report = report_attach(study=study, by=bob, text="IMPRESSION: no fracture.", for_patient=True)
     share, token = _patient_share(bob, study)
     patient = Client()
     _answer(patient, token, birth_date=BIRTH_DATE)
