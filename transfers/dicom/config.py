@@ -172,7 +172,7 @@ def routing_rule_remove(
     made stay until they expire."""
     with transaction.atomic():
         rule = (
-            RoutingRule.objects.select_for_update()
+            RoutingRule.objects.select_for_update(of=("self",))
             .select_related("recipient_facility")
             .filter(facility=facility, uuid=rule_uuid)
             .first()
