@@ -122,11 +122,14 @@ class Role(models.TextChoices):
     ADMIN = "admin", "Admin"
     SENDER = "sender", "Sender"
     READER = "reader", "Reader"
+    VIEWER = "viewer", "View only"
 
 
-# Which roles may do what. Admins do everything a sender does; senders everything a reader does.
+# Which roles may do what. Admins do everything a sender does; senders everything a reader does;
+# readers everything a view-only member does, plus taking copies (ZIP, disc image, PACS push).
 UPLOAD_ROLES = (Role.ADMIN, Role.SENDER)
 MANAGE_ROLES = (Role.ADMIN,)
+COPY_ROLES = (Role.ADMIN, Role.SENDER, Role.READER)
 
 
 class Membership(models.Model):

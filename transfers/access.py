@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
+from django.db.models import Exists, OuterRef
 from django.http import Http404, HttpRequest
 
-from portal.access import facilities_of
+from portal.models import COPY_ROLES, Membership, Role
 
 from .models import Share, ShareKind, Study
 
@@ -78,15 +79,17 @@ def study_access(
     )
     if study is None:
         raise Http404("No such study.")
-    if facilities_of(user).filter(pk=study.facility_id).exists():  # type: ignore[arg-type]
+    membership = Membership.objects.filter(user=user, facility_id=study.facility_id).first()  # type: ignore[misc]
+    if membership is not None:
+        may_copy = membership.role in COPY_ROLES
         return StudyAccess(
             study=study,
             share=None,
             can_view=True,
-            can_download=True,
-            can_import=True,
-            who=user.email,
-        )  # type: ignore[union-attr]
+            can_download=may_copy,
+            can_import=may_copy,
+            who=user.email,  # type: ignore[union-attr]
+        )
     shares = (
         Share.objects.received_by(user)
         .filter(studies=study)
@@ -95,13 +98,18 @@ def study_access(
     share = shares.first()
     if share is None:
         raise Http404("No such study.")
+    # A share to a facility where this person is a view-only member lets them view, not copy.
+    view_only = Membership.objects.filter(
+        user=user, facility=OuterRef("recipient_facility"), role=Role.VIEWER
+    )
+    copying = shares.exclude(Exists(view_only))
     return StudyAccess(
         study=study,
         share=share,
         # A share may allow downloading only; another active share of the study may allow more.
         can_view=shares.filter(can_view=True).exists(),
-        can_download=shares.filter(can_download=True).exists(),
-        can_import=shares.filter(can_import=True).exists(),
+        can_download=copying.filter(can_download=True).exists(),
+        can_import=copying.filter(can_import=True).exists(),
         who=user.email,  # type: ignore[union-attr]
         share_ids=frozenset(shares.values_list("pk", flat=True)),
     )

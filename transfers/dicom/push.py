@@ -38,7 +38,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, build_context
 
 from portal.audit import audit_record
-from portal.models import AuditAction, Membership, User
+from portal.models import COPY_ROLES, AuditAction, Membership, User
 
 from ..access import StudyAccess
 from ..deliveries import DeliveryKind, delivery_announce
@@ -173,9 +173,11 @@ def push_share(*, access: StudyAccess, destination: PacsDestination, by: User) -
     destination's facility (a facility share: that facility; a physician's: their own).
     PushError when nothing does, so a study never lands in a PACS it was not shared with."""
     study = access.study
-    member = Membership.objects.filter(user=by, facility_id=destination.facility_id).exists()
-    if not member:
+    member = Membership.objects.filter(user=by, facility_id=destination.facility_id).first()
+    if member is None:
         raise PushError("You can send only to your own facility's PACS.")
+    if member.role not in COPY_ROLES:
+        raise PushError("View-only members cannot send studies to a PACS.")
     if destination.facility_id == study.facility_id:
         return None
     share = (
