@@ -38,7 +38,8 @@ class UserAdmin(BaseUserAdmin):
 
 @admin.register(Facility)
 class FacilityAdmin(admin.ModelAdmin):
-    list_display = ("name", "slug", "city", "ae_title", "has_pacs")
+    list_display = ("name", "slug", "city", "ae_title", "has_pacs", "listed", "is_practice")
+    list_filter = ("listed", "is_practice")
     search_fields = ("name", "slug", "ae_title")
     prepopulated_fields = {"slug": ("name",)}
     inlines = (MembershipInline,)

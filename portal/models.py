@@ -108,6 +108,15 @@ class Facility(models.Model):
     share_max_days = models.PositiveIntegerField("longest share expiry (days)", default=90)
     # Images stay at least this long after upload, even once every share has lapsed.
     retention_days = models.PositiveIntegerField("retention after upload (days)", default=30)
+    # The directory senders choose a recipient facility from: a facility is in it only when its
+    # admin (or the operator) lists it. An invited physician's own practice never is: its name
+    # carries their e-mail address.
+    listed = models.BooleanField(
+        "listed in the directory",
+        default=False,
+        help_text="other facilities find it when they share a study",
+    )
+    is_practice = models.BooleanField("a physician's own practice", default=False, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -251,6 +260,7 @@ class AuditAction(models.TextChoices):
     STUDY_DOWNLOAD = "study_download", "Downloaded a study"
     STUDY_PUSH = "study_push", "Sent a study to a PACS"
     PATIENT_RECONCILE = "patient_reconcile", "Reconciled a study's patient"
+    FACILITY_CHANGE = "facility_change", "Changed the facility's settings"
     GATEWAY_CHANGE = "gateway_change", "Changed DICOM gateway access"
     DESTINATION_ADD = "destination_add", "Added a PACS destination"
     DESTINATION_REMOVE = "destination_remove", "Removed a PACS destination"

@@ -72,7 +72,10 @@ def invitation_create(
 def practice_create(*, email: str) -> Facility:
     """A personal practice for a physician who receives a share before having an account."""
     return Facility.objects.create(
-        name=f"Practice of {email}", slug=f"practice-{secrets.token_hex(6)}", city=""
+        name=f"Practice of {email}",
+        slug=f"practice-{secrets.token_hex(6)}",
+        city="",
+        is_practice=True,
     )
 
 
@@ -139,6 +142,28 @@ def invitation_withdraw(
             detail={"email": invitation.email, "role": invitation.role},
         )
     return True
+
+
+def facility_listing_set(
+    *, facility: Facility, listed: bool, by: User, request: HttpRequest | None = None
+) -> None:
+    """List the facility in the directory other facilities share from, or take it out. A
+    physician's own practice is never listed."""
+    if listed and facility.is_practice:
+        raise ServiceError("A physician's practice is not listed in the directory.")
+    with transaction.atomic():
+        locked = Facility.objects.select_for_update().get(pk=facility.pk)
+        if locked.listed == listed:
+            return
+        locked.listed = facility.listed = listed
+        locked.save(update_fields=["listed"])
+        audit_record(
+            action=AuditAction.FACILITY_CHANGE,
+            request=request,
+            actor=by,
+            facility=facility,
+            detail={"before": {"listed": not listed}, "after": {"listed": listed}},
+        )
 
 
 def membership_change_role(

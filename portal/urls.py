@@ -55,4 +55,5 @@ urlpatterns = [
         name="invitation_revoke",
     ),
     path("facilities/<slug:slug>/audit/", views.facility_audit, name="facility_audit"),
+    path("facilities/<slug:slug>/directory/", views.facility_listing, name="facility_listing"),
 ]

@@ -32,6 +32,7 @@ from .services import (
     ServiceError,
     api_token_create,
     api_token_revoke,
+    facility_listing_set,
     invitation_accept,
     invitation_create,
     invitation_for_token,
@@ -272,6 +273,22 @@ def member_remove(request: AuthedRequest, slug: str, member_id: int) -> HttpResp
         return f"{member.user.email} removed."
 
     return _member_change(request, slug, change)
+
+
+@require_POST
+@login_required
+def facility_listing(request: AuthedRequest, slug: str) -> HttpResponse:
+    facility = get_membership_for_user(request, slug, manage=True).facility
+    listed = request.POST.get("listed") == "on"
+    try:
+        facility_listing_set(facility=facility, listed=listed, by=request.user, request=request)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, "Listed in the directory." if listed else "Taken out of the directory."
+        )
+    return redirect("facility_members", slug=slug)
 
 
 @require_POST

@@ -46,13 +46,19 @@ def krmc(db: None) -> Facility:
         city="Kalispell",
         ae_title="KRMC",
         has_pacs=True,
+        listed=True,
     )
 
 
 @pytest.fixture
 def gfc(db: None) -> Facility:
     return Facility.objects.create(
-        name="Great Falls Clinic", slug="gfc", city="Great Falls", ae_title="GFC", has_pacs=True
+        name="Great Falls Clinic",
+        slug="gfc",
+        city="Great Falls",
+        ae_title="GFC",
+        has_pacs=True,
+        listed=True,
     )
 
 

@@ -129,7 +129,7 @@ def _image_to_screen(
 @pytest.fixture
 def ct_study(facility: Facility, reader: User, e2e_storage: Path) -> Study:
     study = _store(facility, reader, demo_ct_series(12))
-    report_attach(study=study, by=reader, text="No acute findings.", pdf=None, request=None)
+    report_attach(study=study, by=reader, text="No acute findings.", for_patient=True)
     return study
 
 

@@ -61,7 +61,7 @@ class World:
         Study.objects.update(status=StudyStatus.COMPLETE)
         self.study = Study.objects.get()
         self.report = report_attach(
-            study=self.study, by=bob, text="No acute findings.", pdf=None, request=None
+            study=self.study, by=bob, text="No acute findings.", for_patient=True
         )
         share_create(
             facility=self.study.facility,

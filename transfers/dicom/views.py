@@ -20,6 +20,7 @@ from portal.models import AuditAction, Facility, ae_title_validator
 
 from ..access import study_access
 from ..models import PacsDestination, Push
+from ..sharing.directory import facility_directory
 from .config import (
     ConfigError,
     destination_add,
@@ -143,7 +144,7 @@ class RuleForm(forms.Form):
 
     def __init__(self, *args: object, facility: Facility, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.fields["recipient_facility"].queryset = Facility.objects.exclude(pk=facility.pk)  # type: ignore[attr-defined]
+        self.fields["recipient_facility"].queryset = facility_directory(for_facility=facility)  # type: ignore[attr-defined]
 
     def clean(self) -> dict[str, object]:
         data = super().clean() or {}

@@ -21,6 +21,7 @@ from portal.models import AuditAction, Facility
 
 from ..models import SecondFactor, Share, ShareKind, Study
 from ..reports import ReportError, report_attach
+from .directory import facility_directory
 from .services import (
     ShareError,
     patient_link_email,
@@ -62,7 +63,7 @@ class ShareForm(forms.Form):
 
     def __init__(self, *args: object, facility: Facility, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.fields["recipient_facility"].queryset = Facility.objects.exclude(pk=facility.pk)  # type: ignore[attr-defined]
+        self.fields["recipient_facility"].queryset = facility_directory(for_facility=facility)  # type: ignore[attr-defined]
         self.fields["expires_on"].initial = timezone.localdate() + timedelta(
             days=facility.share_default_days
         )

@@ -111,7 +111,12 @@ class Command(BaseCommand):
         first_sender = None
         for slug, name, city, ae_title, has_pacs in FACILITIES:
             facility = Facility.objects.create(
-                slug=slug, name=name, city=city, ae_title=ae_title, has_pacs=has_pacs
+                slug=slug,
+                name=name,
+                city=city,
+                ae_title=ae_title,
+                has_pacs=has_pacs,
+                listed=True,
             )
             for role in (Role.ADMIN, Role.SENDER, Role.READER):
                 email = f"{role}@{slug}.example"

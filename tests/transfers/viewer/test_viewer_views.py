@@ -89,7 +89,7 @@ class World:
         self.study = Study.objects.get()
         self.series = Series.objects.get(study=self.study)
         self.report = report_attach(
-            study=self.study, by=bob, text="No acute findings.", pdf=None, request=None
+            study=self.study, by=bob, text="No acute findings.", for_patient=True
         )
         self.bob, self.carol = bob, carol
         self.share, _ = share_create(
