@@ -239,7 +239,7 @@ if EMAIL_HOST:
     EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
     EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
 else:
-    EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.filebased.EmailBackend")
+    EMAIL_BACKEND = env_str("EMAIL_BACKEND", "portal.mail.PrivateFileEmailBackend")
     EMAIL_FILE_PATH = env_str("EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Relay <relay@localhost>")
 
@@ -261,8 +261,24 @@ if not DEBUG and SITE_URL.startswith("https://"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Tokens in paths and query strings (patient names in searches) never reach a log line.
+    "filters": {"redact": {"()": "relay.logs.RedactingFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "server": {
+            "()": "django.utils.log.ServerFormatter",
+            "format": "[{server_time}] {message}",
+            "style": "{",
+        },
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},
+        # The dev server's access log (`make run`), as Django logs it, redacted.
+        "server": {"class": "logging.StreamHandler", "formatter": "server", "filters": ["redact"]},
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"pydicom": {"level": "ERROR"}},
+    "loggers": {
+        "pydicom": {"level": "ERROR"},
+        "django.server": {"handlers": ["server"], "level": "INFO", "propagate": False},
+    },
 }

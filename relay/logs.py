@@ -1,0 +1,41 @@
+"""Logs carry no patient data and no secrets: paths that hold a patient-link, invitation or
+password-reset token, and every query string (worklist searches hold patient names and IDs), are
+redacted before a line is written, by the dev server and Django's own warnings (`RedactingFilter`
+in settings.LOGGING) and by gunicorn's access log (`RedactingGunicornLogger`, see the README)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from gunicorn.glogging import Logger
+
+REDACTED = "[redacted]"
+_TOKEN_PATHS = re.compile(
+    r"(/p/|/invitations/|/accounts/reset/[^/\s?\"]+/|/accounts/reset/)[^/\s?\"]+"
+)
+_QUERY = re.compile(r"\?[^\s\"]*")
+
+
+def redact(text: str) -> str:
+    """The text with tokens in paths and whole query strings replaced by [redacted]."""
+    text = _TOKEN_PATHS.sub(lambda m: m.group(1) + REDACTED, text)
+    return _QUERY.sub("?" + REDACTED, text)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+class RedactingGunicornLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger with every access-log field that can hold a URL redacted."""
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        atoms = super().atoms(resp, req, environ, request_time)
+        return {k: redact(v) if isinstance(v, str) else v for k, v in atoms.items()}
