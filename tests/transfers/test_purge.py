@@ -463,7 +463,7 @@ def test_a_patient_links_warning_leaves_out_the_patients_address(
         kind="patient",
         recipient_email="patricia@example.net",
         second_factor="pin",
-        pin="4711",
+        pin="582039",
     )
     Share.objects.filter(pk=share.pk).update(
         created_at=timezone.now() - timedelta(days=20),

@@ -10,6 +10,7 @@ urlpatterns: list[URLPattern] = [
     path("shares/<uuid:share_uuid>/handout/", views.patient_handout, name="patient_handout"),
     path("p/<str:token>/", views.patient_open, name="patient_open"),
     path("p/<str:token>/studies/", views.patient_studies, name="patient_studies"),
+    path("p/<str:token>/sign-out/", views.patient_sign_out, name="patient_sign_out"),
     path(
         "p/<str:token>/studies/<uuid:study_uuid>/reports/<uuid:report_uuid>/",
         views.patient_report_download,

@@ -17,7 +17,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal.access import AuthedRequest, upload_facilities
 from portal.audit import audit_record
@@ -46,7 +46,7 @@ class BirthDateForm(forms.Form):
 class PinForm(forms.Form):
     pin = forms.CharField(
         label="PIN",
-        max_length=10,
+        max_length=12,
         widget=forms.PasswordInput(attrs={"inputmode": "numeric", "autocomplete": "off"}),
     )
 
@@ -170,3 +170,11 @@ def patient_report_download(
 ) -> HttpResponseBase:
     access = study_access(request, study_uuid, token=token)
     return report_response(request, access, report_uuid)
+
+
+@require_POST
+def patient_sign_out(request: HttpRequest, token: str) -> HttpResponse:
+    """Forget every patient link this browser session opened (a shared or public computer);
+    the link asks for its second factor again."""
+    request.session.flush()
+    return redirect("patient_open", token=token)

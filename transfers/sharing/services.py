@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from django.contrib.auth.hashers import make_password
 from django.core.exceptions import ValidationError
@@ -36,6 +36,34 @@ from ..queue import task_queue_on_commit
 
 class ShareError(Exception):
     """A refusal shown to the person who asked."""
+
+
+PIN_MIN, PIN_MAX = 6, 12
+
+
+def pin_check(pin: str, *, birth_dates: Iterable[date]) -> None:
+    """Refuse a PIN that is easy to guess: too short, one digit repeated, a run of digits up or
+    down, or one that holds the patient's birth year or birth date (what a finder of the
+    handout could try first). ShareError says why."""
+    if not (pin.isdigit() and PIN_MIN <= len(pin) <= PIN_MAX):
+        raise ShareError(f"The PIN is {PIN_MIN} to {PIN_MAX} digits.")
+    steps = {int(b) - int(a) for a, b in zip(pin, pin[1:], strict=False)}
+    if steps in ({0}, {1}, {-1}):
+        raise ShareError(
+            "That PIN is too easy to guess (a repeated digit or a run); choose another."
+        )
+    for born in birth_dates:
+        forms = {
+            f"{born:%Y}",
+            f"{born:%Y%m%d}",
+            f"{born:%d%m%Y}",
+            f"{born:%m%d%Y}",
+            f"{born:%d%m%y}",
+            f"{born:%m%d%y}",
+            f"{born:%y%m%d}",
+        }
+        if any(form in pin for form in forms):
+            raise ShareError("The PIN must not contain the patient's birth year or birth date.")
 
 
 def share_create(
@@ -113,8 +141,9 @@ def share_create(
                         "The studies need one known birth date to use it as the second factor; set a PIN."
                     )
             elif second_factor == SecondFactor.PIN:
-                if not (pin.isdigit() and 4 <= len(pin) <= 10):
-                    raise ShareError("The PIN is 4 to 10 digits.")
+                pin_check(
+                    pin, birth_dates=[s.patient_birth_date for s in studies if s.patient_birth_date]
+                )
                 pin_hash = make_password(pin)
             else:
                 raise ShareError("Choose the patient's second factor: birth date or PIN.")

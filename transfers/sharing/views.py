@@ -55,7 +55,9 @@ class ShareForm(forms.Form):
     second_factor = forms.ChoiceField(
         choices=[("", "—"), *SecondFactor.choices], required=False, label="Patient's second factor"
     )
-    pin = forms.CharField(required=False, max_length=10, label="PIN (4 to 10 digits)")
+    pin = forms.CharField(
+        required=False, max_length=12, label="PIN (6 to 12 digits, not the birth date)"
+    )
     report_text = forms.CharField(
         required=False, widget=forms.Textarea(attrs={"rows": 4}), label="Report (typed)"
     )

@@ -177,13 +177,13 @@ def test_it_audits_every_attempt(bob, study):
 
 
 def test_it_opens_a_pin_share_with_the_pin(bob, study):
-    share, token = _patient_share(bob, study, second_factor="pin", pin="4711")
+    share, token = _patient_share(bob, study, second_factor="pin", pin="582039")
     patient = Client()
     assert "PIN" in patient.get(f"/p/{token}/").content.decode()
 
-    assert _answer(patient, token, pin="1174").status_code == 403
+    assert _answer(patient, token, pin="930285").status_code == 403
     assert _answer(patient, token, birth_date=BIRTH_DATE).status_code == 200  # not the question
-    assert _answer(patient, token, pin="4711").status_code == 302
+    assert _answer(patient, token, pin="582039").status_code == 302
     assert patient.get(f"/p/{token}/studies/").status_code == 200
     share.refresh_from_db()
     assert share.failed_attempts == 0
@@ -237,7 +237,7 @@ def test_it_answers_a_facility_share_token_hash_like_an_unknown_one(bob, study, 
 
 def test_it_does_not_open_another_share_with_a_verified_session(bob, study):
     _, first = _patient_share(bob, study)
-    _, second = _patient_share(bob, study, second_factor="pin", pin="4711")
+    _, second = _patient_share(bob, study, second_factor="pin", pin="582039")
     patient = Client()
     assert _answer(patient, first, birth_date=BIRTH_DATE).status_code == 302
 
@@ -296,7 +296,7 @@ def test_the_patient_downloads_the_study_and_reads_the_report(bob, study):
 
 
 @pytest.mark.parametrize(
-    "factor", [{"second_factor": "birth_date"}, {"second_factor": "pin", "pin": "4821"}]
+    "factor", [{"second_factor": "birth_date"}, {"second_factor": "pin", "pin": "482915"}]
 )
 def test_it_refuses_a_link_with_two_patients_studies_whatever_the_factor(
     bob, study, client, bob_token, factor
@@ -314,3 +314,36 @@ def test_it_refuses_a_link_with_two_patients_studies_whatever_the_factor(
             facility=study.facility, created_by=bob, studies=studies, kind="patient", **factor
         )
     assert not Share.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("pin", "why"),
+    [
+        ("4821", "6 to 12 digits"),
+        ("111111", "too easy"),
+        ("123456", "too easy"),
+        ("987654", "too easy"),
+        ("196504", "birth year"),
+        ("12041965", "birth year or birth date"),
+        ("650412", "birth date"),
+    ],
+)
+def test_it_refuses_a_pin_that_is_easy_to_guess(bob, study, pin, why):
+    with pytest.raises(ShareError, match=why):
+        _patient_share(bob, study, second_factor="pin", pin=pin)
+    assert not Share.objects.exists()
+    # A longer one is fine.
+    _patient_share(bob, study, second_factor="pin", pin="58203917")
+
+
+def test_the_patient_signs_out_and_the_link_asks_again(bob, study):
+    share, token = _patient_share(bob, study)
+    patient = Client()
+    _answer(patient, token, birth_date=BIRTH_DATE)
+    page = patient.get(f"/p/{token}/studies/").content.decode()
+    assert f'action="/p/{token}/sign-out/"' in page
+    # The page shows no raw template text (a two-line {# #} comment once leaked onto it).
+    assert "{#" not in page and "same-origin: the link" not in page
+    assert patient.post(f"/p/{token}/sign-out/").status_code == 302
+    assert patient.get(f"/p/{token}/studies/").status_code == 302  # back to the factor
+    assert patient.get(f"/p/{token}/studies/{study.uuid}/download/").status_code == 404
