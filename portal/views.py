@@ -27,7 +27,7 @@ from .forms import (
     LoginForm,
     RoleForm,
 )
-from .models import ApiToken, AuditAction, AuditEvent, Invitation, Membership, Role, User
+from .models import ApiToken, AuditAction, AuditEvent, Facility, Invitation, Membership, Role, User
 from .services import (
     ServiceError,
     api_token_create,
@@ -65,7 +65,38 @@ class PasswordResetView(auth_views.PasswordResetView):
 
     def form_valid(self, form):  # type: ignore[no-untyped-def]
         form.send_mail = _queue_reset_mail  # type: ignore[method-assign]
-        return super().form_valid(form)
+        response = super().form_valid(form)
+        # The page says the same whether the address is known; the trail records which it was.
+        email = form.cleaned_data["email"]
+        user = User.objects.filter(email__iexact=email).first()
+        audit_record(
+            action=AuditAction.PASSWORD_RESET_ASK,
+            request=self.request,
+            actor=user,
+            facility=_home_facility(user),
+            detail={"email": email[:254], "known": user is not None},
+        )
+        return response
+
+
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    def form_valid(self, form):  # type: ignore[no-untyped-def]
+        response = super().form_valid(form)
+        audit_record(
+            action=AuditAction.PASSWORD_RESET,
+            request=self.request,
+            actor=form.user,
+            facility=_home_facility(form.user),
+        )
+        return response
+
+
+def _home_facility(user: User | None) -> Facility | None:
+    """The facility whose admins see this person's account events: their oldest membership."""
+    if user is None:
+        return None
+    membership = memberships_of(user).order_by("created_at", "pk").first()
+    return membership.facility if membership is not None else None
 
 
 def _queue_reset_mail(

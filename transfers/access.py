@@ -16,12 +16,14 @@ share is looked up afresh on every request, so a revoked or expired share stops 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 from uuid import UUID
 
 from django.db.models import Exists, OuterRef
 from django.http import Http404, HttpRequest
 
-from portal.models import COPY_ROLES, Membership, Role
+from portal.audit import audit_record
+from portal.models import COPY_ROLES, AuditAction, Membership, Outcome, Role
 
 from .models import Share, ShareKind, Study
 
@@ -33,6 +35,22 @@ PATIENT_SESSION_KEY = "patient_shares"
 def patient_session_has(*, request: HttpRequest, share: Share) -> bool:
     """Whether this browser session answered the second factor of this patient share."""
     return share.pk in request.session.get(PATIENT_SESSION_KEY, [])
+
+
+def study_access_refused(
+    request: HttpRequest, study: Study | None, reason: str, study_uuid: UUID | str
+) -> NoReturn:
+    """Audit a refusal, then answer 404 as for a study that does not exist. A study that exists
+    is named, so the facility holding it sees who was refused; the path is not recorded (a
+    patient link's token is in it)."""
+    audit_record(
+        action=AuditAction.ACCESS_DENIED,
+        request=request,
+        study=study,
+        outcome=Outcome.FAILURE,
+        detail={"reason": reason, "study": str(study_uuid)},
+    )
+    raise Http404("No such study.")
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ def study_access(
         .first()
     )
     if study is None:
-        raise Http404("No such study.")
+        study_access_refused(request, None, "no such study", study_uuid)
     membership = Membership.objects.filter(user=user, facility_id=study.facility_id).first()  # type: ignore[misc]
     if membership is not None:
         may_copy = membership.role in COPY_ROLES
@@ -97,7 +115,9 @@ def study_access(
     )  # type: ignore[arg-type]
     share = shares.first()
     if share is None:
-        raise Http404("No such study.")
+        study_access_refused(
+            request, study, "not the holder's and not shared with them", study_uuid
+        )
     # A share to a facility where this person is a view-only member lets them view, not copy.
     view_only = Membership.objects.filter(
         user=user, facility=OuterRef("recipient_facility"), role=Role.VIEWER
@@ -118,14 +138,14 @@ def study_access(
 def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) -> StudyAccess:
     share = Share.objects.patient_link(token)
     if share is None or not patient_session_has(request=request, share=share):
-        raise Http404("No such study.")
+        study_access_refused(request, None, "patient link not active or not verified", study_uuid)
     study = (
         share.studies.filter(uuid=study_uuid, purged_at__isnull=True)
         .select_related("facility")
         .first()
     )
     if study is None:
-        raise Http404("No such study.")
+        study_access_refused(request, None, "not a study of this patient link", study_uuid)
     return StudyAccess(
         study=study,
         share=share,

@@ -18,7 +18,7 @@ from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
 from portal.models import AuditAction
 
-from .access import study_access
+from .access import study_access, study_access_refused
 from .models import Share, Study
 from .reports import ReportError, report_attach, report_response, reports_visible
 
@@ -47,7 +47,12 @@ def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
     )
     study = (own | shared).select_related("facility", "uploaded_by").distinct().first()
     if study is None:
-        raise Http404("No such study.")
+        study_access_refused(
+            request,
+            Study.objects.filter(uuid=study_uuid).select_related("facility").first(),
+            "not the holder's and not shared with them",
+            study_uuid,
+        )
     return study
 
 
