@@ -108,30 +108,31 @@ def study_access(
             can_import=may_copy,
             who=user.email,  # type: ignore[union-attr]
         )
-    shares = (
-        Share.objects.received_by(user)
-        .filter(studies=study)
-        .order_by("-can_download", "-created_at")
-    )  # type: ignore[arg-type]
-    share = shares.first()
-    if share is None:
-        study_access_refused(
-            request, study, "not the holder's and not shared with them", study_uuid
-        )
     # A share to a facility where this person is a view-only member lets them view, not copy.
     view_only = Membership.objects.filter(
         user=user, facility=OuterRef("recipient_facility"), role=Role.VIEWER
     )
-    copying = shares.exclude(Exists(view_only))
+    # Every active share of the study that reaches them, read once (this runs on every frame).
+    shares = list(
+        Share.objects.received_by(user)  # type: ignore[arg-type]
+        .filter(studies=study)
+        .annotate(view_only=Exists(view_only))
+        .order_by("-can_download", "-created_at")
+    )
+    if not shares:
+        study_access_refused(
+            request, study, "not the holder's and not shared with them", study_uuid
+        )
+    copying = [share for share in shares if not share.view_only]  # type: ignore[attr-defined]
     return StudyAccess(
         study=study,
-        share=share,
+        share=shares[0],
         # A share may allow downloading only; another active share of the study may allow more.
-        can_view=shares.filter(can_view=True).exists(),
-        can_download=copying.filter(can_download=True).exists(),
-        can_import=copying.filter(can_import=True).exists(),
+        can_view=any(share.can_view for share in shares),
+        can_download=any(share.can_download for share in copying),
+        can_import=any(share.can_import for share in copying),
         who=user.email,  # type: ignore[union-attr]
-        share_ids=frozenset(shares.values_list("pk", flat=True)),
+        share_ids=frozenset(share.pk for share in shares),
     )
 
 
