@@ -270,6 +270,19 @@ class AuditAction(models.TextChoices):
     DESTINATION_ECHO = "destination_echo", "Tested a PACS destination"
     ROUTING_RULE_ADD = "routing_rule_add", "Added a routing rule"
     ROUTING_RULE_REMOVE = "routing_rule_remove", "Removed a routing rule"
+    LOCKOUT = "lockout", "Locked out after failed attempts"
+    UNLOCK = "unlock", "Lifted a lockout"
+    MFA_ADD = "mfa_add", "Added a second factor"
+    MFA_REMOVE = "mfa_remove", "Removed a second factor"
+    MFA_FAILED = "mfa_failed", "Failed second factor"
+    REAUTH = "reauth", "Confirmed identity again"
+    SSO_CHANGE = "sso_change", "Changed single sign-on"
+    TOKEN_REFUSED = "token_refused", "Refused an API token"
+    DICOM_REFUSED = "dicom_refused", "Refused a DICOM association"
+    PATIENT_LINK_LOCK = "patient_link_lock", "Locked a patient link"
+    PATIENT_LINK_UNLOCK = "patient_link_unlock", "Re-opened a locked patient link"
+    AUDIT_EXPORT = "audit_export", "Exported the audit trail"
+    SESSION_EXPIRED = "session_expired", "Session ended"
 
 
 class Outcome(models.TextChoices):

@@ -1,0 +1,8 @@
+# Placeholder in the chain; its owner writes the operations.
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("portal", "0013_audit_actor_facility")]
+
+    operations: list = []
