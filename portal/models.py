@@ -307,6 +307,11 @@ class AuditEvent(models.Model):
     facility = models.ForeignKey(
         Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
+    # The facility the person acted for (a recipient's own facility when opening a study another
+    # facility shared): its admins see the event as well as the data owner's.
+    actor_facility = models.ForeignKey(
+        Facility, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
     # An AuditAction value, checked by audit_record (no database choices: see AuditAction).
     action = models.CharField(max_length=20)
     outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.SUCCESS)
@@ -322,6 +327,7 @@ class AuditEvent(models.Model):
             models.Index(fields=["facility", "-at"], name="audit_facility_at"),
             models.Index(fields=["study_instance_uid"], name="audit_study"),
             models.Index(fields=["patient_id"], name="audit_patient"),
+            models.Index(fields=["actor_facility", "-at"], name="audit_actor_facility_at"),
         ]
 
     def __str__(self) -> str:
@@ -334,3 +340,16 @@ class AuditEvent(models.Model):
             return str(AuditAction(self.action).label)
         except ValueError:
             return self.action
+
+
+class AuditForwardCursor(models.Model):
+    """How far the trail has been delivered to an outside collector (the syslog feed): the id of
+    the last event it acknowledged. Events are never marked (they are append-only); the cursor
+    moves only after a send succeeded, so an unreachable collector loses nothing."""
+
+    name = models.CharField(max_length=50, unique=True)
+    last_event_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.last_event_id}"
