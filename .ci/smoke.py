@@ -71,7 +71,7 @@ def main() -> int:
         response = web.post(
             "/accounts/login/",
             data={
-                "username": "sender@krmc.example",
+                "login": "sender@krmc.example",
                 "password": password,
                 "csrfmiddlewaretoken": web.cookies["csrftoken"],
             },
@@ -179,7 +179,7 @@ def main() -> int:
         reader.post(
             "/accounts/login/",
             data={
-                "username": "reader@gfc.example",
+                "login": "reader@gfc.example",
                 "password": reader_password,
                 "csrfmiddlewaretoken": reader.cookies["csrftoken"],
             },

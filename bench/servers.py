@@ -400,7 +400,7 @@ class RelayServer(_Server):
             answer = client.post(
                 "/accounts/login/",
                 data={
-                    "username": BENCH_EMAIL,
+                    "login": BENCH_EMAIL,
                     "password": BENCH_PASSWORD,
                     "csrfmiddlewaretoken": match.group(1),
                 },

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.http import HttpRequest
 
-from .models import ApiToken, AuditEvent, Facility, Invitation, Membership, User
+from .audit import audit_record
+from .models import (
+    ApiToken,
+    AuditAction,
+    AuditEvent,
+    Facility,
+    Invitation,
+    Membership,
+    Role,
+    SingleSignOn,
+    User,
+)
 
 
 class MembershipInline(admin.TabularInline):
@@ -68,6 +80,93 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # tokens are made on the profile page, where the raw value is shown once
+
+
+class SingleSignOnForm(forms.ModelForm):
+    class Meta:
+        model = SingleSignOn
+        fields = [
+            "facility",
+            "app",
+            "email_domains",
+            "role_claim",
+            "role_map",
+            "default_role",
+            "enabled",
+        ]
+
+    def clean_app(self) -> object:
+        app = self.cleaned_data["app"]
+        if app is not None and app.provider != "openid_connect":
+            raise forms.ValidationError("Choose an OpenID Connect provider (openid_connect).")
+        return app
+
+    def clean_email_domains(self) -> str:
+        domains = [
+            d.strip().lower().lstrip("@")
+            for d in self.cleaned_data["email_domains"].split(",")
+            if d.strip()
+        ]
+        if not domains or any("@" in d or "." not in d or " " in d for d in domains):
+            raise forms.ValidationError("Give the facility's e-mail domains, e.g. krmc.example.")
+        return ", ".join(domains)
+
+    def clean_role_map(self) -> dict[str, str]:
+        role_map = self.cleaned_data["role_map"] or {}
+        roles = set(Role.values)
+        if not isinstance(role_map, dict) or any(
+            not isinstance(v, str) or v not in roles for v in role_map.values()
+        ):
+            raise forms.ValidationError(f"Map each claim value to one of: {', '.join(roles)}.")
+        return role_map
+
+
+def _sso_state(sso: SingleSignOn | None) -> dict[str, Any] | None:
+    """What the trail keeps of a facility's SSO set-up: never the client secret."""
+    if sso is None:
+        return None
+    return {
+        "provider": sso.app.provider_id,
+        "issuer": sso.app.settings.get("server_url", ""),
+        "client_id": sso.app.client_id,
+        "email_domains": sso.domains(),
+        "role_claim": sso.role_claim,
+        "role_map": sso.role_map,
+        "default_role": sso.default_role,
+        "enabled": sso.enabled,
+    }
+
+
+@admin.register(SingleSignOn)
+class SingleSignOnAdmin(admin.ModelAdmin):
+    """A facility's single sign-on, for the operator. The provider itself (issuer URL, client id
+    and secret) is a "Social application" (allauth), chosen or added from the App field."""
+
+    form = SingleSignOnForm
+    list_display = ("facility", "app", "email_domains", "role_claim", "default_role", "enabled")
+    list_filter = ("enabled",)
+    search_fields = ("facility__name", "facility__slug", "email_domains")
+
+    def save_model(self, request: HttpRequest, obj: SingleSignOn, form: Any, change: bool) -> None:
+        before = _sso_state(SingleSignOn.objects.filter(pk=obj.pk).first()) if change else None
+        super().save_model(request, obj, form, change)
+        audit_record(
+            action=AuditAction.SSO_CHANGE,
+            request=request,
+            facility=obj.facility,
+            detail={"before": before, "after": _sso_state(obj)},
+        )
+
+    def delete_model(self, request: HttpRequest, obj: SingleSignOn) -> None:
+        before = _sso_state(obj)
+        facility = obj.facility
+        super().delete_model(request, obj)
+        audit_record(
+            action=AuditAction.SSO_CHANGE,
+            request=request,
+            facility=facility,
+            detail={"before": before, "after": None},
+        )
 
 
 @admin.register(AuditEvent)

@@ -12,4 +12,11 @@ class PortalConfig(AppConfig):
     def ready(self) -> None:
         # Django reports logins, logouts and failed logins only through signals; the receivers
         # write audit events and nothing else.
-        from . import audit  # noqa: F401
+        # Lockouts, second factors and single sign-on report through django-axes' and
+        # django-allauth's signals; their receivers live beside the code they belong to.
+        from . import (  # noqa: F401
+            audit,  # noqa: F401
+            lockout,
+            second_factor,
+            sso,
+        )

@@ -6,15 +6,9 @@ from typing import Any
 
 from django import forms
 from django.contrib.auth import password_validation
-from django.contrib.auth.forms import AuthenticationForm
 
-from .models import AuditAction, Role
-
-
-class LoginForm(AuthenticationForm):
-    username = forms.EmailField(
-        label="E-mail", widget=forms.EmailInput(attrs={"autofocus": True, "autocomplete": "email"})
-    )
+from .access import facilities_of
+from .models import ApiToken, AuditAction, Facility, Role, TokenAccess, User
 
 
 class InviteForm(forms.Form):
@@ -50,6 +44,28 @@ class ApiTokenForm(forms.Form):
     name = forms.CharField(
         max_length=100, label="Name", help_text="Where it is used, e.g. 'CT workstation uploader'."
     )
+    facility = forms.ModelChoiceField(
+        queryset=Facility.objects.none(), label="Facility", empty_label=None
+    )
+    access = forms.ChoiceField(choices=TokenAccess.choices, initial=TokenAccess.WRITE)
+    days = forms.TypedChoiceField(
+        label="Expires after",
+        coerce=int,
+        choices=[(d, f"{d} days") for d in ApiToken.LIFETIMES_DAYS],
+        initial=90,
+    )
+
+    def __init__(self, *args: Any, user: User, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One facility per token, one the person belongs to; uploading also needs a sender role
+        # there (checked by the service).
+        self.fields["facility"].queryset = facilities_of(user).order_by("name")  # type: ignore[attr-defined]
+
+
+class FacilitySecurityForm(forms.ModelForm):
+    class Meta:
+        model = Facility
+        fields = ("require_mfa",)
 
 
 class AuditFilterForm(forms.Form):

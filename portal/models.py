@@ -117,6 +117,8 @@ class Facility(models.Model):
         help_text="other facilities find it when they share a study",
     )
     is_practice = models.BooleanField("a physician's own practice", default=False, editable=False)
+    # Admins always need a second factor; this asks it of every member.
+    require_mfa = models.BooleanField("every member needs a second factor", default=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -204,18 +206,33 @@ class Invitation(models.Model):
         )
 
 
+class TokenAccess(models.TextChoices):
+    READ = "read", "Read (check what is stored)"
+    WRITE = "write", "Read and upload"
+
+
 class ApiToken(models.Model):
-    """A per-user token for the upload API and the desktop uploader, stored hashed."""
+    """A per-user token for the upload API and the desktop uploader, stored hashed.
+
+    It works for one facility (a token made before scopes existed: every facility its owner may
+    upload to), for reading or also uploading, until it expires or is revoked."""
 
     PREFIX = "rly_"
+    LIFETIMES_DAYS = (7, 30, 90, 365)
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100)
     token_hash = models.CharField(max_length=64, unique=True)
     # The first characters, kept so a person can tell their tokens apart; not enough to use one.
     hint = models.CharField(max_length=12)
+    facility = models.ForeignKey(
+        Facility, on_delete=models.CASCADE, null=True, blank=True, related_name="+"
+    )
+    access = models.CharField(max_length=10, choices=TokenAccess.choices, default=TokenAccess.WRITE)
     created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_ip = models.GenericIPAddressField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -224,11 +241,71 @@ class ApiToken(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.hint}…)"
 
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    @property
+    def can_write(self) -> bool:
+        return self.access == TokenAccess.WRITE
+
     @classmethod
-    def issue(cls, *, user: User, name: str) -> tuple[ApiToken, str]:
+    def issue(
+        cls,
+        *,
+        user: User,
+        name: str,
+        facility: Facility | None = None,
+        access: str = TokenAccess.WRITE,
+        days: int = 90,
+    ) -> tuple[ApiToken, str]:
         raw = cls.PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, token_hash=hash_token(raw), hint=raw[:10])
+        token = cls.objects.create(
+            user=user,
+            name=name,
+            token_hash=hash_token(raw),
+            hint=raw[:10],
+            facility=facility,
+            access=access,
+            expires_at=timezone.now() + timedelta(days=days),
+        )
         return token, raw
+
+
+class SingleSignOn(models.Model):
+    """A facility's own identity provider (OpenID Connect), set up by the operator with the
+    facility's IT: people whose verified e-mail is in one of its domains sign in there and become
+    members; a role claim, when the provider sends one, sets their role."""
+
+    facility = models.OneToOneField(Facility, on_delete=models.CASCADE, related_name="sso")
+    # allauth's provider entry (provider "openid_connect", its issuer URL, client id and secret).
+    app = models.OneToOneField(
+        "socialaccount.SocialApp", on_delete=models.PROTECT, related_name="relay_sso"
+    )
+    email_domains = models.CharField(
+        max_length=400, help_text="e-mail domains of this facility's people, comma-separated"
+    )
+    role_claim = models.CharField(
+        max_length=100, blank=True, help_text="the ID token claim that names a role, if any"
+    )
+    role_map = models.JSONField(
+        default=dict, blank=True, help_text='claim value to role, e.g. {"radiologist": "reader"}'
+    )
+    default_role = models.CharField(max_length=10, choices=Role.choices, default=Role.VIEWER)
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        verbose_name = "single sign-on"
+        verbose_name_plural = "single sign-on"
+
+    def __str__(self) -> str:
+        return f"SSO for {self.facility}"
+
+    def domains(self) -> list[str]:
+        return [d.strip().lower().lstrip("@") for d in self.email_domains.split(",") if d.strip()]
+
+    def covers(self, email: str) -> bool:
+        return email.rpartition("@")[2].lower() in self.domains()
 
 
 class AuditAction(models.TextChoices):

@@ -11,7 +11,16 @@ from django.utils import timezone
 
 from .audit import audit_record
 from .emails import email_queue
-from .models import ApiToken, AuditAction, Facility, Invitation, Membership, User, hash_token
+from .models import (
+    ApiToken,
+    AuditAction,
+    Facility,
+    Invitation,
+    Membership,
+    TokenAccess,
+    User,
+    hash_token,
+)
 
 
 class ServiceError(Exception):
@@ -166,6 +175,25 @@ def facility_listing_set(
         )
 
 
+def facility_require_mfa_set(
+    *, facility: Facility, required: bool, by: User, request: HttpRequest | None = None
+) -> None:
+    """Ask a second factor of every member (admins always need one)."""
+    with transaction.atomic():
+        locked = Facility.objects.select_for_update().get(pk=facility.pk)
+        if locked.require_mfa == required:
+            return
+        locked.require_mfa = facility.require_mfa = required
+        locked.save(update_fields=["require_mfa"])
+        audit_record(
+            action=AuditAction.FACILITY_CHANGE,
+            request=request,
+            actor=by,
+            facility=facility,
+            detail={"before": {"require_mfa": not required}, "after": {"require_mfa": required}},
+        )
+
+
 def membership_change_role(
     *, membership: Membership, role: str, by: User, request: HttpRequest | None = None
 ) -> None:
@@ -211,15 +239,33 @@ def _last_admin(membership: Membership) -> bool:
 
 
 def api_token_create(
-    *, user: User, name: str, request: HttpRequest | None = None
+    *,
+    user: User,
+    name: str,
+    facility: Facility,
+    access: str = TokenAccess.WRITE,
+    days: int = 90,
+    request: HttpRequest | None = None,
 ) -> tuple[ApiToken, str]:
+    """A token for one facility the person belongs to; an uploading one needs a sender role
+    there. It lives at most a year."""
+    membership = Membership.objects.filter(user=user, facility=facility).first()
+    if membership is None:
+        raise ServiceError("You are not a member of that facility.")
+    if access == TokenAccess.WRITE and not membership.can_upload:
+        raise ServiceError(f"You cannot upload to {facility.name}; make a read token.")
+    if days not in ApiToken.LIFETIMES_DAYS:
+        raise ServiceError("Choose how long the token lives.")
     with transaction.atomic():
-        token, raw = ApiToken.issue(user=user, name=name)
+        token, raw = ApiToken.issue(
+            user=user, name=name, facility=facility, access=access, days=days
+        )
         audit_record(
             action=AuditAction.TOKEN_CREATE,
             request=request,
             actor=user,
-            detail={"token": token.hint, "name": name},
+            facility=facility,
+            detail={"token": token.hint, "name": name, "access": access, "days": days},
         )
     return token, raw
 

@@ -3,14 +3,20 @@ administration (members, audit log)."""
 
 from __future__ import annotations
 
+from allauth.account import views as allauth_views
 from django.contrib.auth import views as auth_views
 from django.urls import path
+from django.views.generic import RedirectView
 
 from . import views
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("accounts/login/", views.LoginView.as_view(), name="login"),
+    # allauth's sign-in (password, passkey, single sign-on; then the second factor), under the
+    # name the rest of Relay uses. allauth's own URLs (relay/urls.py) come after these.
+    path("accounts/login/", allauth_views.login, name="login"),
+    # One address per account, the one invitations and SSO vouched for: no adding others.
+    path("accounts/email/", RedirectView.as_view(pattern_name="profile"), name="account_email"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/password/change/", views.PasswordChangeView.as_view(), name="password_change"),
     path(
@@ -37,6 +43,12 @@ urlpatterns = [
     path("accounts/profile/", views.profile, name="profile"),
     path("accounts/tokens/", views.token_create, name="token_create"),
     path("accounts/tokens/<int:token_id>/revoke/", views.token_revoke, name="token_revoke"),
+    path(
+        "facilities/<slug:slug>/members/<int:member_id>/unlock/",
+        views.member_unlock,
+        name="member_unlock",
+    ),
+    path("facilities/<slug:slug>/security/", views.facility_security, name="facility_security"),
     path("invitations/<str:token>/", views.invitation_open, name="invitation_open"),
     path("facilities/<slug:slug>/members/", views.facility_members, name="facility_members"),
     path(
@@ -55,5 +67,11 @@ urlpatterns = [
         name="invitation_revoke",
     ),
     path("facilities/<slug:slug>/audit/", views.facility_audit, name="facility_audit"),
+    path(
+        "facilities/<slug:slug>/audit/export/",
+        views.facility_audit_export,
+        name="facility_audit_export",
+    ),
     path("facilities/<slug:slug>/directory/", views.facility_listing, name="facility_listing"),
+    path("accounts/session/ping/", views.session_ping, name="session_ping"),
 ]

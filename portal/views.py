@@ -3,36 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, time
 
+from allauth.account.decorators import reauthentication_required
+from allauth.core.ratelimit import consume
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
-from django.urls import reverse_lazy
+from django.urls import reverse, reverse_lazy
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from .access import AuthedRequest, get_membership_for_user, memberships_of
-from .audit import audit_record
+from .access import AuthedRequest, get_membership_for_user, home_facility, memberships_of
+from .audit import (
+    audit_admin_membership,
+    audit_events_for,
+    audit_export_stream,
+    audit_filters_describe,
+    audit_record,
+    audit_row,
+    audit_search_load,
+    audit_search_save,
+)
 from .emails import email_render
 from .forms import (
     AcceptInvitationForm,
     ApiTokenForm,
     AuditFilterForm,
+    FacilitySecurityForm,
     InviteForm,
-    LoginForm,
     RoleForm,
 )
-from .models import ApiToken, AuditAction, AuditEvent, Facility, Invitation, Membership, Role, User
+from .lockout import account_unlock, address_blocked, address_failure, locked_emails
+from .models import ApiToken, AuditAction, Invitation, Membership, Outcome, Role, User
 from .services import (
     ServiceError,
     api_token_create,
     api_token_revoke,
     facility_listing_set,
+    facility_require_mfa_set,
     invitation_accept,
     invitation_create,
     invitation_for_token,
@@ -41,12 +53,6 @@ from .services import (
     membership_remove,
 )
 from .tasks import email_send
-
-
-class LoginView(auth_views.LoginView):
-    form_class = LoginForm
-    template_name = "registration/login.html"
-    redirect_authenticated_user = True
 
 
 class PasswordChangeView(auth_views.PasswordChangeView):
@@ -64,16 +70,28 @@ class PasswordResetView(auth_views.PasswordResetView):
     success_url = reverse_lazy("password_reset_done")
 
     def form_valid(self, form):  # type: ignore[no-untyped-def]
+        email = form.cleaned_data["email"]
+        user = User.objects.filter(email__iexact=email).first()
+        # At most a few e-mails per address and per account an hour (ACCOUNT_RATE_LIMITS):
+        # beyond that a 429, audited, and no e-mail.
+        if not consume(self.request, action="reset_password", key=email.lower()):
+            audit_record(
+                action=AuditAction.PASSWORD_RESET_ASK,
+                request=self.request,
+                actor=user,
+                facility=home_facility(user),
+                outcome=Outcome.FAILURE,
+                detail={"email": email[:254], "known": user is not None, "reason": "rate limit"},
+            )
+            return render(self.request, "429.html", status=429)
         form.send_mail = _queue_reset_mail  # type: ignore[method-assign]
         response = super().form_valid(form)
         # The page says the same whether the address is known; the trail records which it was.
-        email = form.cleaned_data["email"]
-        user = User.objects.filter(email__iexact=email).first()
         audit_record(
             action=AuditAction.PASSWORD_RESET_ASK,
             request=self.request,
             actor=user,
-            facility=_home_facility(user),
+            facility=home_facility(user),
             detail={"email": email[:254], "known": user is not None},
         )
         return response
@@ -86,17 +104,9 @@ class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
             action=AuditAction.PASSWORD_RESET,
             request=self.request,
             actor=form.user,
-            facility=_home_facility(form.user),
+            facility=home_facility(form.user),
         )
         return response
-
-
-def _home_facility(user: User | None) -> Facility | None:
-    """The facility whose admins see this person's account events: their oldest membership."""
-    if user is None:
-        return None
-    membership = memberships_of(user).order_by("created_at", "pk").first()
-    return membership.facility if membership is not None else None
 
 
 def _queue_reset_mail(
@@ -116,6 +126,17 @@ def home(request: HttpRequest) -> HttpResponse:
     return redirect("studies" if request.user.is_authenticated else "login")
 
 
+@require_GET
+def admin_login(request: HttpRequest) -> HttpResponse:
+    """The admin site's sign-in is Relay's (second factor included); a signed-in member who is not
+    staff gets a plain 404, as for any page that is not theirs."""
+    if not request.user.is_authenticated:
+        return redirect(f"{reverse('login')}?next={reverse('admin:index')}")
+    if not request.user.is_staff:
+        raise Http404("No such page.")
+    return redirect("admin:index")
+
+
 # --- profile and API tokens ---------------------------------------------------------------------
 
 
@@ -129,8 +150,8 @@ def profile(request: AuthedRequest) -> HttpResponse:
         "portal/profile.html",
         {
             "memberships": memberships_of(request.user),
-            "tokens": tokens,
-            "form": ApiTokenForm(),
+            "tokens": tokens.select_related("facility"),
+            "form": ApiTokenForm(user=request.user),
             "new_token": new_token,
         },
     )
@@ -138,16 +159,26 @@ def profile(request: AuthedRequest) -> HttpResponse:
 
 @require_POST
 @login_required
+@reauthentication_required
 def token_create(request: AuthedRequest) -> HttpResponse:
-    form = ApiTokenForm(request.POST)
+    form = ApiTokenForm(request.POST, user=request.user)
     if form.is_valid():
-        _, raw = api_token_create(
-            user=request.user, name=form.cleaned_data["name"], request=request
-        )
-        # Shown once, on the next page, then gone: only its hash is stored.
-        request.session["new_api_token"] = raw
+        try:
+            _, raw = api_token_create(
+                user=request.user,
+                name=form.cleaned_data["name"],
+                facility=form.cleaned_data["facility"],
+                access=form.cleaned_data["access"],
+                days=int(form.cleaned_data["days"]),
+                request=request,
+            )
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            # Shown once, on the next page, then gone: only its hash is stored.
+            request.session["new_api_token"] = raw
     else:
-        messages.error(request, "Give the token a name.")
+        messages.error(request, " ".join(str(e) for errs in form.errors.values() for e in errs))
     return redirect("profile")
 
 
@@ -167,8 +198,24 @@ def token_revoke(request: AuthedRequest, token_id: int) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
+    # Someone trying invitation links from one address is stopped after a few wrong ones.
+    if address_blocked(request, "invitation_failed"):
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            outcome=Outcome.FAILURE,
+            detail={"reason": "too many wrong invitation links", "what": "invitation"},
+        )
+        return render(request, "429.html", status=429)
     invitation = invitation_for_token(token)
     if invitation is None:
+        address_failure(request, "invitation_failed")
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            outcome=Outcome.FAILURE,
+            detail={"reason": "unknown or used invitation link", "what": "invitation"},
+        )
         return render(request, "portal/invitation_invalid.html", status=404)
     existing = User.objects.filter(email__iexact=invitation.email).first()
     if request.user.is_authenticated or existing is not None:
@@ -215,6 +262,7 @@ def invitation_open(request: HttpRequest, token: str) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 @login_required
+@reauthentication_required(allow_get=True)
 def facility_members(request: AuthedRequest, slug: str) -> HttpResponse:
     membership = get_membership_for_user(request, slug, manage=True)
     facility = membership.facility
@@ -251,8 +299,38 @@ def facility_members(request: AuthedRequest, slug: str) -> HttpResponse:
             "invitations": invitations,
             "form": form,
             "roles": Role.choices,
+            "locked": locked_emails([m.user.email for m in members]),
+            "security_form": FacilitySecurityForm(instance=facility),
         },  # type: ignore[attr-defined]
     )
+
+
+@require_POST
+@login_required
+def member_unlock(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
+    """Lift a member's sign-in lockout before it runs out (after a call to confirm who it was)."""
+    member = _get_member_for_admin(request, slug, member_id)
+    account_unlock(user=member.user, request=request)
+    messages.success(request, f"{member.user.email} can sign in again.")
+    return redirect("facility_members", slug=slug)
+
+
+@require_POST
+@login_required
+@reauthentication_required
+def facility_security(request: AuthedRequest, slug: str) -> HttpResponse:
+    """Whether every member (not only admins) needs a second factor."""
+    facility = get_membership_for_user(request, slug, manage=True).facility
+    form = FacilitySecurityForm(request.POST)
+    if form.is_valid():
+        facility_require_mfa_set(
+            facility=facility,
+            required=form.cleaned_data["require_mfa"],
+            by=request.user,
+            request=request,
+        )
+        messages.success(request, "Security settings saved.")
+    return redirect("facility_members", slug=slug)
 
 
 def _get_member_for_admin(request: AuthedRequest, slug: str, member_id: int) -> Membership:
@@ -279,6 +357,7 @@ def _member_change(request: AuthedRequest, slug: str, change: Callable[[], str])
 
 @require_POST
 @login_required
+@reauthentication_required
 def member_role(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
     member = _get_member_for_admin(request, slug, member_id)
     form = RoleForm(request.POST)
@@ -296,6 +375,7 @@ def member_role(request: AuthedRequest, slug: str, member_id: int) -> HttpRespon
 
 @require_POST
 @login_required
+@reauthentication_required
 def member_remove(request: AuthedRequest, slug: str, member_id: int) -> HttpResponse:
     member = _get_member_for_admin(request, slug, member_id)
 
@@ -308,6 +388,7 @@ def member_remove(request: AuthedRequest, slug: str, member_id: int) -> HttpResp
 
 @require_POST
 @login_required
+@reauthentication_required
 def facility_listing(request: AuthedRequest, slug: str) -> HttpResponse:
     facility = get_membership_for_user(request, slug, manage=True).facility
     listed = request.POST.get("listed") == "on"
@@ -324,6 +405,7 @@ def facility_listing(request: AuthedRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
+@reauthentication_required
 def invitation_revoke(request: AuthedRequest, slug: str, invitation_id: int) -> HttpResponse:
     admin = get_membership_for_user(request, slug, manage=True)
     if invitation_withdraw(
@@ -333,35 +415,110 @@ def invitation_revoke(request: AuthedRequest, slug: str, invitation_id: int) -> 
     return redirect("facility_members", slug=slug)
 
 
-@require_GET
+@require_http_methods(["GET", "POST"])
 @login_required
 def facility_audit(request: AuthedRequest, slug: str) -> HttpResponse:
-    membership = get_membership_for_user(request, slug, manage=True)
-    facility = membership.facility
-    form = AuditFilterForm(request.GET or None)
-    events = AuditEvent.objects.filter(facility=facility).select_related("actor")
-    if form.is_valid():
-        data = form.cleaned_data
-        if data["action"]:
-            events = events.filter(action=data["action"])
-        if data["outcome"]:
-            events = events.filter(outcome=data["outcome"])
-        if data["who"]:
-            events = events.filter(actor_email__iexact=data["who"].strip())
-        if data["patient_id"]:
-            events = events.filter(patient_id=data["patient_id"].strip())
-        if data["study_uid"]:
-            events = events.filter(study_instance_uid=data["study_uid"].strip())
-        tz = timezone.get_current_timezone()
-        if data["date_from"]:
-            events = events.filter(at__gte=datetime.combine(data["date_from"], time.min, tzinfo=tz))
-        if data["date_to"]:
-            events = events.filter(at__lte=datetime.combine(data["date_to"], time.max, tzinfo=tz))
+    """The facility's audit log: events about its data and settings, and its people's acts
+    elsewhere (a study another facility shared with it), each marked with its side."""
+    facility = audit_admin_membership(request, slug, page="audit log").facility
+    if request.method == "POST":
+        # The filter is posted and kept in the session; the URL carries only its key, so that a
+        # patient ID searched for stays out of browser history, server logs and Referer headers.
+        form = AuditFilterForm(request.POST)
+        if not form.is_valid():
+            return render(
+                request, "portal/facility_audit.html", {"facility": facility, "form": form}
+            )
+        values = {name: request.POST.get(name, "") for name in form.fields}
+        if not any(values.values()):
+            return redirect("facility_audit", slug=slug)
+        key = audit_search_save(request, facility, values)
+        return redirect(f"{reverse('facility_audit', kwargs={'slug': slug})}?search={key}")
+    data: dict[str, str] | None = request.GET or None  # type: ignore[assignment]
+    expired = False
+    if request.GET.get("search"):
+        data = audit_search_load(request, facility, request.GET["search"])
+        expired = data is None
+    form = AuditFilterForm(data)
+    events = audit_events_for(facility, form.cleaned_data if form.is_valid() else None)
     page = Paginator(events, 50).get_page(request.GET.get("page"))
+    rows = [audit_row(event, facility) for event in page]
     query = request.GET.copy()
     query.pop("page", None)
     return render(
         request,
         "portal/facility_audit.html",
-        {"facility": facility, "form": form, "page": page, "query": query.urlencode()},
+        {
+            "facility": facility,
+            "form": form,
+            "page": page,
+            "rows": rows,
+            "expired": expired,
+            "query": query.urlencode(),
+        },
     )
+
+
+@require_GET
+@login_required
+def facility_audit_export(
+    request: AuthedRequest, slug: str
+) -> HttpResponse | StreamingHttpResponse:
+    """The log as the page filters it, as CSV or JSON (`?format=json`), streamed a batch at a
+    time. The export is itself audited, with its filters."""
+    facility = audit_admin_membership(request, slug, page="audit export").facility
+    fmt = "json" if request.GET.get("format") == "json" else "csv"
+    data: dict[str, str] | None = request.GET or None  # type: ignore[assignment]
+    if request.GET.get("search"):
+        data = audit_search_load(request, facility, request.GET["search"])
+        if data is None:
+            # An expired search is not widened silently into the whole trail.
+            raise Http404("This search has expired; filter the log again.")
+    form = AuditFilterForm(data)
+    if data is not None and not form.is_valid():
+        # Never a wider export than asked for: a filter that does not read is refused.
+        return HttpResponse(
+            "The filter is not valid.", status=400, content_type="text/plain; charset=utf-8"
+        )
+    filters = form.cleaned_data if data is not None else {}
+    audit_record(
+        action=AuditAction.AUDIT_EXPORT,
+        request=request,
+        facility=facility,
+        patient_id=(filters.get("patient_id") or "").strip(),
+        study_instance_uid=(filters.get("study_uid") or "").strip(),
+        detail={"format": fmt, "filters": audit_filters_describe(filters)},
+    )
+    response = StreamingHttpResponse(
+        audit_export_stream(audit_events_for(facility, filters), facility, fmt),
+        content_type="application/json" if fmt == "json" else "text/csv; charset=utf-8",
+    )
+    # The file is named for the facility and the day, never for what was searched.
+    day = timezone.localdate().strftime("%Y%m%d")
+    response["Content-Disposition"] = f'attachment; filename="audit-{facility.slug}-{day}.{fmt}"'
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@require_http_methods(["GET", "POST"])
+def session_ping(request: HttpRequest) -> HttpResponse:
+    """How long this browser session has left: GET asks (and is not counted as activity, so an
+    idle tab asking does not keep the session alive), POST is "Stay signed in". JSON; 401 when
+    nobody is signed in to the session (SessionTimeoutMiddleware answers for an ended one)."""
+    from django.http import JsonResponse
+    from django.utils.cache import add_never_cache_headers
+
+    from .middleware import session_clock, session_touch
+
+    if request.method == "POST":
+        session_touch(request, force=True)
+    clock = session_clock(request)
+    response = (
+        JsonResponse(
+            {"status": "error", "reason": "Not signed in.", "signed_out": True}, status=401
+        )
+        if clock is None
+        else JsonResponse(clock.as_json())
+    )
+    add_never_cache_headers(response)
+    return response

@@ -45,6 +45,12 @@ app.conf.update(
     },
     task_default_routing_key="quick",
     beat_schedule={
+        # The audit trail to the SIEM; the cursor, not Celery, remembers what is left to send.
+        "audit-forward-syslog": {
+            "task": "portal.tasks.audit_forward_task",
+            "schedule": 15.0,
+            "options": {"expires": 14},
+        },
         "studies-complete-after-quiet-period": {
             "task": "transfers.tasks.studies_complete_quiet",
             "schedule": 60.0,

@@ -49,6 +49,12 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "allauth",
+    "allauth.account",
+    "allauth.mfa",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
+    "axes",
     "relay",
     "portal",
     "transfers",
@@ -62,8 +68,17 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Ends idle and over-long sessions (README: Sessions); after the messages (the sign-in page
+    # says why), before the second-factor middleware (an ended session owes nothing).
+    "portal.middleware.SessionTimeoutMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Staff and facility admins (and every member of a facility that asks) reach nothing but the
+    # second-factor pages until they have one and used it to sign in.
+    "portal.second_factor.SecondFactorRequiredMiddleware",
+    # Last, as django-axes asks: answers a locked-out account's sign-in with the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "relay.urls"
@@ -129,6 +144,71 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "studies"
 LOGOUT_REDIRECT_URL = "login"
 PASSWORD_RESET_TIMEOUT = 60 * 60 * 24
+
+# Sign-in (README: Security). django-axes counts failed passwords per account and locks it;
+# django-allauth runs the sign-in form, the second factor (authenticator apps, security keys
+# and passkeys, recovery codes), single sign-on over OpenID Connect, re-authentication before
+# sensitive changes, and the per-address rate limits.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+AXES_FAILURE_LIMIT = env_int("RELAY_LOCKOUT_FAILURES", 5)
+AXES_COOLOFF_TIME = env_int("RELAY_LOCKOUT_MINUTES", 30) / 60  # hours; admins unlock earlier
+AXES_LOCKOUT_PARAMETERS = ["username"]
+# Per address, allauth's "login_failed" rate below limits failures across accounts; locking the
+# address itself in axes would lock out a whole hospital behind one NAT address.
+SILENCED_SYSTEM_CHECKS = ["axes.W006"]
+AXES_USERNAME_CALLABLE = "portal.lockout.attempted_username"
+AXES_USERNAME_FORM_FIELD = "login"
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "portal.lockout.lockout_response"
+AXES_ENABLE_ACCESS_FAILURE_LOG = False
+AXES_VERBOSE = False
+# Behind the proxy, REMOTE_ADDR is the client's (gunicorn --forwarded-allow-ips; README).
+AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+
+ACCOUNT_ADAPTER = "portal.adapters.AccountAdapter"
+SOCIALACCOUNT_ADAPTER = "portal.adapters.SocialAccountAdapter"
+MFA_ADAPTER = "portal.adapters.MFAAdapter"
+ACCOUNT_LOGIN_METHODS = {"email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "password1*", "password2*"]
+ACCOUNT_USER_MODEL_USERNAME_FIELD = None
+ACCOUNT_UNIQUE_EMAIL = True
+# People join by invitation (verified by the link they were sent) or by their facility's SSO.
+ACCOUNT_EMAIL_VERIFICATION = "none"
+MFA_ALLOW_UNVERIFIED_EMAIL = True
+# "Trust this device" on the sign-in form: unticked, the cookie ends with the browser.
+ACCOUNT_SESSION_REMEMBER = None
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
+ACCOUNT_REAUTHENTICATION_TIMEOUT = env_int("RELAY_REAUTH_SECONDS", 300)
+ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False
+ACCOUNT_PREVENT_ENUMERATION = True
+ACCOUNT_RATE_LIMITS = {
+    "login": env_str("RELAY_RATE_LOGIN", "60/m/ip"),
+    # Failed sign-ins from one address across any accounts (a shared hospital address has many
+    # people behind it, so this is looser than the per-account lock).
+    "login_failed": env_str("RELAY_RATE_LOGIN_FAILED", "15/15m/ip"),
+    "reset_password": env_str("RELAY_RATE_PASSWORD_RESET", "10/h/ip,3/h/key"),
+    "reset_password_from_key": "20/m/ip",
+    # Relay's own: wrong invitation links and refused API tokens, per address.
+    "invitation_failed": env_str("RELAY_RATE_INVITATION_FAILED", "10/15m/ip"),
+    "api_token_failed": env_str("RELAY_RATE_TOKEN_FAILED", "20/15m/ip"),
+}
+MFA_SUPPORTED_TYPES = ["totp", "webauthn", "recovery_codes"]
+MFA_FORMS = {"authenticate_webauthn": "portal.second_factor.AuditedAuthenticateWebAuthnForm"}
+MFA_PASSKEY_LOGIN_ENABLED = True
+MFA_TOTP_ISSUER = env_str("RELAY_MFA_ISSUER", "Relay")
+MFA_WEBAUTHN_ALLOW_INSECURE_ORIGIN = env_bool("RELAY_WEBAUTHN_INSECURE_ORIGIN", False)
+SOCIALACCOUNT_EMAIL_AUTHENTICATION = True
+SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
+SOCIALACCOUNT_LOGIN_ON_GET = False
+SOCIALACCOUNT_STORE_TOKENS = False
+SOCIALACCOUNT_ONLY = False
+# The facility identity providers' sign-ins carry a PKCE code challenge (S256).
+SOCIALACCOUNT_PROVIDERS = {"openid_connect": {"OAUTH_PKCE_ENABLED": True}}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("TIME_ZONE", "America/Denver")
@@ -245,7 +325,13 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Relay <relay@localhost>")
 
 # Security: production runs behind a TLS-terminating proxy.
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 60 * 60 * 8)
+# Sessions end after RELAY_SESSION_IDLE_MINUTES without a request and RELAY_SESSION_MAX_HOURS
+# after sign-in (portal.middleware; the page warns before the idle end).
+RELAY_SESSION_IDLE_MINUTES = env_int("RELAY_SESSION_IDLE_MINUTES", 15)
+RELAY_SESSION_IDLE_SECONDS = env_int("RELAY_SESSION_IDLE_SECONDS", 0) or None  # overrides minutes
+RELAY_SESSION_MAX_HOURS = env_int("RELAY_SESSION_MAX_HOURS", 12)
+RELAY_SESSION_WARN_SECONDS = env_int("RELAY_SESSION_WARN_SECONDS", 120)
+SESSION_COOKIE_AGE = RELAY_SESSION_MAX_HOURS * 60 * 60
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 if not DEBUG and SITE_URL.startswith("https://"):
@@ -257,6 +343,23 @@ if not DEBUG and SITE_URL.startswith("https://"):
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     # The header only allows submission to the preload list; submitting stays the operator's call.
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+
+# Wrong patient-link answers from one address, across every link: this many within the window
+# (seconds) block that address's answers for the block time (seconds).
+PATIENT_LINK_ADDRESS_FAILURES = env_int("PATIENT_LINK_ADDRESS_FAILURES", 20)
+PATIENT_LINK_ADDRESS_WINDOW = env_int("PATIENT_LINK_ADDRESS_WINDOW", 600)
+PATIENT_LINK_ADDRESS_BLOCK = env_int("PATIENT_LINK_ADDRESS_BLOCK", 3600)
+
+# The audit trail's feed to a SIEM (portal.siem): IHE ATNA syslog over TLS; empty = off.
+RELAY_AUDIT_SYSLOG = env_str("RELAY_AUDIT_SYSLOG")
+RELAY_AUDIT_SYSLOG_CA = env_str("RELAY_AUDIT_SYSLOG_CA")
+RELAY_AUDIT_SYSLOG_CERT = env_str("RELAY_AUDIT_SYSLOG_CERT")
+RELAY_AUDIT_SYSLOG_KEY = env_str("RELAY_AUDIT_SYSLOG_KEY")
+RELAY_AUDIT_SOURCE_ID = env_str("RELAY_AUDIT_SOURCE_ID")  # default: host of SITE_URL
+RELAY_AUDIT_SYSLOG_TIMEOUT = env_int("RELAY_AUDIT_SYSLOG_TIMEOUT", 10)
+RELAY_AUDIT_SYSLOG_GAP_SECONDS = env_int("RELAY_AUDIT_SYSLOG_GAP_SECONDS", 60)
+# Second-factor secrets are encrypted with a key derived from this (or SECRET_KEY).
+RELAY_MFA_KEY = env_str("RELAY_MFA_KEY")
 
 LOGGING = {
     "version": 1,
@@ -279,6 +382,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "pydicom": {"level": "ERROR"},
+        # django-axes logs every sign-in at INFO; the audit trail has them already.
+        "axes": {"level": "WARNING"},
         "django.server": {"handlers": ["server"], "level": "INFO", "propagate": False},
     },
 }

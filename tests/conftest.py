@@ -6,6 +6,7 @@ there; charlie is a sender at Great Falls, an outsider to everything of Kalispel
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,24 @@ def _private_storage(settings: Any, tmp_path: Path) -> Path:
     settings.CELERY_TASK_ALWAYS_EAGER = True
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     return media
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    # A PBKDF2 hash costs seconds on a loaded CI machine and every persona has a password; the
+    # hasher's strength is Django's business, not what these tests check.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(settings: Any) -> None:
+    # Rate limits and patient-link address blocks count in the cache, and every test client comes
+    # from 127.0.0.1: each test starts with no counts (a new prefix, so that a Redis shared with
+    # other runs is never cleared).
+    prefix = f"test-{uuid.uuid4().hex}"
+    settings.CACHES = {
+        alias: {**config, "KEY_PREFIX": prefix} for alias, config in settings.CACHES.items()
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +118,11 @@ def dana(gfc: Facility) -> User:
 @pytest.fixture
 def bob_token(bob: User) -> str:
     return ApiToken.issue(user=bob, name="test")[1]
+
+
+@pytest.fixture
+def admin_client(admin_user: User) -> Any:
+    """pytest-django's admin client, signed in as staff sign in: with their second factor."""
+    from tests.helpers import client_for
+
+    return client_for(admin_user)

@@ -190,7 +190,7 @@ def test_a_share_reaches_the_recipient_by_smtp_and_the_sender_sees_it_opened(
     assert "CompressedSamples" not in body + message["Subject"]
     link = re.search(r"https?://[^/\s]+(/shares/[0-9a-f-]+/)", body).group(1)  # type: ignore[union-attr]
     reader = Client()
-    reader.post("/accounts/login/", {"username": "charlie@gfc.example", "password": PASSWORD})
+    reader.post("/accounts/login/", {"login": "charlie@gfc.example", "password": PASSWORD})
     assert reader.get(link).status_code == 200
     _wait_for(lambda: Share.objects.get().notify_status == NotifyStatus.SENT)
     sent = client_for(bob).get("/sent/").content.decode()

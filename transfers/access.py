@@ -30,11 +30,22 @@ from .models import Share, ShareKind, Study
 # The session key listing the patient shares this browser session answered the second factor of
 # (written by transfers.patient_links when the answer is right).
 PATIENT_SESSION_KEY = "patient_shares"
+# Which link (a prefix of its token's hash) each verified share was answered through: a link the
+# sender re-issued is a new link, and a browser verified under the old one must answer again.
+PATIENT_SESSION_LINKS_KEY = "patient_share_links"
+
+
+def patient_link_mark(share: Share) -> str:
+    return (share.token_hash or "")[:16]
 
 
 def patient_session_has(*, request: HttpRequest, share: Share) -> bool:
-    """Whether this browser session answered the second factor of this patient share."""
-    return share.pk in request.session.get(PATIENT_SESSION_KEY, [])
+    """Whether this browser session answered the second factor of this patient share, through
+    the link the share has now."""
+    if share.pk not in request.session.get(PATIENT_SESSION_KEY, []):
+        return False
+    links = request.session.get(PATIENT_SESSION_LINKS_KEY, {})
+    return links.get(str(share.pk)) == patient_link_mark(share)
 
 
 def study_access_refused(

@@ -27,8 +27,16 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from portal.access import AuthedRequest, bearer_token, upload_facilities, user_from_token
-from portal.models import Facility, User
+from portal.access import (
+    AuthedRequest,
+    TokenRefused,
+    bearer_token,
+    token_authenticate,
+    upload_facilities,
+)
+from portal.audit import audit_record, client_ip
+from portal.lockout import address_blocked, address_failure
+from portal.models import ApiToken, AuditAction, Facility, Outcome, User
 
 from .completion import ManifestError, manifest_apply
 from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_valid_uid, read_chunks
@@ -41,18 +49,41 @@ def _error(reason: str, status: int) -> JsonResponse:
     return JsonResponse({"status": "error", "reason": reason}, status=status)
 
 
-def api_view(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Token or session authentication; CSRF is enforced for the session only."""
+def api_view(view: Callable[..., HttpResponse] | None = None, *, writes: bool = False) -> Any:
+    """Token or session authentication; CSRF is enforced for the session only. A token works
+    only for its facility, and for views that `writes` only if it may upload."""
+    if view is None:
+        return lambda v: _api_view(v, view_writes=writes)
+    return _api_view(view, view_writes=writes)
 
+
+def _api_view(
+    view: Callable[..., HttpResponse], *, view_writes: bool
+) -> Callable[..., HttpResponse]:
     @csrf_exempt
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         raw = bearer_token(request)
+        request.api_token = None  # type: ignore[attr-defined]
         if raw is not None:
-            user = user_from_token(raw)
-            if user is None:
-                return _error("The API token is not valid (unknown or revoked).", 401)
-            request.user = user
+            # An address that keeps sending bad tokens is refused for a while, good ones too.
+            if address_blocked(request, "api_token_failed"):
+                return _error("Too many refused tokens from this address; try again later.", 429)
+            try:
+                token = token_authenticate(raw, client_ip(request))
+            except TokenRefused as exc:
+                address_failure(request, "api_token_failed")
+                audit_record(
+                    action=AuditAction.TOKEN_REFUSED,
+                    request=request,
+                    outcome=Outcome.FAILURE,
+                    detail={"reason": str(exc), "path": request.path},
+                )
+                return _error(f"The API token is not valid ({exc}).", 401)
+            if request.method not in ("GET", "HEAD") and not token.can_write and view_writes:
+                return _error("This API token is read-only.", 403)
+            request.user = token.user
+            request.api_token = token  # type: ignore[attr-defined]
         elif request.user.is_authenticated:
             refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
                 request, view, args, kwargs
@@ -75,8 +106,17 @@ def _json_object(request: HttpRequest, shape: str) -> dict[str, Any] | JsonRespo
     return payload if isinstance(payload, dict) else _error(shape, 400)
 
 
-def _upload_facility(user: User, slug: str | None) -> Facility | JsonResponse:
+def _token_of(request: HttpRequest) -> ApiToken | None:
+    return getattr(request, "api_token", None)
+
+
+def _upload_facility(
+    user: User, slug: str | None, token: ApiToken | None = None
+) -> Facility | JsonResponse:
     allowed = list(upload_facilities(user))
+    if token is not None and token.facility_id is not None:
+        # A token works for its one facility (while its owner may still upload there).
+        allowed = [f for f in allowed if f.pk == token.facility_id]
     if slug:
         for facility in allowed:
             if facility.slug == slug:
@@ -93,14 +133,18 @@ def _upload_facility(user: User, slug: str | None) -> Facility | JsonResponse:
 @require_GET
 @api_view
 def facilities(request: AuthedRequest) -> JsonResponse:
-    rows = [{"slug": f.slug, "name": f.name} for f in upload_facilities(request.user)]
+    token = _token_of(request)
+    mine = upload_facilities(request.user)
+    if token is not None and token.facility_id is not None:
+        mine = mine.filter(pk=token.facility_id)
+    rows = [{"slug": f.slug, "name": f.name} for f in mine]
     return JsonResponse({"facilities": rows})
 
 
 @require_POST
-@api_view
+@api_view(writes=True)
 def instances_upload(request: AuthedRequest) -> JsonResponse:
-    facility = _upload_facility(request.user, request.GET.get("facility"))
+    facility = _upload_facility(request.user, request.GET.get("facility"), _token_of(request))
     if isinstance(facility, JsonResponse):
         return facility
     limit = settings.RELAY_MAX_UPLOAD_BYTES
@@ -175,7 +219,7 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
         return _error("'sop_instance_uids' must be a list of strings.", 400)
     if len(uids) > MAX_KNOWN_UIDS:
         return _error(f"Ask about at most {MAX_KNOWN_UIDS} UIDs at a time.", 400)
-    facility = _upload_facility(request.user, slug)
+    facility = _upload_facility(request.user, slug, _token_of(request))
     if isinstance(facility, JsonResponse):
         return facility
     wanted = [u for u in uids if is_valid_uid(u)]
@@ -184,7 +228,7 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
 
 
 @require_POST
-@api_view
+@api_view(writes=True)
 def manifest(request: AuthedRequest) -> JsonResponse:
     """The end of an upload: what was sent, so the server can tell when studies are complete."""
     payload = _json_object(
@@ -197,7 +241,7 @@ def manifest(request: AuthedRequest) -> JsonResponse:
     slug = payload.get("facility")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         return _error("'instances' must be a list of {sop_instance_uid, sha256} objects.", 400)
-    facility = _upload_facility(request.user, slug)
+    facility = _upload_facility(request.user, slug, _token_of(request))
     if isinstance(facility, JsonResponse):
         return facility
     try:

@@ -18,9 +18,11 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
+from django.contrib.auth.models import AnonymousUser
 from django.dispatch import Signal
 
-from portal.models import Facility, Membership, User
+from portal.access import home_facility
+from portal.models import Facility, User
 
 from .models import Share, ShareKind, Study
 
@@ -64,23 +66,21 @@ def delivery_key(kind: str, *parts: object) -> str:
     return key
 
 
-def receiving_facility_of(*, share: Share, user: User | None) -> Facility | None:
+def receiving_facility_of(
+    *, share: Share | None, user: User | AnonymousUser | None
+) -> Facility | None:
     """The facility that receives what `user` takes under `share`: the recipient facility of a
     facility share; for a physician, their own facility (the oldest membership, which for an
-    invited physician is their practice); None for a patient or a physician with none."""
-    if share.kind == ShareKind.PATIENT:
+    invited physician is their practice: `portal.access.home_facility`); None for a patient or a
+    physician with none, and None with no share (the holder's own people receive nothing).
+
+    Audit events of a recipient's access pass it as `actor_facility`, so that the admins of the
+    facility that received the study see its people's opens, downloads and pushes."""
+    if share is None or share.kind == ShareKind.PATIENT:
         return None
     if share.kind == ShareKind.FACILITY and share.recipient_facility_id is not None:
         return share.recipient_facility
-    if user is None:
-        return None
-    membership = (
-        Membership.objects.filter(user=user)
-        .select_related("facility")
-        .order_by("created_at", "pk")
-        .first()
-    )
-    return membership.facility if membership is not None else None
+    return home_facility(user) if isinstance(user, User) else None
 
 
 def delivery_announce(

@@ -23,6 +23,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, User
 
 from .access import StudyAccess
+from .deliveries import receiving_facility_of
 from .models import Report, Share, Study
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
@@ -133,6 +134,7 @@ def report_response(
         action=AuditAction.REPORT_VIEW,
         request=request,
         study=access.study,
+        actor_facility=receiving_facility_of(share=access.share, user=request.user),
         detail={"report": str(report.uuid)},
     )
     # As for studies, the saved file's name says when, not who: the name the PDF was uploaded

@@ -19,6 +19,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction
 
 from .access import study_access, study_access_refused
+from .deliveries import receiving_facility_of
 from .models import Share, Study
 from .reports import ReportError, report_attach, report_response, reports_visible
 
@@ -123,11 +124,18 @@ def study_list(request: AuthedRequest) -> HttpResponse:
 def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
     study = _get_study_for_user(request, study_uuid)
     series = list(study.series.all())
-    audit_record(action=AuditAction.STUDY_VIEW, request=request, study=study)
-    is_sender = upload_facilities(request.user).filter(pk=study.facility_id).exists()
-    can_share = study.purged_at is None and is_sender and not study.reconcile_running
     # What the user may do with the images (none once they are purged: the tombstone stays).
     access = None if study.purged_at is not None else study_access(request, study.uuid)
+    audit_record(
+        action=AuditAction.STUDY_VIEW,
+        request=request,
+        study=study,
+        actor_facility=receiving_facility_of(
+            share=access.share if access else None, user=request.user
+        ),
+    )
+    is_sender = upload_facilities(request.user).filter(pk=study.facility_id).exists()
+    can_share = study.purged_at is None and is_sender and not study.reconcile_running
     return render(
         request,
         "transfers/study_detail.html",

@@ -54,9 +54,9 @@ def e2e_upload_page(
     page = e2e_page
     page.goto(f"{live_server.url}/upload/")
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
-    page.fill("input[name=username]", e2e_sender.email)
+    page.fill("input[name=login]", e2e_sender.email)
     page.fill("input[name=password]", PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page).to_have_url(f"{live_server.url}/upload/")
     expect(page.get_by_role("heading", name="Upload studies")).to_be_visible()
     page.select_option("#facility", e2e_facility.slug)

@@ -15,20 +15,16 @@ pytestmark = pytest.mark.django_db
 
 def test_login_logout_and_failed_login_are_audited(bob):
     client = Client(HTTP_USER_AGENT="Firefox/140", REMOTE_ADDR="10.1.2.3")
-    response = client.post(
-        "/accounts/login/", {"username": "bob@krmc.example", "password": "wrong"}
-    )
+    response = client.post("/accounts/login/", {"login": "bob@krmc.example", "password": "wrong"})
     assert response.status_code == 200
-    assert b"Wrong e-mail or password" in response.content
+    assert b"password you specified are not correct" in response.content
     failed = AuditEvent.objects.get(action="login_failed")
     assert failed.outcome == "failure"
     assert failed.detail == {"email": "bob@krmc.example"}
     assert failed.client_ip == "10.1.2.3"
     assert "wrong" not in str(failed.detail)
 
-    response = client.post(
-        "/accounts/login/", {"username": "BOB@krmc.example", "password": PASSWORD}
-    )
+    response = client.post("/accounts/login/", {"login": "BOB@krmc.example", "password": PASSWORD})
     assert response.status_code == 302
     login = AuditEvent.objects.get(action="login")
     assert (login.actor, login.outcome, login.user_agent) == (bob, "success", "Firefox/140")
@@ -56,7 +52,7 @@ def test_an_outsiders_attempt_to_open_a_study_shows_nothing(charlie, krmc):
 
 
 def test_the_audit_trail_cannot_be_changed_in_the_database(bob):
-    Client().post("/accounts/login/", {"username": "bob@krmc.example", "password": "nope"})
+    Client().post("/accounts/login/", {"login": "bob@krmc.example", "password": "nope"})
     event = AuditEvent.objects.get()
     with pytest.raises(DatabaseError), transaction.atomic():
         AuditEvent.objects.filter(pk=event.pk).update(outcome="success")
@@ -68,7 +64,7 @@ def test_the_audit_trail_cannot_be_changed_in_the_database(bob):
 
 
 def test_the_admin_site_offers_no_way_to_edit_the_audit_trail(admin_client, bob):
-    Client().post("/accounts/login/", {"username": "bob@krmc.example", "password": "nope"})
+    Client().post("/accounts/login/", {"login": "bob@krmc.example", "password": "nope"})
     event = AuditEvent.objects.get(action="login_failed")
     assert admin_client.get("/admin/portal/auditevent/").status_code == 200
     assert admin_client.get("/admin/portal/auditevent/add/").status_code == 403

@@ -3,7 +3,9 @@
 One listening port serves every facility. A PACS calls the gateway by its facility's own AE title
 (Facility.ae_title); that title decides whose studies the images become. A facility may also
 list the calling AE titles and IP addresses allowed to use its title; anything else is refused
-at association, before a byte of patient data arrives.
+at association, before a byte of patient data arrives. Every refusal is audited (DICOM_REFUSED,
+to the called facility when there is one: its admins see who knocked), before the answer goes
+out; only when the database itself is unreachable is it logged alone.
 
 Each received instance goes through `instance_ingest`, exactly like an upload: same checks,
 same deduplication, same audit. The answer to the sender follows the ingest result:
@@ -34,7 +36,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from portal.models import Facility
+from portal.audit import audit_record
+from portal.models import AuditAction, Facility, Outcome
 
 from ..ingest import CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
 from ..models import Study
@@ -53,6 +56,7 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x01)
+REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ def _address_allowed(address: str, listing: list[str]) -> bool:
 class Refusal:
     reason: str
     code: tuple[int, int, int]
+    # The facility whose AE title was called, when one has it.
+    facility: Facility | None = None
 
 
 def caller_admit(*, called_ae: str, calling_ae: str, address: str) -> Caller | Refusal:
@@ -105,10 +111,13 @@ def caller_admit(*, called_ae: str, calling_ae: str, address: str) -> Caller | R
         return Refusal(
             f"calling AE {calling_ae.strip()!r} is not allowed for {facility.slug}",
             REJECT_CALLING_AE,
+            facility,
         )
     address_list = _allowed(facility.gateway_addresses)
     if address_list and not _address_allowed(address, address_list):
-        return Refusal(f"address {address} is not allowed for {facility.slug}", REJECT_NO_REASON)
+        return Refusal(
+            f"address {address} is not allowed for {facility.slug}", REJECT_NO_REASON, facility
+        )
     return Caller(
         facility=facility,
         calling_ae=calling_ae.strip(),
@@ -156,8 +165,14 @@ class Gateway:
         calling = _ae_text(request.calling_ae_title)
         address = assoc.requestor.address
         close_old_connections()
+        caller: Caller | Refusal
         try:
-            caller = caller_admit(called_ae=called, calling_ae=calling, address=address)
+            if self._too_many():
+                # pynetdicom would refuse it right after this handler, unaudited: refuse it here.
+                called_facility = Facility.objects.filter(ae_title=called).first()
+                caller = Refusal("too many associations at once", REJECT_LIMIT, called_facility)
+            else:
+                caller = caller_admit(called_ae=called, calling_ae=calling, address=address)
         except Exception:
             # The database is unreachable: a transient refusal, so the sender tries again later.
             log.exception("gateway: could not check association from %s@%s", calling, address)
@@ -167,11 +182,19 @@ class Gateway:
             log.warning(
                 "gateway: refused %s@%s calling %s: %s", calling, address, called, caller.reason
             )
+            _refusal_audit(caller, called_ae=called, calling_ae=calling, address=address)
             _reject(assoc, caller.code)
+            # No EVT_RELEASED follows a refusal: this thread's connection is closed here.
+            connections.close_all()
             return
         with self._lock:
             self.callers[id(assoc)] = caller
         log.info("gateway: %s@%s -> %s", calling, address, caller.facility.slug)
+
+    def _too_many(self) -> bool:
+        # The same count pynetdicom makes (it includes the association being negotiated).
+        acceptors = [assoc for assoc in self.ae.active_associations if assoc.is_acceptor]
+        return len(acceptors) > self.ae.maximum_associations
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
@@ -221,6 +244,26 @@ class Gateway:
             self.marked = {key for key in self.marked if key[0] != id(event.assoc)}
         # Each association runs in its own thread with its own database connection.
         connections.close_all()
+
+
+def _refusal_audit(refusal: Refusal, *, called_ae: str, calling_ae: str, address: str) -> None:
+    """The refused association in the audit trail. Written before the A-ASSOCIATE-RJ goes out;
+    if the database fails here the refusal still goes out (and the log has it)."""
+    try:
+        audit_record(
+            action=AuditAction.DICOM_REFUSED,
+            facility=refusal.facility,
+            outcome=Outcome.FAILURE,
+            address=address,
+            detail={
+                "calling_ae": calling_ae[:16],
+                "called_ae": called_ae[:16],
+                "address": address,
+                "reason": refusal.reason,
+            },
+        )
+    except Exception:
+        log.exception("gateway: could not audit the refusal of %s@%s", calling_ae, address)
 
 
 def _reject(assoc: Any, code: tuple[int, int, int]) -> None:

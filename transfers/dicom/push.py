@@ -162,8 +162,14 @@ def _audit_push(
         detail["rerun"] = True
     if share:
         detail["share"] = str(share.uuid)
+    # The facility that owns the PACS is the one the person acted for.
     audit_record(
-        action=AuditAction.STUDY_PUSH, request=request, actor=by, study=push.study, detail=detail
+        action=AuditAction.STUDY_PUSH,
+        request=request,
+        actor=by,
+        actor_facility=push.destination.facility,
+        study=push.study,
+        detail=detail,
     )
 
 

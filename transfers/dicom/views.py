@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from allauth.account.decorators import reauthentication_required
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -19,6 +20,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Facility, ae_title_validator
 
 from ..access import study_access
+from ..deliveries import receiving_facility_of
 from ..models import PacsDestination, Push
 from ..sharing.directory import facility_directory
 from .config import (
@@ -81,7 +83,11 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
                     messages.error(request, "Nothing to send again.")
         return redirect("study_pacs", study_uuid=access.study.uuid)
     audit_record(
-        action=AuditAction.STUDY_VIEW, request=request, study=access.study, detail={"page": "pacs"}
+        action=AuditAction.STUDY_VIEW,
+        request=request,
+        study=access.study,
+        actor_facility=receiving_facility_of(share=access.share, user=request.user),
+        detail={"page": "pacs"},
     )
     return render(
         request,
@@ -190,6 +196,7 @@ def routing_rules(request: AuthedRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
+@reauthentication_required
 def gateway_access_save(request: AuthedRequest, slug: str) -> HttpResponse:
     facility = _admin_facility(request, slug)
     # Bound to a copy: a form that fails validation must not leave its values on the page's
@@ -210,6 +217,7 @@ def gateway_access_save(request: AuthedRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
+@reauthentication_required
 def destination_new(request: AuthedRequest, slug: str) -> HttpResponse:
     facility = _admin_facility(request, slug)
     form = DestinationForm(request.POST)
@@ -240,6 +248,7 @@ def destination_echo_view(request: AuthedRequest, slug: str, destination_uuid: s
 
 @require_POST
 @login_required
+@reauthentication_required
 def destination_delete(request: AuthedRequest, slug: str, destination_uuid: str) -> HttpResponse:
     destination = _get_destination(_admin_facility(request, slug), destination_uuid)
     try:
@@ -253,6 +262,7 @@ def destination_delete(request: AuthedRequest, slug: str, destination_uuid: str)
 
 @require_POST
 @login_required
+@reauthentication_required
 def routing_rule_new(request: AuthedRequest, slug: str) -> HttpResponse:
     facility = _admin_facility(request, slug)
     form = RuleForm(request.POST, facility=facility)
@@ -265,6 +275,7 @@ def routing_rule_new(request: AuthedRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
+@reauthentication_required
 def routing_rule_delete(request: AuthedRequest, slug: str, rule_uuid: str) -> HttpResponse:
     facility = _admin_facility(request, slug)
     if not routing_rule_remove(

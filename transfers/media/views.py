@@ -29,7 +29,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, User
 
 from ..access import StudyAccess, study_access
-from ..deliveries import DeliveryKind, delivery_announce
+from ..deliveries import DeliveryKind, delivery_announce, receiving_facility_of
 from ..models import ExportStatus, MediaExport, Study
 from ..reports import reports_visible
 from ..sharing.services import share_downloaded
@@ -88,6 +88,7 @@ def media_export_page(
             action=AuditAction.STUDY_VIEW,
             request=request,
             study=access.study,
+            actor_facility=receiving_facility_of(share=access.share, user=request.user),
             detail={"page": "disc image", "export": str(export.uuid)},
         )
     return render(
@@ -181,7 +182,11 @@ def _audit_download(
     if access.share:
         detail["share"] = str(access.share.uuid)
     audit_record(
-        action=AuditAction.STUDY_DOWNLOAD, request=request, study=access.study, detail=detail
+        action=AuditAction.STUDY_DOWNLOAD,
+        request=request,
+        study=access.study,
+        actor_facility=receiving_facility_of(share=access.share, user=request.user),
+        detail=detail,
     )
 
 

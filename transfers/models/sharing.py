@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -31,6 +33,39 @@ class NotifyStatus(models.TextChoices):
 class SecondFactor(models.TextChoices):
     BIRTH_DATE = "birth_date", "Patient's birth date"
     PIN = "pin", "PIN set by the sender"
+
+
+# Patient links lock in rounds. A round is PATIENT_LINK_TRIES wrong answers to the second factor;
+# the lock after round n lasts PATIENT_LINK_LOCKS[n - 1], and the round after the last of them
+# locks the link for good, until the sender unlocks or re-issues it. Waiting does not reset the
+# rounds; only a right answer or the sender does. So a link takes at most 15 guesses in all.
+PATIENT_LINK_TRIES = 5
+PATIENT_LINK_LOCKS: tuple[timedelta, ...] = (timedelta(minutes=30), timedelta(hours=4))
+PATIENT_LINK_ROUNDS = len(PATIENT_LINK_LOCKS) + 1
+
+
+@dataclass(frozen=True)
+class LinkLock:
+    """A patient link's lock: until when, or for good (`until` None)."""
+
+    round: int
+    until: datetime | None
+
+    @property
+    def for_good(self) -> bool:
+        return self.until is None
+
+
+@dataclass(frozen=True)
+class AttemptClaim:
+    """One answer to a patient link's second factor, counted before it is looked at."""
+
+    # Set when the link was locked: the answer is refused unread.
+    refused: LinkLock | None = None
+    # Wrong answers this round, this one included, and the lock it set (if it is wrong).
+    failed: int = 0
+    locks: LinkLock | None = None
+    rounds: int = 0
 
 
 # The raw tokens made by share_create are 32 characters; anything far longer is not one of ours
@@ -122,8 +157,11 @@ class Share(models.Model):
     token_hash = models.CharField(max_length=64, unique=True, null=True, blank=True)
     second_factor = models.CharField(max_length=10, choices=SecondFactor.choices, blank=True)
     pin_hash = models.CharField(max_length=128, blank=True)
+    # Wrong answers in the current round, the rounds locked since the last right answer (or the
+    # sender's unlock), and the end of a lock in time (None when open or locked for good).
     failed_attempts = models.PositiveIntegerField(default=0)
     locked_until = models.DateTimeField(null=True, blank=True)
+    lock_rounds = models.PositiveSmallIntegerField(default=0)
 
     objects = ShareQuerySet.as_manager()
 
@@ -151,6 +189,55 @@ class Share(models.Model):
             return "expired"
         return "active"
 
+    def patient_lock(self, now: datetime | None = None) -> LinkLock | None:
+        """The patient link's lock as this object holds it, or None when it takes answers."""
+        if self.lock_rounds >= PATIENT_LINK_ROUNDS:
+            return LinkLock(round=self.lock_rounds, until=None)
+        if self.locked_until is not None and self.locked_until > (now or timezone.now()):
+            return LinkLock(round=self.lock_rounds, until=self.locked_until)
+        return None
+
+    @property
+    def patient_link_lock(self) -> LinkLock | None:
+        """For templates: the lock now."""
+        return self.patient_lock()
+
+    def patient_attempt_claim(self) -> AttemptClaim:
+        """Count one answer against the lock *before* it is checked, under a row lock.
+
+        A locked link refuses the answer unread. Otherwise the answer is counted (the first after
+        a lapsed lock starts a new round), and the one that completes a round sets the next lock
+        at once, so parallel answers cannot squeeze in more than a round's worth; a right answer
+        then clears it all again (patient_lock_clear).
+        """
+        now = timezone.now()
+        with transaction.atomic():
+            row = (
+                Share.objects.select_for_update()
+                .only("failed_attempts", "locked_until", "lock_rounds")
+                .get(pk=self.pk)
+            )
+            refused = row.patient_lock(now)
+            if refused is not None:
+                return AttemptClaim(refused=refused, rounds=row.lock_rounds)
+            failed = 1 if row.locked_until is not None else row.failed_attempts + 1
+            rounds, locked_until, locks = row.lock_rounds, None, None
+            if failed >= PATIENT_LINK_TRIES:
+                rounds += 1
+                if rounds < PATIENT_LINK_ROUNDS:
+                    locked_until = now + PATIENT_LINK_LOCKS[rounds - 1]
+                locks = LinkLock(round=rounds, until=locked_until)
+            Share.objects.filter(pk=self.pk).update(
+                failed_attempts=failed, locked_until=locked_until, lock_rounds=rounds
+            )
+        self.failed_attempts, self.locked_until, self.lock_rounds = failed, locked_until, rounds
+        return AttemptClaim(failed=failed, locks=locks, rounds=rounds)
+
+    def patient_lock_clear(self) -> None:
+        """A right answer, or the sender: no wrong answers, no rounds, no lock."""
+        Share.objects.filter(pk=self.pk).update(failed_attempts=0, lock_rounds=0, locked_until=None)
+        self.failed_attempts, self.lock_rounds, self.locked_until = 0, 0, None
+
     @property
     def recipient_label(self) -> str:
         if self.kind == ShareKind.FACILITY and self.recipient_facility is not None:
@@ -171,6 +258,9 @@ class ShareEventKind(models.TextChoices):
     REVOKED = "revoked", "Revoked"
     EXTENDED = "extended", "Expiry extended"
     PURGED = "purged", "Images purged"
+    LOCKED = "locked", "Patient link locked"
+    UNLOCKED = "unlocked", "Patient link unlocked"
+    REISSUED = "reissued", "Patient link re-issued"
 
 
 class ShareEvent(models.Model):

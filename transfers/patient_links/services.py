@@ -1,50 +1,64 @@
-"""Patient links: finding a share by its token, checking the second factor, and the session.
+"""Patient links: finding a share by its token, checking the second factor, the locks, the
+sender's unlock and re-issue, and the session.
 
 A patient link is a Share of kind "patient" whose random token is stored only as its SHA-256.
-Opening it asks a second factor (the birth date on the studies, or a PIN the sender set). Five
-wrong answers lock the link for 30 minutes; every attempt, right, wrong or refused while locked,
-is audited once per study of the share. A right answer marks this browser session as verified
-for that one share; every page after that still asks for an active share, so revoking or expiry
-stops a verified session at once.
+Opening it asks a second factor (the birth date on the studies, or a PIN the sender set). Wrong
+answers lock the link in rounds (transfers.models.sharing): five wrong lock it for 30 minutes,
+five more for 4 hours, five more for good, until the sender unlocks or re-issues it. Waiting
+does not reset the rounds; a right answer does. Each lock is audited, put on the share's
+timeline and e-mailed to the sender (notify.py). Wrong answers also count per client address,
+across links (throttle.py). Every attempt, right, wrong or refused, is audited once per study
+of the share. A right answer marks this browser session as verified for that one share; every
+page after that still asks for an active share, so revoking, expiry or re-issue stops a verified
+session at once.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 
-from django.contrib.auth.hashers import check_password
-from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, Value, When
+from django.contrib.auth.hashers import check_password, make_password
+from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
 from portal.audit import audit_record
-from portal.models import AuditAction, Outcome
+from portal.models import AuditAction, Outcome, User, hash_token
 
-from ..access import PATIENT_SESSION_KEY
-from ..models import SecondFactor, Share
-from ..sharing.services import share_open
-
-MAX_FAILED_ATTEMPTS = 5
-LOCK_DURATION = timedelta(minutes=30)
+from ..access import PATIENT_SESSION_KEY, PATIENT_SESSION_LINKS_KEY, patient_link_mark
+from ..models import SecondFactor, Share, ShareEvent, ShareEventKind, ShareKind
+from ..models.sharing import PATIENT_LINK_LOCKS, PATIENT_LINK_ROUNDS, PATIENT_LINK_TRIES, LinkLock
+from ..sharing.services import ShareError, pin_check, share_open
+from .notify import patient_link_locked_notify
+from .throttle import address_failure_count
 
 
 @dataclass(frozen=True)
 class FactorResult:
-    """What the patient is told after an answer."""
+    """What the patient is told after an answer (never how close it was)."""
 
     ok: bool
-    locked_until: datetime | None = None
-    attempts_left: int = 0
+    # The link is locked: by this answer, or it was already and the answer went unread.
+    lock: LinkLock | None = None
+    tries_left: int = 0
+    # How long the lock at the end of this round lasts ("" when it is for good).
+    next_lock: str = ""
 
 
-def patient_share_locked_until(*, share: Share) -> datetime | None:
-    """When the link unlocks, or None when it is not locked (read fresh from the database)."""
-    locked_until = Share.objects.filter(pk=share.pk).values_list("locked_until", flat=True).first()
-    if locked_until is not None and locked_until > timezone.now():
-        return locked_until
-    return None
+def duration_text(duration: timedelta) -> str:
+    minutes = int(duration.total_seconds() // 60)
+    if minutes % 60:
+        return f"{minutes} minutes"
+    hours = minutes // 60
+    return f"{hours} hour{'s' if hours != 1 else ''}"
+
+
+def patient_link_lock(*, share: Share) -> LinkLock | None:
+    """The link's lock now, read fresh from the database; None when it takes answers."""
+    fresh = Share.objects.only("failed_attempts", "locked_until", "lock_rounds").get(pk=share.pk)
+    return fresh.patient_lock()
 
 
 def patient_factor_check(
@@ -56,54 +70,91 @@ def patient_factor_check(
 ) -> FactorResult:
     """Check one answer to the share's second factor, counting it against the lock.
 
-    The attempt is claimed with one conditional UPDATE *before* the answer is looked at: it
-    succeeds only while the link is unlocked (or its lock has lapsed, which starts a fresh count)
-    and it sets the lock itself when this is the fifth attempt. So parallel requests cannot
-    squeeze in more than five answers, and a locked link never has an answer checked, not even
-    a right one. A right answer then clears the count again.
+    The attempt is claimed under a row lock *before* the answer is looked at
+    (Share.patient_attempt_claim): a locked link never has an answer checked, not even a right
+    one, and parallel answers cannot exceed a round. A right answer then clears the count and
+    the rounds; it also lifts a lock that a concurrent wrong answer may have set meanwhile,
+    since whoever sent it knows the answer.
     """
-    now = timezone.now()
-    lapsed = Q(locked_until__isnull=False, locked_until__lte=now)
-    claimed = Share.objects.filter(
-        Q(pk=share.pk)
-        & (Q(locked_until__isnull=True, failed_attempts__lt=MAX_FAILED_ATTEMPTS) | lapsed)
-    ).update(
-        failed_attempts=Case(
-            When(lapsed, then=Value(1)),
-            default=F("failed_attempts") + 1,
-            output_field=PositiveIntegerField(),
-        ),
-        locked_until=Case(
-            When(
-                Q(locked_until__isnull=True, failed_attempts__gte=MAX_FAILED_ATTEMPTS - 1),
-                then=Value(now + LOCK_DURATION),
-            ),
-            default=Value(None),
-            output_field=DateTimeField(),
-        ),
-    )
-    if not claimed:
-        # Refused unread. The fallback covers a lock that lapsed between the UPDATE and now.
-        until = patient_share_locked_until(share=share) or now + LOCK_DURATION
-        _audit_factor(share, request, Outcome.FAILURE, reason="locked")
-        return FactorResult(ok=False, locked_until=until)
+    claim = share.patient_attempt_claim()
+    if claim.refused is not None:
+        patient_factor_refused(share=share, request=request, reason="locked")
+        return FactorResult(ok=False, lock=claim.refused)
 
     if _answer_matches(share, birth_date=birth_date, pin=pin):
-        # The answer was checked inside a claimed attempt, so it also lifts a lock that a
-        # concurrent wrong answer may have set meanwhile: whoever sent it knows the answer.
-        Share.objects.filter(pk=share.pk).update(failed_attempts=0, locked_until=None)
+        share.patient_lock_clear()
         _audit_factor(share, request, Outcome.SUCCESS)
         return FactorResult(ok=True)
 
-    failed, locked_until = (
-        Share.objects.filter(pk=share.pk).values_list("failed_attempts", "locked_until").get()
+    _audit_factor(
+        share, request, Outcome.FAILURE, reason="wrong answer", failed_attempts=claim.failed
     )
-    _audit_factor(share, request, Outcome.FAILURE, reason="wrong answer", failed_attempts=failed)
+    if claim.locks is not None:
+        _lock_announce(share, claim.locks, request)
+    if request is not None:
+        blocked_until = address_failure_count(request)
+        if blocked_until is not None:
+            # The address, not one link: recorded with the client's address by audit_record.
+            audit_record(
+                action=AuditAction.LOCKOUT,
+                request=request,
+                facility=share.facility,
+                outcome=Outcome.FAILURE,
+                detail={
+                    "what": "patient link answers from this address",
+                    "share": str(share.uuid),
+                    "until": blocked_until.isoformat(),
+                },
+            )
+    upcoming = claim.rounds if claim.locks is None else claim.rounds + 1
     return FactorResult(
         ok=False,
-        locked_until=locked_until,
-        attempts_left=max(MAX_FAILED_ATTEMPTS - failed, 0),
+        lock=claim.locks,
+        tries_left=max(PATIENT_LINK_TRIES - claim.failed, 0),
+        next_lock=(
+            duration_text(PATIENT_LINK_LOCKS[upcoming])
+            if upcoming < len(PATIENT_LINK_LOCKS)
+            else ""
+        ),
     )
+
+
+def patient_factor_refused(*, share: Share, request: HttpRequest | None, reason: str) -> None:
+    """Audit an answer refused unread (the link or the address is locked)."""
+    _audit_factor(share, request, Outcome.FAILURE, reason=reason)
+
+
+def _lock_announce(share: Share, lock: LinkLock, request: HttpRequest | None) -> None:
+    """A wrong answer locked the link: the audit trail, the timeline, the sender's e-mail."""
+    until = lock.until.isoformat() if lock.until is not None else None
+    for study in share.studies.all():
+        audit_record(
+            action=AuditAction.PATIENT_LINK_LOCK,
+            request=request,
+            facility=share.facility,
+            study=study,
+            outcome=Outcome.FAILURE,
+            detail={
+                "share": str(share.uuid),
+                "round": lock.round,
+                "rounds": PATIENT_LINK_ROUNDS,
+                "until": until,
+                "for_good": lock.for_good,
+            },
+        )
+    ShareEvent.objects.create(
+        share=share,
+        kind=ShareEventKind.LOCKED,
+        actor_label="patient link",
+        detail=_lock_text(lock),
+    )
+    patient_link_locked_notify(share=share, lock=lock)
+
+
+def _lock_text(lock: LinkLock) -> str:
+    if lock.until is None:
+        return f"lock {lock.round} of {PATIENT_LINK_ROUNDS}: until unlocked or re-issued"
+    return f"lock {lock.round} of {PATIENT_LINK_ROUNDS}: until {timezone.localtime(lock.until):%Y-%m-%d %H:%M}"
 
 
 def _answer_matches(share: Share, *, birth_date: date | None, pin: str) -> bool:
@@ -140,6 +191,9 @@ def patient_session_grant(*, request: HttpRequest, share: Share) -> None:
     request.session.cycle_key()
     verified = [pk for pk in request.session.get(PATIENT_SESSION_KEY, []) if pk != share.pk]
     request.session[PATIENT_SESSION_KEY] = [*verified, share.pk]
+    links = dict(request.session.get(PATIENT_SESSION_LINKS_KEY, {}))
+    links[str(share.pk)] = patient_link_mark(share)
+    request.session[PATIENT_SESSION_LINKS_KEY] = links
     share_open(share=share, who="patient link", request=request)
 
 
@@ -151,4 +205,70 @@ def patient_studies_view(*, share: Share, request: HttpRequest) -> None:
             request=request,
             study=study,
             detail={"share": str(share.uuid), "via": "patient link"},
+        )
+
+
+def patient_link_unlock(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
+    """The sender lifts the lock and resets the rounds; the link and its answer stay the same."""
+    if share.kind != ShareKind.PATIENT or not share.is_active:
+        raise ShareError("Only an active patient link can be unlocked.")
+    with transaction.atomic():
+        share.patient_lock_clear()
+        ShareEvent.objects.create(share=share, kind=ShareEventKind.UNLOCKED, actor_label=by.email)
+        _audit_sender(share, request, by, how="unlock")
+
+
+def patient_link_reissue(
+    *, share: Share, by: User, request: HttpRequest | None = None
+) -> tuple[str, str]:
+    """The sender replaces a link that may have leaked: a new token and, for a PIN link, a new
+    PIN, with the lock and rounds reset. The old link answers 404 at once. Returns the raw token
+    and the PIN ("" for a birth-date link), to be shown to the sender once, like at creation.
+    """
+    if share.kind != ShareKind.PATIENT or not share.is_active:
+        raise ShareError("Only an active patient link can be re-issued; share the study again.")
+    raw_token = secrets.token_urlsafe(24)  # 192 bits, as share_create
+    pin = _pin_new(share) if share.second_factor == SecondFactor.PIN else ""
+    changes: dict[str, object] = {
+        "token_hash": hash_token(raw_token),
+        "failed_attempts": 0,
+        "lock_rounds": 0,
+        "locked_until": None,
+    }
+    if pin:
+        changes["pin_hash"] = make_password(pin)
+    with transaction.atomic():
+        Share.objects.filter(pk=share.pk).update(**changes)
+        ShareEvent.objects.create(
+            share=share,
+            kind=ShareEventKind.REISSUED,
+            actor_label=by.email,
+            detail="new link and PIN" if pin else "new link",
+        )
+        _audit_sender(share, request, by, how="reissue", new_pin=bool(pin))
+    share.refresh_from_db()
+    return raw_token, pin
+
+
+def _pin_new(share: Share) -> str:
+    """Eight random digits that pass the PIN policy for this patient."""
+    births = [s.patient_birth_date for s in share.studies.all() if s.patient_birth_date]
+    while True:
+        pin = "".join(secrets.choice("0123456789") for _ in range(8))
+        try:
+            pin_check(pin, birth_dates=births)
+        except ShareError:
+            continue
+        return pin
+
+
+def _audit_sender(share: Share, request: HttpRequest | None, by: User, **detail: object) -> None:
+    for study in share.studies.all():
+        audit_record(
+            action=AuditAction.PATIENT_LINK_UNLOCK,
+            request=request,
+            actor=by,
+            facility=share.facility,
+            study=study,
+            detail={"share": str(share.uuid), **detail},
         )

@@ -1,8 +1,10 @@
-"""Pages of patient links: the sender's printable handout, and the patient's own pages.
+"""Pages of patient links: the sender's printable handout, unlock and re-issue, and the
+patient's own pages.
 
 The patient pages need no account: the token in the address finds the share, the second factor
 unlocks it for this browser session. Every way a link can be wrong (unknown, revoked, expired,
-not a patient link) answers the same 404 page, so a guesser learns nothing.
+not a patient link) answers the same 404 page, so a guesser learns nothing. A locked link says
+so and for how long; an address that sent too many wrong answers gets a 429 page.
 """
 
 from __future__ import annotations
@@ -10,29 +12,36 @@ from __future__ import annotations
 import segno
 from django import forms
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal.access import AuthedRequest, upload_facilities
 from portal.audit import audit_record
-from portal.models import AuditAction
+from portal.models import AuditAction, Outcome
 
 from ..access import patient_session_has, study_access
 from ..models import SecondFactor, Share, ShareKind
 from ..reports import report_response, reports_for
+from ..sharing.services import ShareError
 from .services import (
     FactorResult,
     patient_factor_check,
+    patient_factor_refused,
+    patient_link_lock,
+    patient_link_reissue,
+    patient_link_unlock,
     patient_session_grant,
-    patient_share_locked_until,
     patient_studies_view,
 )
+from .throttle import address_blocked_until
 
 
 class BirthDateForm(forms.Form):
@@ -55,18 +64,26 @@ def _not_found(request: HttpRequest) -> HttpResponse:
     return render(request, "transfers/patient_not_found.html", status=404)
 
 
-def _get_handout_share_for_user(request: AuthedRequest, share_uuid: str) -> Share:
-    """A patient share of a facility the user sends for; 404 for anyone else."""
-    share = (
-        Share.objects.filter(
-            uuid=share_uuid,
-            kind=ShareKind.PATIENT,
-            facility__in=upload_facilities(request.user),
+def _get_handout_share_for_user(request: AuthedRequest, share_uuid: str, page: str) -> Share:
+    """A patient share of a facility the user sends for (admin or sender, as for revoke and
+    extend); 404 for anyone else, audited so the sending facility sees who tried."""
+    share = Share.objects.filter(uuid=share_uuid).select_related("facility").first()
+    if (
+        share is None
+        or share.kind != ShareKind.PATIENT
+        or not upload_facilities(request.user).filter(pk=share.facility_id).exists()
+    ):
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            facility=share.facility if share is not None else None,
+            outcome=Outcome.FAILURE,
+            detail={
+                "reason": "not a sender of the patient link's facility",
+                "share": str(share_uuid),
+                "page": page,
+            },
         )
-        .select_related("facility")
-        .first()
-    )
-    if share is None:
         raise Http404("No such share.")
     return share
 
@@ -75,9 +92,11 @@ def _get_handout_share_for_user(request: AuthedRequest, share_uuid: str) -> Shar
 @login_required
 @never_cache  # the page carries the raw token: no browser or proxy may keep a copy
 def patient_handout(request: AuthedRequest, share_uuid: str) -> HttpResponse:
-    share = _get_handout_share_for_user(request, share_uuid)
+    share = _get_handout_share_for_user(request, share_uuid, "handout")
     # The raw token exists only here, once; after this page only its hash is left anywhere.
+    # So does a PIN Relay chose when the link was re-issued.
     raw_token = request.session.pop(f"patient_link_{share.uuid}", None)
+    new_pin = request.session.pop(f"patient_pin_{share.uuid}", None)
     link = qr_svg = None
     if raw_token:
         link = settings.SITE_URL + reverse("patient_open", kwargs={"token": raw_token})
@@ -90,7 +109,13 @@ def patient_handout(request: AuthedRequest, share_uuid: str) -> HttpResponse:
         action=AuditAction.STUDY_LIST,
         request=request,
         facility=share.facility,
-        detail={"page": "handout", "share": str(share.uuid), "link_shown": bool(raw_token)},
+        detail={
+            "page": "handout",
+            "share": str(share.uuid),
+            "link_shown": bool(raw_token),
+            # Only after a re-issue, when Relay chose the PIN.
+            **({"pin_shown": True} if new_pin else {}),
+        },
     )
     return render(
         request,
@@ -99,6 +124,7 @@ def patient_handout(request: AuthedRequest, share_uuid: str) -> HttpResponse:
             "share": share,
             "link": link,
             "qr_svg": qr_svg,
+            "new_pin": new_pin,
             "uses_pin": share.second_factor == SecondFactor.PIN,
             "studies": share.studies.all(),
         },
@@ -114,10 +140,25 @@ def patient_open(request: HttpRequest, token: str) -> HttpResponse:
     if request.method == "GET" and patient_session_has(request=request, share=share):
         return redirect("patient_studies", token=token)
 
+    if request.method == "POST":
+        blocked_until = address_blocked_until(request)
+        if blocked_until is not None:
+            # Refused unread, before the link's own count: this address is blocked for all links.
+            patient_factor_refused(share=share, request=request, reason="address blocked")
+            response = render(
+                request,
+                "transfers/patient_throttled.html",
+                {"share": share, "blocked_until": blocked_until},
+                status=429,
+            )
+            wait = (blocked_until - timezone.now()).total_seconds()
+            response["Retry-After"] = str(max(int(wait), 1))
+            return response
+
     uses_pin = share.second_factor == SecondFactor.PIN
     form: forms.Form = (PinForm if uses_pin else BirthDateForm)(request.POST or None)
     result: FactorResult | None = None
-    locked_until = None
+    lock = None
     if request.method == "POST" and form.is_valid():
         result = patient_factor_check(
             share=share,
@@ -128,9 +169,9 @@ def patient_open(request: HttpRequest, token: str) -> HttpResponse:
         if result.ok:
             patient_session_grant(request=request, share=share)
             return redirect("patient_studies", token=token)
-        locked_until = result.locked_until
+        lock = result.lock
     elif request.method == "GET":
-        locked_until = patient_share_locked_until(share=share)
+        lock = patient_link_lock(share=share)
     status = 200 if request.method == "GET" or result is None else 403
     return render(
         request,
@@ -140,7 +181,7 @@ def patient_open(request: HttpRequest, token: str) -> HttpResponse:
             "form": form,
             "uses_pin": uses_pin,
             "result": result,
-            "locked_until": locked_until,
+            "lock": lock,
         },
         status=status,
     )
@@ -178,3 +219,35 @@ def patient_sign_out(request: HttpRequest, token: str) -> HttpResponse:
     the link asks for its second factor again."""
     request.session.flush()
     return redirect("patient_open", token=token)
+
+
+@require_POST
+@login_required
+def patient_link_unlock_view(request: AuthedRequest, share_uuid: str) -> HttpResponse:
+    """The sender lifts the lock: the patient may answer again, with the same link."""
+    share = _get_handout_share_for_user(request, share_uuid, "unlock")
+    try:
+        patient_link_unlock(share=share, by=request.user, request=request)
+    except ShareError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "The patient link is unlocked; the patient can answer again.")
+    return redirect("share_detail", share_uuid=share.uuid)
+
+
+@require_POST
+@login_required
+def patient_link_reissue_view(request: AuthedRequest, share_uuid: str) -> HttpResponse:
+    """The sender replaces the link (and PIN): the old one stops working; the new one is shown
+    once on the handout page, like at creation. It is not e-mailed: the old link may have
+    leaked through that very mailbox."""
+    share = _get_handout_share_for_user(request, share_uuid, "reissue")
+    try:
+        raw_token, pin = patient_link_reissue(share=share, by=request.user, request=request)
+    except ShareError as exc:
+        messages.error(request, str(exc))
+        return redirect("share_detail", share_uuid=share.uuid)
+    request.session[f"patient_link_{share.uuid}"] = raw_token
+    if pin:
+        request.session[f"patient_pin_{share.uuid}"] = pin
+    return redirect("patient_handout", share_uuid=share.uuid)

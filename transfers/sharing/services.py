@@ -21,6 +21,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Membership, User, hash_token
 from portal.services import invitation_create, practice_create
 
+from ..deliveries import receiving_facility_of
 from ..models import (
     NotifyStatus,
     SecondFactor,
@@ -247,7 +248,14 @@ def share_open(
             ShareEvent.objects.create(
                 share=share, kind=ShareEventKind.OPENED, actor_label=who[:254]
             )
-        _audit_share(share, AuditAction.SHARE_OPEN, request=request, actor=actor, who=who)
+        _audit_share(
+            share,
+            AuditAction.SHARE_OPEN,
+            request=request,
+            actor=actor,
+            actor_facility=receiving_facility_of(share=share, user=actor),
+            who=who,
+        )
 
 
 def share_downloaded(
@@ -301,7 +309,13 @@ def share_extend(
 
 
 def _audit_share(
-    share: Share, action: str, *, request: HttpRequest | None, actor: User | None, **detail: str
+    share: Share,
+    action: str,
+    *,
+    request: HttpRequest | None,
+    actor: User | None,
+    actor_facility: Facility | None = None,
+    **detail: str,
 ) -> None:
     """One audit event per study of the share: the trail is searched by patient and study."""
     for study in share.studies.all():
@@ -309,6 +323,7 @@ def _audit_share(
             action=action,
             request=request,
             actor=actor,
+            actor_facility=actor_facility,
             study=study,
             detail={"share": str(share.uuid), **detail},
         )

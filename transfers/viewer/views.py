@@ -36,7 +36,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, User
 
 from ..access import StudyAccess, study_access
-from ..deliveries import DeliveryKind, delivery_announce
+from ..deliveries import DeliveryKind, delivery_announce, receiving_facility_of
 from ..models import Instance, Series, Share, Study
 from ..reports import reports_visible
 from ..sharing.services import share_open
@@ -103,6 +103,7 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
         action=AuditAction.STUDY_VIEW,
         request=request,
         study=study,
+        actor_facility=receiving_facility_of(share=share, user=request.user),
         detail={"via": "viewer", "share": str(share.uuid) if share else None},
     )
     if share is not None and not access.is_patient and request.user.is_authenticated:
@@ -166,6 +167,7 @@ def _study_json(request: HttpRequest, access: StudyAccess, *, token: str | None)
         action=AuditAction.STUDY_VIEW,
         request=request,
         study=access.study,
+        actor_facility=receiving_facility_of(share=access.share, user=request.user),
         detail={"via": "study.json", **({"share": str(access.share.uuid)} if access.share else {})},
     )
     return JsonResponse(_study_data(access, token=token))

@@ -1,0 +1,99 @@
+"""How django-allauth fits Relay: nobody signs up on their own, e-mail goes through the Celery
+task, second-factor secrets are stored encrypted, and single sign-on creates members only for
+the facility whose identity provider vouched for the e-mail address."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+from allauth.account.adapter import DefaultAccountAdapter
+from allauth.mfa.adapter import DefaultMFAAdapter
+from allauth.mfa.models import Authenticator
+from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
+from cryptography.fernet import Fernet
+from django.conf import settings
+from django.http import HttpRequest
+from django.utils.html import escape
+
+from .second_factor import mfa_required
+
+
+class AccountAdapter(DefaultAccountAdapter):
+    def is_open_for_signup(self, request: HttpRequest) -> bool:
+        # Accounts come from invitations (and single sign-on, see below), never a public form.
+        return False
+
+    def send_mail(self, template_prefix: str, email: str, context: dict[str, Any]) -> None:
+        from .tasks import email_send
+
+        message = self.render_mail(template_prefix, email, context)
+        html = None
+        for content, mimetype in getattr(message, "alternatives", []):
+            if mimetype == "text/html":
+                html = content
+        html = html or f"<pre>{escape(message.body)}</pre>"
+        email_send.delay(to=email, subject=message.subject, text=message.body, html=html)
+
+
+class SocialAccountAdapter(DefaultSocialAccountAdapter):
+    def is_open_for_signup(self, request: HttpRequest, sociallogin: Any) -> bool:
+        from .sso import sso_for_login
+
+        # A new account only for a verified address in a domain of the provider's facility.
+        return sso_for_login(sociallogin) is not None
+
+    def list_providers(self, request: HttpRequest) -> list[Any]:
+        """Only facilities' enabled single sign-on entries are offered on the sign-in page (a
+        sign-in already under way through a disabled one is still refused and audited)."""
+        from .models import SingleSignOn
+
+        on = set(SingleSignOn.objects.filter(enabled=True).values_list("app_id", flat=True))
+        return [
+            p
+            for p in super().list_providers(request)
+            if getattr(getattr(p, "app", None), "pk", None) in on
+        ]
+
+    def on_authentication_error(
+        self,
+        request: HttpRequest,
+        provider: Any,
+        error: Any = None,
+        exception: Any = None,
+        extra_context: Any = None,
+    ) -> None:
+        """A sign-in that broke off at the provider (refused token, wrong issuer) is audited."""
+        from .sso import sso_error_record
+
+        sso_error_record(request, provider, error)
+        super().on_authentication_error(
+            request, provider, error=error, exception=exception, extra_context=extra_context
+        )
+
+
+def _fernet() -> Fernet:
+    key = getattr(settings, "RELAY_MFA_KEY", "") or settings.SECRET_KEY
+    digest = hashlib.sha256(b"relay-mfa-secrets:" + key.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(digest))
+
+
+class MFAAdapter(DefaultMFAAdapter):
+    """Authenticator-app secrets are encrypted in the database (Fernet, a key derived from
+    RELAY_MFA_KEY or SECRET_KEY): a copy of the database alone does not give the codes."""
+
+    def encrypt(self, text: str) -> str:
+        return _fernet().encrypt(text.encode()).decode()
+
+    def decrypt(self, encrypted_text: str) -> str:
+        return _fernet().decrypt(encrypted_text.encode()).decode()
+
+    def can_delete_authenticator(self, authenticator: Authenticator) -> bool:
+        # Someone who must have a second factor keeps at least one (besides recovery codes).
+        if authenticator.type == Authenticator.Type.RECOVERY_CODES:
+            return True
+        if not mfa_required(authenticator.user):
+            return True
+        others = Authenticator.objects.filter(user=authenticator.user).exclude(pk=authenticator.pk)
+        return others.exclude(type=Authenticator.Type.RECOVERY_CODES).exists()
