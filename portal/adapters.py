@@ -14,6 +14,7 @@ from allauth.mfa.models import Authenticator
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
 from cryptography.fernet import Fernet
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 from django.utils.html import escape
 
@@ -24,6 +25,27 @@ class AccountAdapter(DefaultAccountAdapter):
     def is_open_for_signup(self, request: HttpRequest) -> bool:
         # Accounts come from invitations (and single sign-on, see below), never a public form.
         return False
+
+    def pre_authenticate(self, request: HttpRequest, **credentials: Any) -> None:
+        """allauth refuses a sign-in from an address over its failure limit before checking the
+        password, so Django's failed-login signal never fires: the refusal is audited here."""
+        try:
+            super().pre_authenticate(request, **credentials)
+        except ValidationError:
+            from .access import home_facility
+            from .audit import audit_record
+            from .models import AuditAction, Outcome, User
+
+            email = str(credentials.get("email") or credentials.get("username") or "")[:254]
+            user = User.objects.filter(email__iexact=email).first() if email else None
+            audit_record(
+                action=AuditAction.LOGIN_FAILED,
+                request=request,
+                facility=home_facility(user),
+                outcome=Outcome.FAILURE,
+                detail={"email": email, "reason": "too many failed sign-ins from this address"},
+            )
+            raise
 
     def send_mail(self, template_prefix: str, email: str, context: dict[str, Any]) -> None:
         from .tasks import email_send

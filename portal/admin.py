@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from axes.models import AccessAttempt, AccessFailureLog
 from django import forms
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.http import HttpRequest
 
 from .audit import audit_record
+from .lockout import account_unlock
 from .models import (
     ApiToken,
     AuditAction,
@@ -46,6 +48,37 @@ class UserAdmin(BaseUserAdmin):
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2")}),)
     filter_horizontal = ("groups", "user_permissions")
     list_filter = ("is_staff", "is_active")
+    actions = ("unlock_sign_in",)
+
+    @admin.action(description="Lift the sign-in lockout of the selected people")
+    def unlock_sign_in(self, request: HttpRequest, queryset: Any) -> None:
+        for user in queryset:
+            account_unlock(user=user, request=request)
+        self.message_user(request, f"{queryset.count()} can sign in again.")
+
+
+# django-axes' own admin lets staff delete attempts, which would lift a lockout unaudited: its
+# list stays for reading, and the unlock is the audited action on people above.
+for _model in (AccessAttempt, AccessFailureLog):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)
+
+
+@admin.register(AccessAttempt)
+class AccessAttemptAdmin(admin.ModelAdmin):
+    list_display = ("attempt_time", "username", "ip_address", "failures_since_start")
+    search_fields = ("username", "ip_address")
+    readonly_fields = ("attempt_time", "username", "ip_address", "failures_since_start")
+    exclude = ("get_data", "post_data", "user_agent", "http_accept", "path_info")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Facility)

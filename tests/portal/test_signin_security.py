@@ -78,6 +78,10 @@ def test_failures_spread_over_many_accounts_from_one_address_are_throttled(db):
     assert (
         _sign_in(Client(REMOTE_ADDR="10.9.9.9"), "user3@krmc.example", PASSWORD).status_code == 302
     )
+    # Every refused attempt is in the trail, the throttled ones with why.
+    failed = AuditEvent.objects.filter(action="login_failed", client_ip="198.51.100.7")
+    assert failed.count() == 21
+    assert failed.filter(detail__reason__startswith="too many failed sign-ins").exists()
 
 
 def test_password_reset_mails_are_throttled_and_audited(bob, mailoutbox):
@@ -232,3 +236,20 @@ def test_someone_who_lost_their_phone_signs_in_once_with_each_recovery_code(alic
     _sign_in(again, "alice@krmc.example", PASSWORD)
     assert again.post("/accounts/2fa/authenticate/", {"code": code}).status_code == 200
     assert again.get("/studies/").status_code == 302
+
+
+def test_staff_lift_a_lockout_from_the_admin_and_it_is_audited(admin_user, bob):
+    attacker = Client(REMOTE_ADDR="203.0.113.10")
+    for _ in range(5):
+        _sign_in(attacker, "bob@krmc.example", "guess")
+    staff = client_for(admin_user)
+    attempts = staff.get("/admin/axes/accessattempt/")
+    assert attempts.status_code == 200
+    assert b"bob@krmc.example" in attempts.content
+    response = staff.post(
+        "/admin/portal/user/", {"action": "unlock_sign_in", "_selected_action": [bob.pk]}
+    )
+    assert response.status_code == 302
+    unlock = AuditEvent.objects.get(action="unlock")
+    assert (unlock.actor, unlock.detail["email"]) == (admin_user, "bob@krmc.example")
+    assert _sign_in(Client(), "bob@krmc.example", PASSWORD).status_code == 302
