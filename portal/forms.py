@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 from django import forms
@@ -83,3 +84,11 @@ class AuditFilterForm(forms.Form):
     date_to = forms.DateField(
         required=False, label="To", widget=forms.DateInput(attrs={"type": "date"})
     )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        for name in ("date_from", "date_to"):
+            day = data.get(name)
+            if day is not None and not (date(2000, 1, 1) <= day <= date(2999, 12, 31)):
+                self.add_error(name, "Choose a date between 2000 and 2999.")
+        return data

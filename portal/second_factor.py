@@ -19,6 +19,7 @@ from allauth.account.internal.flows.login import (
 )
 from allauth.account.signals import authentication_step_completed
 from allauth.core import context
+from allauth.mfa.base.forms import AuthenticateForm
 from allauth.mfa.models import Authenticator
 from allauth.mfa.signals import authentication_failed, authenticator_added, authenticator_removed
 from allauth.mfa.webauthn.forms import AuthenticateWebAuthnForm
@@ -90,6 +91,15 @@ class SecondFactorRequiredMiddleware:
         return self.get_response(request)
 
     def _refuse(self, request: HttpRequest, user: User) -> HttpResponse:
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            actor=user,
+            facility=home_facility(user),
+            outcome=Outcome.FAILURE,
+            # Never the path: a path can hold a link's token.
+            detail={"reason": "second factor required", "method": request.method or ""},
+        )
         has_one = (
             Authenticator.objects.filter(user=user)
             .exclude(type=Authenticator.Type.RECOVERY_CODES)
@@ -150,6 +160,14 @@ def _on_removed(
 def _on_failed(
     sender: Any, request: HttpRequest, user: User, authenticator: Any, **kw: Any
 ) -> None:
+    # A wrong code counts toward the account's lockout like a wrong password: with the password
+    # known, the codes are the last door, and new addresses must not buy new guesses.
+    from axes.handlers.proxy import AxesProxyHandler
+
+    AxesProxyHandler.update_request(request)
+    AxesProxyHandler.user_login_failed(
+        sender=None, credentials={"username": user.email}, request=request
+    )
     audit_record(
         action=AuditAction.MFA_FAILED,
         request=request,
@@ -178,6 +196,8 @@ class AuditedAuthenticateWebAuthnForm(AuthenticateWebAuthnForm):
     """allauth reports wrong codes only; a refused security key is audited the same way."""
 
     def clean_credential(self) -> Any:
+        if _account_locked(self.user):
+            raise ValidationError("This account is locked after too many wrong attempts.")
         try:
             return super().clean_credential()
         except ValidationError:
@@ -190,3 +210,21 @@ class AuditedAuthenticateWebAuthnForm(AuthenticateWebAuthnForm):
                 detail={"type": "webauthn", "reauthentication": False},
             )
             raise
+
+
+def _account_locked(user: User) -> bool:
+    from axes.handlers.proxy import AxesProxyHandler
+
+    request = context.request
+    AxesProxyHandler.update_request(request)
+    return bool(AxesProxyHandler.is_locked(request, credentials={"username": user.email}))
+
+
+class LockAwareAuthenticateForm(AuthenticateForm):
+    """The code step refuses every code, the right one too, while the account is locked (wrong
+    codes lock it as wrong passwords do)."""
+
+    def clean_code(self) -> str:
+        if _account_locked(self.user):
+            raise ValidationError("This account is locked after too many wrong attempts.")
+        return str(super().clean_code())

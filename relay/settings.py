@@ -186,11 +186,14 @@ ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
 ACCOUNT_REAUTHENTICATION_TIMEOUT = env_int("RELAY_REAUTH_SECONDS", 300)
 ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False
 ACCOUNT_PREVENT_ENUMERATION = True
+# People are e-mailed when their password, e-mail or second factors change (no PHI in them).
+ACCOUNT_EMAIL_NOTIFICATIONS = True
 ACCOUNT_RATE_LIMITS = {
     "login": env_str("RELAY_RATE_LOGIN", "60/m/ip"),
     # Failed sign-ins from one address across any accounts (a shared hospital address has many
     # people behind it, so this is looser than the per-account lock).
-    "login_failed": env_str("RELAY_RATE_LOGIN_FAILED", "15/15m/ip"),
+    # Per account as well (second-factor codes count here, per person), above axes' lock.
+    "login_failed": env_str("RELAY_RATE_LOGIN_FAILED", "15/15m/ip,10/15m/key"),
     "reset_password": env_str("RELAY_RATE_PASSWORD_RESET", "10/h/ip,3/h/key"),
     "reset_password_from_key": "20/m/ip",
     # Relay's own: wrong invitation links and refused API tokens, per address.
@@ -198,7 +201,10 @@ ACCOUNT_RATE_LIMITS = {
     "api_token_failed": env_str("RELAY_RATE_TOKEN_FAILED", "20/15m/ip"),
 }
 MFA_SUPPORTED_TYPES = ["totp", "webauthn", "recovery_codes"]
-MFA_FORMS = {"authenticate_webauthn": "portal.second_factor.AuditedAuthenticateWebAuthnForm"}
+MFA_FORMS = {
+    "authenticate": "portal.second_factor.LockAwareAuthenticateForm",
+    "authenticate_webauthn": "portal.second_factor.AuditedAuthenticateWebAuthnForm",
+}
 MFA_PASSKEY_LOGIN_ENABLED = True
 MFA_TOTP_ISSUER = env_str("RELAY_MFA_ISSUER", "Relay")
 MFA_WEBAUTHN_ALLOW_INSECURE_ORIGIN = env_bool("RELAY_WEBAUTHN_INSECURE_ORIGIN", False)

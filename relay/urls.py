@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from allauth.account.decorators import reauthentication_required
 from django.contrib import admin
 from django.urls import include, path
 
+from portal.reauth import reauthentication_required
 from portal.views import admin_login
 
 # The admin site has no sign-in of its own: it sits behind Relay's (second factor included),

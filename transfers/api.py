@@ -31,6 +31,7 @@ from portal.access import (
     AuthedRequest,
     TokenRefused,
     bearer_token,
+    facilities_of,
     token_authenticate,
     upload_facilities,
 )
@@ -81,7 +82,9 @@ def _api_view(
                 )
                 return _error(f"The API token is not valid ({exc}).", 401)
             if request.method not in ("GET", "HEAD") and not token.can_write and view_writes:
-                return _error("This API token is read-only.", 403)
+                request.user = token.user
+                request.api_token = token  # type: ignore[attr-defined]
+                return _refused(request, "This API token is read-only.", 403)
             request.user = token.user
             request.api_token = token  # type: ignore[attr-defined]
         elif request.user.is_authenticated:
@@ -110,22 +113,43 @@ def _token_of(request: HttpRequest) -> ApiToken | None:
     return getattr(request, "api_token", None)
 
 
+def _refused(request: HttpRequest, reason: str, status: int, slug: object = None) -> JsonResponse:
+    """A refusal, audited (to the facility it was about, when there is one) and answered."""
+    token = _token_of(request)
+    facility = None
+    if isinstance(slug, str) and 0 < len(slug) <= 60:
+        facility = Facility.objects.filter(slug=slug).first()
+    audit_record(
+        action=AuditAction.ACCESS_DENIED,
+        request=request,
+        facility=facility,
+        outcome=Outcome.FAILURE,
+        detail={"reason": reason[:200], "api": request.path, "token": token.hint if token else ""},
+    )
+    return _error(reason, status)
+
+
 def _upload_facility(
-    user: User, slug: str | None, token: ApiToken | None = None
+    request: HttpRequest, slug: str | None, *, write: bool = True
 ) -> Facility | JsonResponse:
-    allowed = list(upload_facilities(user))
+    """The facility a request acts on: one the person may upload to (or, to read, belongs to),
+    and, with a token, the token's own facility."""
+    user: User = request.user  # type: ignore[assignment]
+    token = _token_of(request)
+    allowed = list(upload_facilities(user) if write else facilities_of(user))
     if token is not None and token.facility_id is not None:
-        # A token works for its one facility (while its owner may still upload there).
+        # A token works for its one facility (while its owner may still act there).
         allowed = [f for f in allowed if f.pk == token.facility_id]
     if slug:
         for facility in allowed:
             if facility.slug == slug:
                 return facility
-        return _error(f"You cannot upload to a facility '{slug}'.", 403)
+        verb = "upload to" if write else "read"
+        return _refused(request, f"You cannot {verb} a facility '{slug}'.", 403, slug)
     if len(allowed) == 1:
         return allowed[0]
     if not allowed:
-        return _error("You are not a sender at any facility.", 403)
+        return _refused(request, "You are not a sender at any facility.", 403)
     names = ", ".join(f.slug for f in allowed)
     return _error(f"Say which facility to upload to (?facility=...): one of {names}.", 400)
 
@@ -144,7 +168,7 @@ def facilities(request: AuthedRequest) -> JsonResponse:
 @require_POST
 @api_view(writes=True)
 def instances_upload(request: AuthedRequest) -> JsonResponse:
-    facility = _upload_facility(request.user, request.GET.get("facility"), _token_of(request))
+    facility = _upload_facility(request, request.GET.get("facility"))
     if isinstance(facility, JsonResponse):
         return facility
     limit = settings.RELAY_MAX_UPLOAD_BYTES
@@ -219,7 +243,7 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
         return _error("'sop_instance_uids' must be a list of strings.", 400)
     if len(uids) > MAX_KNOWN_UIDS:
         return _error(f"Ask about at most {MAX_KNOWN_UIDS} UIDs at a time.", 400)
-    facility = _upload_facility(request.user, slug, _token_of(request))
+    facility = _upload_facility(request, slug, write=False)
     if isinstance(facility, JsonResponse):
         return facility
     wanted = [u for u in uids if is_valid_uid(u)]
@@ -241,7 +265,7 @@ def manifest(request: AuthedRequest) -> JsonResponse:
     slug = payload.get("facility")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         return _error("'instances' must be a list of {sop_instance_uid, sha256} objects.", 400)
-    facility = _upload_facility(request.user, slug, _token_of(request))
+    facility = _upload_facility(request, slug)
     if isinstance(facility, JsonResponse):
         return facility
     try:

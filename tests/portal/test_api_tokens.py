@@ -104,3 +104,36 @@ def test_an_address_sending_bad_tokens_is_throttled(bob, krmc):
         Client().get("/api/v1/facilities", HTTP_AUTHORIZATION=f"Bearer {good}").status_code == 200
     )
     assert AuditEvent.objects.filter(action="token_refused").count() == 20
+
+
+def test_refusals_of_a_scoped_or_read_token_are_audited(charlie, gfc, krmc):
+    _, raw = ApiToken.issue(user=charlie, name="gfc", facility=gfc, access="read")
+    assert (
+        upload(Client(), read_testdata("CT_small.dcm"), token=raw, facility="gfc").status_code
+        == 403
+    )
+    other = Client().post(
+        "/api/v1/instances/known",
+        data={"facility": "krmc", "sop_instance_uids": []},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {raw}",
+    )
+    assert other.status_code == 403
+    refused = AuditEvent.objects.filter(action="access_denied")
+    assert {e.detail["reason"] for e in refused} == {
+        "This API token is read-only.",
+        "You cannot read a facility 'krmc'.",
+    }
+    assert refused.get(detail__reason__startswith="You cannot").facility == krmc
+
+
+def test_a_readers_read_token_checks_what_its_facility_stores(carol, krmc):
+    token, raw = api_token_create(user=carol, name="x", facility=krmc, access="read")
+    known = Client().post(
+        "/api/v1/instances/known",
+        data={"facility": "krmc", "sop_instance_uids": ["1.2.3"]},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {raw}",
+    )
+    assert known.status_code == 200
+    assert known.json()["known"] == []

@@ -333,3 +333,14 @@ def test_a_search_by_patient_keeps_the_patient_id_out_of_the_url(
     other = client_for(alice)
     assert "This search has expired" in other.get(location).content.decode()
     assert _export(other, "krmc", search=key)[0].status_code == 404
+
+
+def test_a_date_out_of_range_is_a_clear_refusal_not_a_crash(alice, krmc):
+    from tests.helpers import client_for as signed_in
+
+    client = signed_in(alice)
+    page = client.get("/facilities/krmc/audit/?date_to=9999-12-31")
+    assert page.status_code == 200
+    assert b"Choose a date between 2000 and 2999." in page.content
+    export = client.get("/facilities/krmc/audit/export/?format=csv&date_to=9999-12-31")
+    assert export.status_code == 400

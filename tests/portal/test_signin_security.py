@@ -253,3 +253,93 @@ def test_staff_lift_a_lockout_from_the_admin_and_it_is_audited(admin_user, bob):
     unlock = AuditEvent.objects.get(action="unlock")
     assert (unlock.actor, unlock.detail["email"]) == (admin_user, "bob@krmc.example")
     assert _sign_in(Client(), "bob@krmc.example", PASSWORD).status_code == 302
+
+
+def test_wrong_codes_from_ever_new_addresses_lock_the_account(alice):
+    totp_enroll(alice)
+    answers = []
+    for n in range(5):
+        # The password is known; each wrong code comes from a new address.
+        client = Client(REMOTE_ADDR=f"198.18.0.{n + 1}")
+        _sign_in(client, "alice@krmc.example", PASSWORD)
+        answers.append(client.post("/accounts/2fa/authenticate/", {"code": "000000"}).status_code)
+    # The fifth wrong code locks the account, as five wrong passwords do.
+    assert answers == [200, 200, 200, 200, 429]
+    assert AuditEvent.objects.filter(action="lockout", actor=alice).exists()
+    # Now even the right code (and the right password) from yet another address opens nothing.
+    client = Client(REMOTE_ADDR="198.18.1.1")
+    assert _sign_in(client, "alice@krmc.example", PASSWORD).status_code == 429
+    assert client.get("/studies/").status_code == 302
+
+
+def test_the_code_step_refuses_the_right_code_once_the_account_is_locked(alice):
+    secret = totp_secret(totp_enroll(alice))
+    client = Client(REMOTE_ADDR="198.18.2.1")
+    _sign_in(client, "alice@krmc.example", PASSWORD)
+    for _ in range(5):
+        Client(REMOTE_ADDR="198.18.2.2").post(
+            "/accounts/login/", {"login": "alice@krmc.example", "password": "guess"}
+        )
+    refused = client.post("/accounts/2fa/authenticate/", {"code": totp_code(secret)})
+    assert refused.status_code == 200
+    assert b"locked" in refused.content
+    assert client.get("/studies/").status_code == 302
+
+
+def test_a_locked_account_is_refused_whatever_the_way_in(bob, rf):
+    from django.contrib.sessions.backends.db import SessionStore
+
+    from portal.adapters import AccountAdapter
+
+    for _ in range(5):
+        _sign_in(Client(), "bob@krmc.example", "guess")
+    request = rf.get("/accounts/oidc/krmc-idp/login/callback/")
+    request.session = SessionStore()
+    # A passkey or single sign-on reach allauth's login without the password check.
+    response = AccountAdapter(request).pre_login(
+        request,
+        bob,
+        email_verification="none",
+        signal_kwargs=None,
+        email=None,
+        signup=False,
+        redirect_url=None,
+    )
+    assert response is not None and response.status_code == 429
+
+
+def test_the_second_factor_refusal_is_audited(alice):
+    client_for(alice, second_factor=False).get("/studies/")
+    refused = AuditEvent.objects.get(action="access_denied", actor=alice)
+    assert refused.detail["reason"] == "second factor required"
+
+
+def test_someone_who_signs_in_only_through_sso_is_asked_to_sign_in_again(bob, krmc):
+    import time
+
+    bob.set_unusable_password()
+    bob.save()
+    client = Client()
+    client.force_login(bob)
+    session = client.session
+    session["account_authentication_methods"] = [
+        {"method": "socialaccount", "at": time.time() - 7200, "provider": "krmc-idp"}
+    ]
+    session["account_authentication_methods_user"] = str(bob.pk)
+    session.save()
+    data = {"name": "x", "facility": krmc.pk, "access": "write", "days": 365}
+    response = client.post("/accounts/tokens/", data)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")
+    assert not bob.api_tokens.exists()
+    # Just signed in at the provider: the change goes through.
+    client = Client()
+    client.force_login(bob)
+    session = client.session
+    session["account_authentication_methods"] = [
+        {"method": "socialaccount", "at": time.time(), "provider": "krmc-idp"}
+    ]
+    session["account_authentication_methods_user"] = str(bob.pk)
+    session.save()
+    assert client.post("/accounts/tokens/", data)["Location"] == "/accounts/profile/"
+    assert bob.api_tokens.count() == 1

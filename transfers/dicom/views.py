@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from allauth.account.decorators import reauthentication_required
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -18,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from portal.access import AuthedRequest, facilities_of, get_membership_for_user
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, ae_title_validator
+from portal.reauth import reauthentication_required
 
 from ..access import study_access
 from ..deliveries import receiving_facility_of
