@@ -188,6 +188,7 @@ ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False
 ACCOUNT_PREVENT_ENUMERATION = True
 # People are e-mailed when their password, e-mail or second factors change (no PHI in them).
 ACCOUNT_EMAIL_NOTIFICATIONS = True
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Relay] "
 ACCOUNT_RATE_LIMITS = {
     "login": env_str("RELAY_RATE_LOGIN", "60/m/ip"),
     # Failed sign-ins from one address across any accounts (a shared hospital address has many

@@ -343,3 +343,19 @@ def test_someone_who_signs_in_only_through_sso_is_asked_to_sign_in_again(bob, kr
     session.save()
     assert client.post("/accounts/tokens/", data)["Location"] == "/accounts/profile/"
     assert bob.api_tokens.count() == 1
+
+
+def test_enrolling_an_app_through_the_pages_tells_the_person_by_email(
+    bob, mailoutbox, django_capture_on_commit_callbacks
+):
+    client = client_for(bob)
+    assert client.get("/accounts/2fa/totp/activate/").status_code == 200
+    secret = client.session["mfa.totp.secret"]
+    with django_capture_on_commit_callbacks(execute=True):
+        done = client.post("/accounts/2fa/totp/activate/", {"code": totp_code(secret)})
+    assert done["Location"] == "/accounts/2fa/recovery-codes/"
+    assert AuditEvent.objects.filter(action="mfa_add", actor=bob, detail__type="totp").exists()
+    notice = [m for m in mailoutbox if m.to == ["bob@krmc.example"]]
+    assert len(notice) == 1
+    assert "authenticator" in (notice[0].subject + notice[0].body).lower()
+    assert secret not in notice[0].body
