@@ -359,3 +359,19 @@ def test_enrolling_an_app_through_the_pages_tells_the_person_by_email(
     assert len(notice) == 1
     assert "authenticator" in (notice[0].subject + notice[0].body).lower()
     assert secret not in notice[0].body
+
+
+def test_a_change_in_the_admin_site_asks_for_the_password_again(admin_user, krmc):
+    client = client_for(admin_user)
+    session = client.session
+    records = session["account_authentication_methods"]
+    for record in records:
+        record.pop("reauthenticated", None)
+    session["account_authentication_methods"] = records
+    session.save()
+    # Reading is fine; a change (a facility's name here, a plan the same way) asks again.
+    assert client.get(f"/admin/portal/facility/{krmc.pk}/change/").status_code == 200
+    response = client.post(f"/admin/portal/facility/{krmc.pk}/change/", {"name": "Renamed"})
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/reauthenticate/")
+    assert Facility.objects.get(pk=krmc.pk).name == "Kalispell Regional Medical Center"

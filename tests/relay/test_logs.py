@@ -25,6 +25,10 @@ def test_it_redacts_tokens_and_searches() -> None:
     assert redact("GET /studies/?q=DOE%5EJANE&modality=CT") == "GET /studies/?[redacted]"
     assert TOKEN not in redact(f"/invitations/{TOKEN}/")
     assert TOKEN not in redact(f"/accounts/reset/MQ/{TOKEN}/")
+    assert TOKEN not in redact(f"/accounts/password/reset/key/1-{TOKEN}/")
+    assert TOKEN not in redact(f"/accounts/confirm-email/{TOKEN}/")
+    # Single sign-on's return carries the provider's code and state in the query string.
+    assert TOKEN not in redact(f"/accounts/oidc/krmc-idp/login/callback/?code={TOKEN}&state=x")
     assert redact("/studies/3f2c/view/") == "/studies/3f2c/view/"
 
 
