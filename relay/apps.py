@@ -8,3 +8,6 @@ from django.apps import AppConfig
 class RelayConfig(AppConfig):
     name = "relay"
     verbose_name = "Relay"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the deployment checks)

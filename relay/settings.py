@@ -26,6 +26,7 @@ from .env import (
     env_str,
     var_dir,
 )
+from .storage import s3_storage
 
 VAR_DIR = var_dir()
 
@@ -226,24 +227,23 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"  # made by relay.embedded.var_prepare (or collectstatic)
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
+# Declared by the operator once MEDIA_ROOT sits on an encrypted volume (check --deploy warns until).
+RELAY_STORAGE_ENCRYPTED = env_bool("RELAY_STORAGE_ENCRYPTED", False)
 
 # Object storage: a folder under var/ unless S3_BUCKET is set. Nothing else in the code knows
 # which one it is: it asks django.core.files.storage.storages["default"].
 S3_BUCKET = env_str("S3_BUCKET")
 if S3_BUCKET:
-    _default_storage = {
-        "BACKEND": "storages.backends.s3.S3Storage",
-        "OPTIONS": {
-            "bucket_name": S3_BUCKET,
-            "endpoint_url": env_str("S3_ENDPOINT_URL") or None,
-            "region_name": env_str("S3_REGION") or None,
-            "access_key": env_str("S3_ACCESS_KEY_ID") or None,
-            "secret_key": env_str("S3_SECRET_ACCESS_KEY") or None,
-            "default_acl": None,
-            "querystring_auth": True,
-            "file_overwrite": False,
-        },
-    }
+    # Every object asks for server-side encryption (relay/storage.py; README: Encryption at rest).
+    _default_storage = s3_storage(
+        bucket=S3_BUCKET,
+        endpoint_url=env_str("S3_ENDPOINT_URL") or None,
+        region=env_str("S3_REGION") or None,
+        access_key=env_str("S3_ACCESS_KEY_ID") or None,
+        secret_key=env_str("S3_SECRET_ACCESS_KEY") or None,
+        sse=env_str("S3_SSE", "AES256"),
+        kms_key_id=env_str("S3_SSE_KMS_KEY_ID"),
+    )
 else:
     _default_storage = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
