@@ -360,6 +360,7 @@ class AuditAction(models.TextChoices):
     PATIENT_LINK_UNLOCK = "patient_link_unlock", "Re-opened a locked patient link"
     AUDIT_EXPORT = "audit_export", "Exported the audit trail"
     SESSION_EXPIRED = "session_expired", "Session ended"
+    INTEGRITY_FAILED = "integrity_failed", "Found a stored copy damaged"
 
 
 class Outcome(models.TextChoices):

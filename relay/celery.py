@@ -37,6 +37,7 @@ app.conf.update(
         "portal.tasks.*": {"queue": "quick"},
         "billing.tasks.*": {"queue": "quick"},
         "transfers.tasks.purge_expired": {"queue": "slow"},
+        "transfers.tasks.storage_verify_task": {"queue": "slow"},
         "transfers.dicom.tasks.*": {"queue": "slow"},
         "transfers.media.tasks.*": {"queue": "slow"},
         "transfers.reconcile.tasks.*": {"queue": "slow"},
@@ -50,6 +51,11 @@ app.conf.update(
             "task": "portal.tasks.audit_forward_task",
             "schedule": 15.0,
             "options": {"expires": 14},
+        },
+        # The nightly scrub: every stored object read and checked against its SHA-256.
+        "storage-verify": {
+            "task": "transfers.tasks.storage_verify_task",
+            "schedule": crontab(hour=2, minute=40),
         },
         "studies-complete-after-quiet-period": {
             "task": "transfers.tasks.studies_complete_quiet",

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import dj_database_url
+from csp.constants import NONCE, NONE, SELF
 
 from .env import (
     BASE_DIR,
@@ -56,6 +57,7 @@ INSTALLED_APPS = [
     "allauth.socialaccount",
     "allauth.socialaccount.providers.openid_connect",
     "axes",
+    "csp",
     "relay",
     "portal",
     "transfers",
@@ -65,6 +67,12 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # No-store on everything but static files, and Permissions-Policy (relay.headers); the
+    # Content-Security-Policy with a per-response nonce (django-csp). Above the middleware that
+    # answers on its own (sign-in, second factor, lockout, CSRF) so those answers get them too;
+    # below WhiteNoise, whose static files keep their caching.
+    "relay.headers.SecurityHeadersMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -201,6 +209,8 @@ ACCOUNT_RATE_LIMITS = {
     # Relay's own: wrong invitation links and refused API tokens, per address.
     "invitation_failed": env_str("RELAY_RATE_INVITATION_FAILED", "10/15m/ip"),
     "api_token_failed": env_str("RELAY_RATE_TOKEN_FAILED", "20/15m/ip"),
+    # "Test connection" on the DICOM page opens a connection from the server.
+    "destination_echo": env_str("RELAY_RATE_DESTINATION_ECHO", "6/m/user"),
 }
 MFA_SUPPORTED_TYPES = ["totp", "webauthn", "recovery_codes"]
 MFA_FORMS = {
@@ -229,6 +239,10 @@ STATIC_ROOT = VAR_DIR / "static"  # made by relay.embedded.var_prepare (or colle
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
 # Declared by the operator once MEDIA_ROOT sits on an encrypted volume (check --deploy warns until).
 RELAY_STORAGE_ENCRYPTED = env_bool("RELAY_STORAGE_ENCRYPTED", False)
+# storage_verify: objects younger than this are not called extra (an upload writes its object
+# before its row); a scheduled run stops after this many seconds and resumes next time.
+RELAY_STORAGE_VERIFY_GRACE_MINUTES = env_int("RELAY_STORAGE_VERIFY_GRACE_MINUTES", 60)
+RELAY_STORAGE_VERIFY_SECONDS = env_int("RELAY_STORAGE_VERIFY_SECONDS", 3000)
 
 # Object storage: a folder under var/ unless S3_BUCKET is set. Nothing else in the code knows
 # which one it is: it asks django.core.files.storage.storages["default"].
@@ -271,6 +285,10 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = env_int("RELAY_UPLOAD_MEMORY_BYTES", 4 * 1024 * 10
 FILE_UPLOAD_TEMP_DIR = env_str("RELAY_UPLOAD_TEMP_DIR") or None
 RELAY_MAX_UPLOAD_BYTES = env_int("RELAY_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024)
 RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
+# A deflated data set is inflated as a stream and refused (413) beyond the smaller of these: an
+# absolute size and a ratio to the compressed size (any file may still inflate to 64 MiB).
+RELAY_MAX_INFLATED_BYTES = env_int("RELAY_MAX_INFLATED_BYTES", 1024 * 1024 * 1024)
+RELAY_MAX_INFLATE_RATIO = env_int("RELAY_MAX_INFLATE_RATIO", 200)
 RELAY_STUDY_QUIET_SECONDS = env_int("RELAY_STUDY_QUIET_SECONDS", 300)
 RELAY_INVITATION_DAYS = env_int("RELAY_INVITATION_DAYS", 7)
 
@@ -341,6 +359,26 @@ RELAY_SESSION_WARN_SECONDS = env_int("RELAY_SESSION_WARN_SECONDS", 120)
 SESSION_COOKIE_AGE = RELAY_SESSION_MAX_HOURS * 60 * 60
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"  # Django's default, stated: tested on every URL
+# Scripts and styles only from our static files (or an element with this response's nonce); no
+# inline script, no eval, no plugins, no framing. data: images: allauth's authenticator-app QR
+# code. No form-action: browsers apply it to the redirect after a form is sent, and single
+# sign-on redirects to the facility's identity provider (an address kept in the database).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "frame-src": [NONE],
+        "base-uri": [NONE],
+        "frame-ancestors": [NONE],
+        "report-uri": env_str("RELAY_CSP_REPORT_URI") or None,
+    },
+}
 if not DEBUG and SITE_URL.startswith("https://"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)

@@ -45,12 +45,28 @@ def list_files(folder: Path) -> Listing:
     """The files to consider under `folder` (a folder, a mounted CD, a DICOMDIR or one file)."""
     if folder.is_file():
         if _normalise(folder.name) == DICOMDIR:
-            return _from_dicomdir(folder.parent, folder)
+            return _inside(_from_dicomdir(folder.parent, folder))
         return Listing(root=folder.parent, paths=[folder])
     dicomdir = _find_child(folder, DICOMDIR)
     if dicomdir is not None:
-        return _from_dicomdir(folder, dicomdir)
-    return Listing(root=folder, paths=_walk(folder))
+        return _inside(_from_dicomdir(folder, dicomdir))
+    return _inside(Listing(root=folder, paths=_walk(folder)))
+
+
+def _inside(listing: Listing) -> Listing:
+    """Only files that really are inside the chosen folder: a link on a disc (or a DICOMDIR
+    entry) that leads elsewhere on the computer is named and left out, never sent."""
+    root = listing.root.resolve()
+    kept: list[Path] = []
+    for path in listing.paths:
+        if path.resolve().is_relative_to(root):
+            kept.append(path)
+        else:
+            listing.warnings.append(
+                f"{relative_name(path, listing.root)}: skipped, it links outside the folder."
+            )
+    listing.paths = kept
+    return listing
 
 
 def examine(path: Path, root: Path) -> LocalFile:

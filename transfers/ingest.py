@@ -4,8 +4,13 @@ For each file, on its own:
 1. spool the bytes to a temporary file (in memory while small), hashing them on the way and
    zeroing the 128-byte preamble (CVE-2019-11687: a preamble can hold an executable header, so
    the stored copy never carries one);
-2. parse the header with pydicom, stopping before the pixel data, and check it: identifiers
-   present and valid UIDs, sequence nesting bounded, pixel data as long as its header says;
+2. walk the whole file element by element to its last byte (`transfers.dicomio`: a file cut
+   anywhere, the padding after the pixel data included, or whose lengths no longer add up is
+   refused with where and what), inflating a deflated data set as a bounded stream into a
+   temporary file (a decompression bomb is refused, 413); then parse the header with pydicom,
+   stopping before the pixel data, and check it: the data set's own identifiers present (never
+   the file meta's copies) and valid UIDs, sequence nesting bounded, pixel data as long as its
+   header says;
 3. deduplicate by SOP Instance UID within the facility (same bytes: nothing to do; other bytes:
    the first copy is kept and the conflict reported);
 4. write the object to storage under a key nobody else can pick, then commit the rows; if the rows
@@ -22,7 +27,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time
 from typing import IO, Any
@@ -35,12 +40,14 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 from django.http import HttpRequest
 from django.utils import timezone
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome, User
 
+from .dicomio import InflateTooLarge, Malformed, dataset_open, inflate_limits
 from .models import Instance, Series, Study, StudyStatus
 from .purge import study_has_contents
 from .queue import task_queue_on_commit
@@ -51,6 +58,7 @@ UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 CHUNK = 1024 * 1024
+DEFER_BYTES = 1024 * 1024
 
 STORED = "stored"
 DUPLICATE = "duplicate"
@@ -164,7 +172,12 @@ def read_chunks(stream: Any, chunk_size: int = CHUNK) -> Iterator[bytes]:
 # --- parsing and checks -------------------------------------------------------------------------
 
 
-def _parse(spooled: Spooled) -> Dataset:
+@contextmanager
+def _parsed(spooled: Spooled) -> Iterator[tuple[Dataset, IO[bytes], int]]:
+    """(the header up to the pixel data, the file its offsets refer to, that file's size): the
+    file as received, or the bounded inflated copy of a deflated data set. The whole file is
+    walked first, element by element to its last byte, so a damaged file is refused for its
+    real fault rather than for what pydicom makes of the damage."""
     if spooled.size == 0:
         raise Rejected("The file is empty (0 bytes).")
     spooled.file.seek(128)
@@ -173,16 +186,36 @@ def _parse(spooled: Spooled) -> Dataset:
             "Not a DICOM file: there is no 'DICM' marker after the 128-byte preamble (DICOM Part 10)."
         )
     spooled.file.seek(0)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
+    with ExitStack() as stack:
+        try:
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(spooled.file, stop_before_pixels=True)
-    except RecursionError:
-        raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
-    except Exception as exc:
-        raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
-    _reject_if_cut_short(caught)
-    return ds
+            ds, data_fp = stack.enter_context(
+                dataset_open(
+                    spooled.file,
+                    size=spooled.size,
+                    stop_before_pixels=True,
+                    # Large values (a private blob before the pixel data) stay in the file.
+                    defer_size=DEFER_BYTES,
+                    limits=inflate_limits(),
+                    check_depth=settings.RELAY_MAX_SEQUENCE_DEPTH,
+                )
+            )
+            _reject_if_cut_short(caught)
+            position = data_fp.tell()
+            data_size = data_fp.seek(0, 2)
+            data_fp.seek(position)
+        except InflateTooLarge as exc:
+            raise Rejected(exc.reason, 413) from None
+        except Malformed as exc:
+            raise Rejected(exc.reason) from None
+        except Rejected:
+            raise
+        except RecursionError:
+            raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
+        except Exception as exc:
+            raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
+        yield ds, data_fp, data_size
 
 
 def _reject_if_cut_short(caught: list[warnings.WarningMessage]) -> None:
@@ -218,6 +251,8 @@ def _check_structure(ds: Dataset, limit: int) -> None:
             # An implicit-VR element (VR None) or an unknown one may turn out to be a sequence.
             if raw.VR not in (None, "SQ", "UN"):
                 continue
+            if value is None and raw.VR != "SQ" and not _sequence_in_dictionary(tag):
+                continue  # a large value left in the file (deferred), which no sequence is
             elem = current[tag]
             if elem.VR == "SQ":
                 if depth + 1 > limit:
@@ -227,10 +262,15 @@ def _check_structure(ds: Dataset, limit: int) -> None:
                 stack.extend((item, depth + 1) for item in elem.value)
 
 
+def _sequence_in_dictionary(tag: Any) -> bool:
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
 def _check_pixel_data(fp: IO[bytes], ds: Dataset, ts: UID, file_size: int) -> None:
     """Refuse a file whose pixel data is shorter than its own header says."""
-    if ts.is_deflated:
-        return  # positions are in the inflated stream; pydicom reads these whole anyway
     start = fp.tell()
     if start >= file_size:
         return  # no pixel data (a report, a presentation state)
@@ -364,7 +404,9 @@ class Header:
 
 def _identify(ds: Dataset) -> Header:
     meta = getattr(ds, "file_meta", Dataset())
-    sop_class = _text(ds, "SOPClassUID", 64) or _text(meta, "MediaStorageSOPClassUID", 64)
+    sop_class = _text(ds, "SOPClassUID", 64)
+    if _text(meta, "MediaStorageSOPClassUID", 64) == MEDIA_STORAGE_DIRECTORY:
+        sop_class = MEDIA_STORAGE_DIRECTORY
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         raise Rejected(
             "This is a DICOMDIR (the index of a disc), not an image; the files it lists are sent instead."
@@ -375,13 +417,14 @@ def _identify(ds: Dataset) -> Header:
     ids = {
         "Study Instance UID": _text(ds, "StudyInstanceUID", 200),
         "Series Instance UID": _text(ds, "SeriesInstanceUID", 200),
-        "SOP Instance UID": _text(ds, "SOPInstanceUID", 200)
-        or _text(meta, "MediaStorageSOPInstanceUID", 200),
+        "SOP Instance UID": _text(ds, "SOPInstanceUID", 200),
         "SOP Class UID": sop_class,
     }
     for label, value in ids.items():
         if not value:
-            raise Rejected(f"The file has no {label}.")
+            # The file meta's copies of the SOP UIDs are not taken instead: the data set is
+            # what is stored, pushed and exported, and it must identify itself.
+            raise Rejected(f"The data set has no {label}.{_cut_short_hint(ds, label)}")
         if not is_valid_uid(value):
             raise Rejected(
                 f"The {label} is not a valid DICOM UID (digits and dots, at most 64 characters)."
@@ -393,6 +436,27 @@ def _identify(ds: Dataset) -> Header:
         sop_class=sop_class,
         transfer_syntax=ts,
         ds=ds,
+    )
+
+
+IDENTIFIER_TAGS = {
+    "Study Instance UID": 0x0020000D,
+    "Series Instance UID": 0x0020000E,
+    "SOP Instance UID": 0x00080018,
+    "SOP Class UID": 0x00080016,
+}
+
+
+def _cut_short_hint(ds: Dataset, label: str) -> str:
+    """Elements come in ascending order: a data set that stops before the missing one, with
+    no pixel data, was most likely cut off at an element boundary."""
+    tags = [int(tag) for tag in ds._dict]
+    if not tags or max(tags) >= IDENTIFIER_TAGS[label]:
+        return ""
+    last = max(tags)
+    return (
+        f" The data set ends with element ({last >> 16:04X},{last & 0xFFFF:04X}), before "
+        "where it would be: the file may have been cut short."
     )
 
 
@@ -509,28 +573,28 @@ def _ingest_spooled(
     filename: str,
     audit: Callable[[IngestResult], None],
 ) -> IngestResult:
-    ds = _parse(spooled)
-    try:
-        header = _identify(ds)
-        ts = UID(header.transfer_syntax)
-        # A private transfer syntax says nothing pydicom can use about its encoding.
-        if ts.is_transfer_syntax and not ts.is_private:
-            _check_pixel_data(spooled.file, ds, ts, spooled.size)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _check_structure(ds, settings.RELAY_MAX_SEQUENCE_DEPTH)
-        _reject_if_cut_short(caught)
-        study_fields = _study_fields(ds)
-        series_fields = _series_fields(ds)
-        frames = _int(ds, "NumberOfFrames") or 1
-        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-        instance_number = _int(ds, "InstanceNumber")
-    except Rejected:
-        raise
-    except RecursionError:
-        raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
-    except Exception as exc:
-        raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
+    with _parsed(spooled) as (ds, data_fp, data_size):
+        try:
+            header = _identify(ds)
+            ts = UID(header.transfer_syntax)
+            # A private transfer syntax says nothing pydicom can use about its encoding.
+            if ts.is_transfer_syntax and not ts.is_private:
+                _check_pixel_data(data_fp, ds, ts, data_size)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _check_structure(ds, settings.RELAY_MAX_SEQUENCE_DEPTH)
+            _reject_if_cut_short(caught)
+            study_fields = _study_fields(ds)
+            series_fields = _series_fields(ds)
+            frames = _int(ds, "NumberOfFrames") or 1
+            rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+            instance_number = _int(ds, "InstanceNumber")
+        except Rejected:
+            raise
+        except RecursionError:
+            raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
+        except Exception as exc:
+            raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
 
     result = IngestResult(
         STORED,

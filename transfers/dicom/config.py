@@ -15,9 +15,10 @@ from django.db.models import ProtectedError
 from django.http import HttpRequest
 
 from portal.audit import audit_record
-from portal.models import AuditAction, Facility, User
+from portal.models import AuditAction, Facility, Outcome, User
 
 from ..models import PacsDestination, RoutingRule
+from .outbound import OutboundRefused, outbound_address
 from .push import EchoResult, destination_echo
 
 
@@ -81,6 +82,18 @@ def destination_add(
     port: int,
     request: HttpRequest | None = None,
 ) -> PacsDestination:
+    try:
+        outbound_address(host, port)
+    except OutboundRefused as exc:
+        audit_record(
+            action=AuditAction.DESTINATION_ADD,
+            request=request,
+            actor=by,
+            facility=facility,
+            outcome=Outcome.FAILURE,
+            detail={"host": host[:255], "port": port, "reason": str(exc)},
+        )
+        raise ConfigError(f"Relay will not connect there: {exc}.") from exc
     with transaction.atomic():
         destination = PacsDestination.objects.create(
             facility=facility, name=name, ae_title=ae_title, host=host, port=port

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import pydicom
 from django.conf import settings
@@ -40,6 +41,7 @@ from pynetdicom import AE, _config, build_context
 from portal.audit import audit_record
 from portal.models import COPY_ROLES, AuditAction, Membership, User
 
+from .. import dicomio, integrity
 from ..access import StudyAccess
 from ..deliveries import DeliveryKind, delivery_announce
 from ..models import (
@@ -56,6 +58,7 @@ from ..models import (
 )
 from ..queue import task_queue_on_commit
 from .net import tcp_nodelay_enable
+from .outbound import OutboundRefused, outbound_address
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,10 @@ def destination_echo(*, destination: PacsDestination) -> EchoResult:
     ae = _ae()
     ae.add_requested_context(VERIFICATION)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        address = outbound_address(destination.host, destination.port)
+        assoc = ae.associate(address, destination.port, ae_title=destination.ae_title)
+    except OutboundRefused as exc:
+        result = EchoResult(False, f"Refused: {exc}")
     except (OSError, ValueError) as exc:
         result = EchoResult(False, f"Could not connect: {exc}")
     else:
@@ -281,9 +287,13 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
         contexts = [build_context(sop_class, UNCOMPRESSED) for sop_class in sorted(wanted)]
     contexts = contexts[:MAX_CONTEXTS]
     try:
+        address = outbound_address(destination.host, destination.port)
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, contexts=contexts
+            address, destination.port, ae_title=destination.ae_title, contexts=contexts
         )
+    except OutboundRefused as exc:
+        # A saved destination whose name now resolves somewhere Relay does not call.
+        raise PushTransient(f"Refused to connect to {destination}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise PushTransient(f"Could not connect to {destination}: {exc}") from exc
     if not assoc.is_established:
@@ -303,12 +313,15 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                 if instance.transfer_syntax_uid in offered:
                     # As stored, byte for byte: pynetdicom streams the file's data set in PDU
                     # sized chunks without decoding it (flat memory, no re-encoding).
-                    with _local_file(storage, instance.storage_key) as path:
+                    with _local_file(storage, instance) as path:
                         status = assoc.send_c_store(path)
                     syntax = instance.transfer_syntax_uid
                 elif offered & set(UNCOMPRESSED):
-                    with storage.open(instance.storage_key) as f:
-                        ds = pydicom.dcmread(f)
+                    with integrity.instance_open(instance, storage) as f:
+                        # Bounded: a deflated copy is inflated as a stream, never past the cap.
+                        with dicomio.dataset_open(cast(IO[bytes], f)) as (ds, _):
+                            pass
+                        f.verify()  # before anything of it is sent
                     _to_little_endian(ds)
                     status = assoc.send_c_store(ds)
                     syntax = str(ds.file_meta.TransferSyntaxUID)
@@ -319,6 +332,14 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                         error="The PACS accepts no transfer syntax for this kind of object",
                     )
                     continue
+            except integrity.IntegrityError as exc:
+                # Damaged in storage: this instance fails (nothing of it was sent), the others
+                # go on; audited and staff told.
+                integrity.integrity_failure(instance, "push", key=exc.key, reason=exc.reason)
+                _record(
+                    item, status=None, error=f"Not sent: the stored copy is damaged ({exc.reason})"
+                )
+                continue
             except Exception as exc:  # one bad instance must not stop the others
                 if not assoc.is_established:
                     transient = f"The association ended: {exc}"
@@ -346,17 +367,26 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
 
 
 @contextmanager
-def _local_file(storage: Storage, key: str) -> Iterator[Path]:
-    """A path to the stored object: the file itself on disk, else a temporary copy (S3)."""
+def _local_file(storage: Storage, instance: Instance) -> Iterator[Path]:
+    """A path to the stored object, checked against its SHA-256 and size first
+    (integrity.IntegrityError): the file itself on disk, else a temporary copy (S3), checked
+    as it is copied."""
     try:
-        local = storage.path(key)
+        local = storage.path(instance.storage_key)
     except NotImplementedError:
         local = None
     if local is not None:
+        # pynetdicom reads the file itself once the C-STORE starts, too late to stop a damaged
+        # one: it is read and checked here first (a second read, mostly from the page cache).
+        integrity.instance_verify(instance, storage)
         yield Path(local)
         return
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as copy, storage.open(key, "rb") as f:
+    with (
+        tempfile.NamedTemporaryFile(suffix=".dcm") as copy,
+        integrity.instance_open(instance, storage) as f,
+    ):
         shutil.copyfileobj(f, copy, 1024 * 1024)
+        f.verify()
         copy.flush()
         yield Path(copy.name)
 

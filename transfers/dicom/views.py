@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from allauth.core.ratelimit import consume
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -223,7 +224,11 @@ def destination_new(request: AuthedRequest, slug: str) -> HttpResponse:
     form = DestinationForm(request.POST)
     if not form.is_valid():
         return _dicom_page(request, facility, destination_form=form)
-    destination_add(facility=facility, by=request.user, request=request, **form.cleaned_data)
+    try:
+        destination_add(facility=facility, by=request.user, request=request, **form.cleaned_data)
+    except ConfigError as exc:
+        form.add_error("host", str(exc))
+        return _dicom_page(request, facility, destination_form=form)
     messages.success(request, "PACS destination added.")
     return redirect("routing_rules", slug=slug)
 
@@ -239,6 +244,10 @@ def _get_destination(facility: Facility, destination_uuid: str) -> PacsDestinati
 @login_required
 def destination_echo_view(request: AuthedRequest, slug: str, destination_uuid: str) -> HttpResponse:
     destination = _get_destination(_admin_facility(request, slug), destination_uuid)
+    # A few tests a minute per person: the button makes the server open connections.
+    if not consume(request, action="destination_echo", user=request.user):
+        messages.error(request, "Too many connection tests; wait a minute.")
+        return redirect("routing_rules", slug=slug)
     result = destination_test(destination=destination, by=request.user, request=request)
     (messages.success if result.ok else messages.error)(
         request, f"{destination.name}: {result.message}"

@@ -20,8 +20,9 @@ from django.utils import timezone
 from portal.emails import email_queue
 from portal.models import User
 
+from .. import integrity
 from ..access import StudyAccess
-from ..models import ExportStatus, MediaExport
+from ..models import ExportStatus, Instance, MediaExport
 from ..queue import task_queue_on_commit
 from ..reports import reports_for
 from .export import ExportError, export_plan, iso_build, iso_size, media_kind_for, volume_label_for
@@ -85,6 +86,16 @@ def media_build(*, export: MediaExport) -> MediaExport:
             iso_build(plan, out=out, volume_label=label, progress=progress)
             out.seek(0)
             key = storage.save(key, File(out, name=f"{export.uuid}.iso"))
+    except integrity.IntegrityError as exc:
+        # A damaged image: the disc image is not finished (its temporary file goes), the
+        # requester is told why, and staff are alerted.
+        instance = Instance.objects.filter(storage_key=exc.key).first()
+        integrity.integrity_failure(instance, "disc image", key=exc.key, reason=exc.reason)
+        return _failed(
+            export,
+            "A stored image of this study is damaged, so the disc image was not made; "
+            "the Relay team has been told.",
+        )
     except (ExportError, OSError) as exc:
         log.exception("disc image %s failed", export.uuid)
         return _failed(export, str(exc))

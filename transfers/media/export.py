@@ -7,7 +7,9 @@ DICOMDIR references each with the transfer syntax it was stored in.
 
 Planning reads only the DICOM headers, one object at a time and never the pixel data; the ZIP and
 the ISO read the objects from storage in chunks while they are written, so neither a whole study
-nor a temporary copy of it is ever held in memory or on disk.
+nor a temporary copy of it is ever held in memory or on disk. Both read through
+`integrity.VerifyingReader`: an object that does not match its recorded SHA-256 and size raises
+`integrity.IntegrityError` before its last bytes are written, and the ZIP or ISO is not finished.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from pydicom.fileset import FileSet
 from pydicom.uid import UID
 from zipstream import ZIP_STORED, ZipStream
 
+from .. import dicomio
+from ..integrity import VerifyingReader, verified_open
 from ..models import Instance, Report, Series, Study
 
 CHUNK = 1024 * 1024
@@ -293,7 +297,9 @@ def _read_header(storage: Storage, instance: Instance) -> Dataset:
                     f"The stored copy of image {instance.sop_instance_uid} has {fh.size} bytes, "
                     f"not the {instance.size_bytes} it had when it was received."
                 )
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
+            ds, data_fp = dicomio.dataset_read(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
+            if data_fp is not fh:
+                data_fp.close()  # a deflated copy's inflated data: nothing more is read from it
             for tag in list(ds.keys()):
                 # No directory record uses private elements, and FileSet writes every element
                 # of the copy it is given: dropping them keeps that copy small.
@@ -567,19 +573,26 @@ def zip_size(plan: ExportPlan) -> int | None:
 
 
 def _storage_chunks(media_file: MediaFile) -> Iterator[bytes]:
-    storage = storages["default"]
-    left = media_file.size
+    """The stored object's bytes, checked against its SHA-256 and size as they go
+    (integrity.IntegrityError). Each chunk is handed on only once the next has been read, so the
+    last chunk of a damaged object is never sent and the ZIP it was going into stays broken."""
     try:
-        fh = storage.open(media_file.storage_key, "rb")
+        reader = verified_open(
+            storages["default"],
+            media_file.storage_key,
+            size=media_file.size,
+            sha256=media_file.sha256,
+        )
     except FileNotFoundError as exc:
         raise ExportError(f"{media_file.path} is missing from storage.") from exc
-    with fh:
-        while left > 0:
-            chunk = fh.read(min(CHUNK, left))
-            if not chunk:
-                raise ExportError(f"{media_file.path} ended {left} bytes early in storage.")
-            left -= len(chunk)
-            yield chunk
+    with reader:
+        held = b""
+        while chunk := reader.read(CHUNK):  # the read that finds the end checks the digest
+            if held:
+                yield held
+            held = chunk
+        if held:
+            yield held
 
 
 # --- ISO 9660 -----------------------------------------------------------------------------------
@@ -593,7 +606,7 @@ class _StorageReader(io.RawIOBase):
     def __init__(self, media_file: MediaFile) -> None:
         super().__init__()
         self._file = media_file
-        self._fh: Any = None
+        self._fh: VerifyingReader | None = None
         self._pos = 0
 
     def readable(self) -> bool:
@@ -621,7 +634,12 @@ class _StorageReader(io.RawIOBase):
             self._release()
             return 0
         if self._fh is None:
-            self._fh = storages["default"].open(self._file.storage_key, "rb")
+            self._fh = verified_open(
+                storages["default"],
+                self._file.storage_key,
+                size=self._file.size,
+                sha256=self._file.sha256,
+            )
             if self._pos:
                 self._fh.seek(self._pos)
         view = memoryview(buffer)
@@ -635,6 +653,9 @@ class _StorageReader(io.RawIOBase):
             got += len(chunk)
         self._pos += got
         if self._pos >= self._file.size:
+            # The last byte of it is read: the whole object is checked (what a seek skipped is
+            # read again) before the image can be finished (integrity.IntegrityError).
+            self._fh.verify()
             self._release()
         return got
 

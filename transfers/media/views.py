@@ -28,9 +28,10 @@ from portal.access import AuthedRequest
 from portal.audit import audit_record
 from portal.models import AuditAction, User
 
+from .. import integrity
 from ..access import StudyAccess, study_access
 from ..deliveries import DeliveryKind, delivery_announce, receiving_facility_of
-from ..models import ExportStatus, MediaExport, Study
+from ..models import ExportStatus, Instance, MediaExport, Study
 from ..reports import reports_visible
 from ..sharing.services import share_downloaded
 from .discs import MediaError, media_export_create
@@ -155,7 +156,7 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
     _audit_download(request, access, "zip", plan.images, plan.image_bytes)
     response = StreamingHttpResponse(
         _with_receipt(
-            zip_stream(plan),
+            _integrity_checked(zip_stream(plan), request=request, where="zip"),
             access=access,
             what=f"ZIP of {plan.images} images ({plan.image_bytes / 1e6:.1f} MB)",
             user=request.user if request.user.is_authenticated else None,  # type: ignore[arg-type]
@@ -167,6 +168,21 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
         content_type="application/zip",
     )
     return _attachment(response, study, "zip", zip_size(plan))
+
+
+def _integrity_checked(
+    chunks: Iterator[bytes], *, request: HttpRequest, where: str
+) -> Iterator[bytes]:
+    """The download's bytes; a stored object found damaged on the way (integrity.IntegrityError)
+    is audited, staff are told, and the error goes on up: the server drops the connection
+    short of the Content-Length, so the client has a broken download, never a valid ZIP with a
+    damaged image in it, and no receipt or delivery is recorded."""
+    try:
+        yield from chunks
+    except integrity.IntegrityError as exc:
+        instance = Instance.objects.filter(storage_key=exc.key).first()
+        integrity.integrity_failure(instance, where, request, key=exc.key, reason=exc.reason)
+        raise
 
 
 def _audit_download(

@@ -225,3 +225,33 @@ class Report(models.Model):
     @property
     def is_pdf(self) -> bool:
         return bool(self.storage_key)
+
+
+class StorageVerifyRun(models.Model):
+    """One pass of `manage.py storage_verify` (the scrub): where it got to, so a killed or
+    time-boxed run carries on from there, and what it found, for staff's report."""
+
+    facility = models.ForeignKey(
+        Facility, on_delete=models.CASCADE, null=True, blank=True, related_name="+"
+    )
+    since = models.DateField(null=True, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Progress: instances are checked in id order, then storage is listed folder by folder.
+    last_instance_id = models.BigIntegerField(default=0)
+    instances_done = models.BooleanField(default=False)
+    last_folder = models.CharField(max_length=400, blank=True)
+    extras_done = models.BooleanField(default=False)
+    checked = models.PositiveIntegerField(default=0)
+    checked_bytes = models.PositiveBigIntegerField(default=0)
+    missing = models.PositiveIntegerField(default=0)
+    corrupt = models.PositiveIntegerField(default=0)
+    extra = models.PositiveIntegerField(default=0)
+    # The first problems found ({"kind", "key", "facility", "reason"}); the counts go on.
+    problems = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ("-started_at", "-id")
+
+    def __str__(self) -> str:
+        return f"Storage check #{self.pk} ({'finished' if self.finished_at else 'unfinished'})"

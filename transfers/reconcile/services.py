@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-import pydicom
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import transaction
@@ -38,6 +37,7 @@ from pydicom.sequence import Sequence
 from portal.audit import audit_record
 from portal.models import AuditAction, Membership, Outcome, User
 
+from .. import dicomio
 from ..models import Instance, Series, Study
 from ..queue import task_queue_on_commit
 
@@ -160,8 +160,8 @@ def study_reconcile_abandon(*, study: Study, reason: str) -> None:
 def _instance_rewrite(
     instance: Instance, identity: Identity, *, now: datetime, storage: Storage
 ) -> int:
-    with storage.open(instance.storage_key) as f:
-        ds = pydicom.dcmread(f)
+    with storage.open(instance.storage_key) as f, dicomio.dataset_open(f) as (ds, _):
+        pass  # read whole (bounded for a deflated copy): it is rewritten below
     before = {
         "PatientID": str(ds.get("PatientID", "")),
         "PatientName": str(ds.get("PatientName", "")),

@@ -1,6 +1,7 @@
 """Pixel decoding for the viewer: one frame of a DICOM file as values after the modality LUT.
 
-Pure functions over pydicom and numpy, no Django. The viewer applies the window in the browser,
+Pure functions over pydicom and numpy, no Django (the bounded reader in `transfers.dicomio`
+takes its limits from the settings when there are any). The viewer applies the window in the browser,
 so what leaves here is the frame's values after rescale (or the Modality LUT), the default window
 and what the viewer needs to measure and label the frame (`frame_meta`).
 
@@ -10,6 +11,8 @@ Safety, because every file decoded here came from outside:
   `MAX_FRAME_BYTES`) and, for native data, Rows x Columns x SamplesPerPixel x frames is checked
   against the length of the pixel data element as it is in the file;
 - native pixel data is not read into memory: only the requested frame is read from the file;
+- a deflated data set is inflated as a stream into a temporary file, within an absolute cap and
+  a multiple of its compressed size (`transfers.dicomio`), and frames are read from that copy;
 - only the decoders of pydicom itself, pylibjpeg (with its libjpeg, openjpeg and rle plugins) and
   Pillow are used. python-gdcm is never used, even if installed, because it can abort the whole
   process on malformed JPEG-LS.
@@ -23,7 +26,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import pydicom
@@ -36,6 +39,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+
+from .. import dicomio
 
 # 64 Mpx is larger than any single frame a facility sends (a full-field mammogram is ~14 Mpx, a
 # whole-slide image is stored as small tiles), and a 65535 x 65535 claim is 4.3 Gpx.
@@ -117,19 +122,22 @@ def _short(exc: BaseException) -> str:
 
 def dataset_read(fp: IO[bytes]) -> Dataset:
     """The dataset of an open DICOM file, its large values (the native pixel data) left in the
-    file. The file must stay open while frames are decoded from the dataset."""
+    file. The file must stay open while frames are decoded from the dataset.
+
+    A deflated data set is inflated as a stream into a temporary file, refused beyond the
+    bounds of `transfers.dicomio` (never inflated whole in memory as pydicom would)."""
     try:
-        fp.seek(0)
-        ds = pydicom.dcmread(fp, defer_size=DEFER_BYTES, force=True)
-        ts = _transfer_syntax(ds)
-        if ts.is_deflated:
-            # Offsets of deferred values would point into the compressed stream.
-            fp.seek(0)
-            ds = pydicom.dcmread(fp, force=True)
+        # A deflated data set is inflated within bounds into a temporary copy that becomes the
+        # dataset's `buffer`: its deferred values and frames are read from there.
+        ds, _ = dicomio.dataset_read(fp, defer_size=DEFER_BYTES, force=True)
     except _PASS_THROUGH:
         raise
     except DecodeError:
         raise
+    except dicomio.InflateTooLarge as exc:
+        raise DecodeError(exc.reason) from None
+    except dicomio.Malformed as exc:
+        raise DecodeError(f"The DICOM file could not be read: {exc.reason}") from None
     except MemoryError:
         raise DecodeError("Not enough memory to read the file", lasting=False) from None
     except RecursionError:
@@ -220,6 +228,8 @@ def dataset_frame_decode(ds: Dataset, fp: IO[bytes], frame: int) -> FrameData:
     keyword = _pixel_keyword(ds)
     try:
         ts = _transfer_syntax(ds)
+        if ts.is_deflated and getattr(ds, "buffer", None) is not None:
+            fp = cast(IO[bytes], ds.buffer)  # the inflated copy `dataset_read` made
         photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
         arr, photometric = _decode(ds, fp, frame, keyword, ts, photometric)
         if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or arr.ndim == 3:

@@ -24,13 +24,14 @@ import logging
 import struct
 import textwrap
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from .. import integrity
 from ..models import Instance, Series, Study
 from .decode import DecodeError, FrameData, dataset_frame_decode, dataset_read, frame_meta
 
@@ -169,15 +170,19 @@ def _instance_render(
     """Decode and store the given frames of one instance, reading its file once; returns the
     renders and how many of them were stored."""
     results: dict[int, RenderedFrame] = {}
+    lasting_frames: list[int] = []
     stored = 0
     try:
-        fp: IO[bytes] = storage.open(instance.storage_key, "rb")
+        # Checked against the SHA-256 recorded when it arrived once the frames are decoded,
+        # before any render is kept or shown (at_end=False: the decoder would wrap the error).
+        reader = integrity.instance_open(instance, storage, at_end=False)
     except FileNotFoundError:
         # Purged while someone looked: say so, store nothing (there is nothing to keep it for).
         log.warning("the image of instance %s is missing from storage", instance.pk)
         error = DecodeError("The stored image is missing", lasting=False)
         return {frame: _error_render(instance, frame, None, error) for frame in frames}, 0
-    with fp:
+    fp = cast(IO[bytes], reader)
+    with reader:
         try:
             ds = dataset_read(fp)
         except DecodeError as exc:
@@ -208,14 +213,22 @@ def _instance_render(
                     )
                     lasting = True
             if lasting:
-                _write(
-                    storage,
-                    frame_render_key(storage_key=instance.storage_key, frame=frame),
-                    _pack(rendered),
-                    replace=replace,
-                )
-                stored += 1
+                lasting_frames.append(frame)
             results[frame] = rendered
+        try:
+            reader.verify()
+        except integrity.IntegrityError as exc:
+            integrity.integrity_failure(instance, "viewer", key=exc.key, reason=exc.reason)
+            error = DecodeError("The stored image is damaged", lasting=False)
+            return {frame: _error_render(instance, frame, ds, error) for frame in frames}, 0
+    for frame in lasting_frames:
+        _write(
+            storage,
+            frame_render_key(storage_key=instance.storage_key, frame=frame),
+            _pack(results[frame]),
+            replace=replace,
+        )
+        stored += 1
     return results, stored
 
 

@@ -44,12 +44,6 @@ from .render import frame_render_get, thumbnail_get
 
 log = logging.getLogger(__name__)
 
-# Frames never change under their SOP Instance UID, but access can end: an hour is a fair
-# trade between scrolling back through a cached stack and a copy outliving a revoked share.
-# `private` keeps them out of shared caches, `Vary: Cookie` out of the next user's session.
-FRAME_MAX_AGE = 3600
-# A thumbnail made while the series was still arriving is remade later: keep it briefly.
-THUMBNAIL_MAX_AGE = 300
 FRAME_META_HEADER = "X-Relay-Frame"
 
 
@@ -270,7 +264,7 @@ def _frame(request: HttpRequest, access: StudyAccess, sop_uid: str, frame: int) 
     # The browser inflates the body itself, so the client gets the raw values for free.
     response["Content-Encoding"] = "gzip"
     response[FRAME_META_HEADER] = frame_meta_header(rendered.meta)
-    _private_cache(response, FRAME_MAX_AGE)
+    _no_store(response)
     viewer_bytes_delivered(
         access=access,
         instance=instance,
@@ -358,10 +352,13 @@ def _thumbnail(access: StudyAccess, series_uid: str) -> HttpResponse:
     image = thumbnail_get(series)
     content_type = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
     response = HttpResponse(image, content_type=content_type)
-    _private_cache(response, THUMBNAIL_MAX_AGE)
+    _no_store(response)
     return response
 
 
-def _private_cache(response: HttpResponse, max_age: int) -> None:
-    patch_cache_control(response, private=True, max_age=max_age)
+def _no_store(response: HttpResponse) -> None:
+    # Frames and thumbnails are PHI: no browser or proxy keeps a copy (relay.headers does this
+    # for every answer; said here too so the view stands on its own). The viewer holds what it
+    # fetched in memory while the page is open.
+    patch_cache_control(response, no_store=True)
     patch_vary_headers(response, ["Cookie"])
