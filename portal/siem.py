@@ -152,6 +152,8 @@ KINDS: dict[str, Kind] = {
     A.ROUTING_RULE_ADD: _security(NETWORK_CONFIGURATION),
     A.ROUTING_RULE_REMOVE: _security(NETWORK_CONFIGURATION),
     A.DICOM_REFUSED: _security(NODE_AUTHENTICATION),
+    # A stored copy read back damaged: the access that failed, as a serious failure (8).
+    A.INTEGRITY_FAILED: Kind(INSTANCES_ACCESSED, "R", failure="8"),
 }
 # An action retired since its events were written still reaches the SIEM.
 FALLBACK = Kind(APPLICATION_ACTIVITY, "E")
