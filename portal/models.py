@@ -361,6 +361,7 @@ class AuditAction(models.TextChoices):
     AUDIT_EXPORT = "audit_export", "Exported the audit trail"
     SESSION_EXPIRED = "session_expired", "Session ended"
     INTEGRITY_FAILED = "integrity_failed", "Found a stored copy damaged"
+    STUDY_COMPLETE = "study_complete", "Completed a study with images missing"
 
 
 class Outcome(models.TextChoices):

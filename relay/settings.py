@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "django.contrib.humanize",  # allauth's security-key list loads it
     "allauth",
     "allauth.account",
     "allauth.mfa",
@@ -66,6 +67,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Refuses a NUL in the path, query string or any header (400) and a URL over
+    # RELAY_MAX_URL_CHARS (414) before the session, sign-in or any view sees it.
+    "relay.limits.HostileRequestMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     # No-store on everything but static files, and Permissions-Policy (relay.headers); the
     # Content-Security-Policy with a per-response nonce (django-csp). Above the middleware that
@@ -82,6 +86,9 @@ MIDDLEWARE = [
     # Ends idle and over-long sessions (README: Sessions); after the messages (the sign-in page
     # says why), before the second-factor middleware (an ended session owes nothing).
     "portal.middleware.SessionTimeoutMiddleware",
+    # After authentication and the session limits, before the CSRF check reads request.POST:
+    # someone not signed in may not send a body over RELAY_ANONYMOUS_BODY_BYTES (413, nothing read).
+    "relay.limits.AnonymousBodyLimitMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Staff and facility admins (and every member of a facility that asks) reach nothing but the
     # second-factor pages until they have one and used it to sign in.
@@ -285,11 +292,19 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = env_int("RELAY_UPLOAD_MEMORY_BYTES", 4 * 1024 * 10
 FILE_UPLOAD_TEMP_DIR = env_str("RELAY_UPLOAD_TEMP_DIR") or None
 RELAY_MAX_UPLOAD_BYTES = env_int("RELAY_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024)
 RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
+# Hostile requests (README: Hostile requests): limits met before any view reads the request.
+RELAY_ANONYMOUS_BODY_BYTES = env_int("RELAY_ANONYMOUS_BODY_BYTES", 64 * 1024)
+RELAY_MAX_URL_CHARS = env_int("RELAY_MAX_URL_CHARS", 8192)
+RELAY_JSON_MAX_BYTES = env_int("RELAY_JSON_MAX_BYTES", 8 * 1024 * 1024)
+RELAY_JSON_MAX_DEPTH = env_int("RELAY_JSON_MAX_DEPTH", 16)
 # A deflated data set is inflated as a stream and refused (413) beyond the smaller of these: an
 # absolute size and a ratio to the compressed size (any file may still inflate to 64 MiB).
 RELAY_MAX_INFLATED_BYTES = env_int("RELAY_MAX_INFLATED_BYTES", 1024 * 1024 * 1024)
 RELAY_MAX_INFLATE_RATIO = env_int("RELAY_MAX_INFLATE_RATIO", 200)
 RELAY_STUDY_QUIET_SECONDS = env_int("RELAY_STUDY_QUIET_SECONDS", 300)
+# Images `relay send` announced hold their study open this long at most (then the quiet period
+# completes it as it would anyway).
+RELAY_EXPECTED_HOURS = env_int("RELAY_EXPECTED_HOURS", 72)
 RELAY_INVITATION_DAYS = env_int("RELAY_INVITATION_DAYS", 7)
 
 # Billing (see the README's Billing section): the calendar that decides a delivery's month, who

@@ -7,18 +7,24 @@ One run, top to bottom:
    what is not DICOM, and read each file's SOP Instance UID from its header;
 3. ask the server which of those UIDs it already stores, and leave those out: a second run of
    the same command sends only what the first did not (resume after a lost connection);
-4. upload the rest, several at a time, each as the raw body of one request;
-5. send the manifest (SOP Instance UID and SHA-256 of every file now on the server), so that
-   the server marks the studies complete and their recipients are told;
-6. print what became of every file. Exit code 0: everything is on the server; 1: some file was
-   rejected, in conflict or failed; 2: the run could not start or was stopped (bad token,
-   facility, server unreachable); 130: interrupted.
+4. announce the rest (SOP Instance UID, SHA-256 and Study Instance UID of each file): their
+   studies now wait for every one of them, so that a run that partly fails or is killed never
+   gets a study called complete and its recipients told;
+5. upload them, several at a time, each as the raw body of one request;
+6. send the manifest: every file of the run, the failed ones too, so that the server marks
+   complete only the studies that have everything, and keeps the others receiving until a
+   next run sends the rest (or the sender completes them without, on the study page); files
+   the server rejected are withdrawn from the announcement;
+7. print what became of every file. Exit code 0: everything is on the server; 1: some file was
+   rejected, in conflict or failed (their studies may still be receiving); 2: the run could not
+   start or was stopped (bad token, facility, server unreachable); 130: interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -44,6 +50,7 @@ EXIT_OK = 0
 EXIT_NOT_ALL_STORED = 1
 EXIT_STOPPED = 2
 EXIT_INTERRUPTED = 130
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # as the server checks them (transfers/ingest.py)
 
 
 @dataclass
@@ -94,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Upload every DICOM file under FOLDER (or, when FOLDER holds a DICOMDIR, every\n"
             "file it lists) to a Relay server. Files that are not DICOM are skipped; files\n"
             "the server already has are not sent again, so running the same command twice\n"
-            "resumes an interrupted upload."
+            "resumes an interrupted upload. Every file is announced before any is sent, so a\n"
+            "study is complete (and its recipients told) only once all of its files arrived."
         ),
         epilog=(
             "exit codes:\n"
             "  0    every DICOM file is on the server\n"
-            "  1    some files were rejected, in conflict or failed (listed in the summary)\n"
+            "  1    some files were rejected, in conflict or failed (listed in the summary);\n"
+            "       the studies of failed files stay receiving: run the command again\n"
             "  2    the run could not start or was stopped: bad token, facility, no server\n"
             "  130  interrupted\n"
             "\n"
@@ -193,6 +202,7 @@ def send(args: argparse.Namespace) -> int:
             print(f"No DICOM files found in {args.folder}.", file=sys.stderr)
         try:
             to_send = _leave_out_known(server, slug, files, tally)
+            to_send = _announce(server, slug, to_send, tally)
             _upload_all(server, slug, to_send, tally, jobs=args.jobs, quiet=quiet)
             _send_manifest(server, slug, files, tally)
         except RelayError as exc:
@@ -266,6 +276,51 @@ def _leave_out_known(
     return to_send
 
 
+def _valid_uid(uid: str | None) -> bool:
+    return uid is not None and 0 < len(uid) <= 64 and bool(_UID.match(uid))
+
+
+def _hash(local: LocalFile, tally: Tally) -> bool:
+    """Fill in `local.sha256`; False (and the file counted as failed) if it cannot be read."""
+    if local.sha256 is None:
+        try:
+            local.sha256 = stored_sha256(local.path)
+        except OSError as exc:
+            tally.add(local.name, "failed", f"The file could not be read: {exc.strerror or exc}.")
+            return False
+    return True
+
+
+def _announce(
+    server: RelayServer, facility: str, files: list[LocalFile], tally: Tally
+) -> list[LocalFile]:
+    """Tell the server what this run is about to send, so that its studies wait for all of it.
+    Returns the files still to send (a file that cannot be read is counted as failed)."""
+    readable = [f for f in files if f.sop_instance_uid is None or _hash(f, tally)]
+    entries = [
+        {
+            "sop_instance_uid": str(f.sop_instance_uid),
+            "study_instance_uid": str(f.study_instance_uid),
+            "sha256": str(f.sha256),
+        }
+        for f in readable
+        # A file without valid UIDs is rejected by the server anyway; nothing to wait for.
+        if _valid_uid(f.sop_instance_uid) and _valid_uid(f.study_instance_uid) and f.sha256
+    ]
+    for start in range(0, len(entries), MAX_MANIFEST):
+        try:
+            server.announce(facility, entries[start : start + MAX_MANIFEST])
+        except ServerUnavailable as exc:
+            # Not fatal: the upload can go on; the studies then complete as before, after
+            # the server's quiet period, even if some files fail.
+            print(
+                f"warning: could not announce the files ({exc}); sending them anyway.",
+                file=sys.stderr,
+            )
+            break
+    return readable
+
+
 def _upload_all(
     server: RelayServer,
     facility: str,
@@ -315,19 +370,33 @@ def _upload_all(
 def _send_manifest(
     server: RelayServer, facility: str, files: list[LocalFile], tally: Tally
 ) -> None:
-    """Tell the server what is on it now, so it can mark the studies complete."""
-    on_server = set(tally.stored) | set(tally.known) | set(tally.duplicate)
-    entries = [
-        {"sop_instance_uid": f.sop_instance_uid, "sha256": stored_sha256(f.path)}
-        for f in files
-        if f.name in on_server and f.sop_instance_uid is not None
-    ]
-    for start in range(0, len(entries), MAX_MANIFEST):
+    """Tell the server every file of this run, the failed ones too, so that it completes only
+    the studies that have everything. Files it refused are withdrawn from the announcement."""
+    refused = {name for name, _ in tally.rejected} | {name for name, _ in tally.conflict}
+    unread = {name for name, _ in tally.failed}
+    entries: list[dict[str, str]] = []
+    withdraw: list[str] = []
+    for f in files:
+        if f.sop_instance_uid is None or not _valid_uid(f.sop_instance_uid):
+            continue
+        if f.name in refused:
+            withdraw.append(f.sop_instance_uid)
+        elif f.sha256 is not None or (f.name not in unread and _hash(f, tally)):
+            entries.append({"sop_instance_uid": f.sop_instance_uid, "sha256": str(f.sha256)})
+    if not entries and not withdraw:
+        return
+    # One request at least, even with nothing but refusals to withdraw.
+    for start in range(0, max(len(entries), 1), MAX_MANIFEST):
         try:
-            answer = server.manifest(facility, entries[start : start + MAX_MANIFEST])
+            answer = server.manifest(
+                facility,
+                entries[start : start + MAX_MANIFEST],
+                withdraw[:MAX_MANIFEST] if start == 0 else None,
+            )
         except ServerUnavailable as exc:
             print(
-                f"warning: could not send the manifest ({exc}); the server will complete the studies later.",
+                f"warning: could not send the manifest ({exc}); the server will complete the "
+                "studies once every announced file is stored.",
                 file=sys.stderr,
             )
             return
@@ -363,6 +432,15 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         print(f"  {'incomplete studies':<20} {tally.incomplete_studies:>6}", file=out)
     if tally.all_stored:
         print("Every DICOM file is on the server.", file=out)
+    elif tally.failed and tally.incomplete_studies:
+        studies = "study" if tally.incomplete_studies == 1 else "studies"
+        files = "file" if len(tally.failed) == 1 else "files"
+        print(
+            f"{tally.incomplete_studies} {studies} still receiving: {len(tally.failed)} {files} "
+            "failed; run relay send again to finish (stored files are not sent twice), or "
+            "complete them without the missing images on the study page.",
+            file=out,
+        )
     elif tally.failed:
         print(
             "Run the same command again to retry the failed files; stored ones are not sent twice.",

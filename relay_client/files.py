@@ -39,6 +39,8 @@ class LocalFile:
     is_dicom: bool
     is_dicomdir: bool = False
     sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    sha256: str | None = None  # stored_sha256(path), once computed
 
 
 def list_files(folder: Path) -> Listing:
@@ -87,7 +89,9 @@ def examine(path: Path, root: Path) -> LocalFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(
-                    fp, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+                    fp,
+                    stop_before_pixels=True,
+                    specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
                 )
         except Exception:
             # Unparsable: send it anyway and let the server say what is wrong with it.
@@ -95,6 +99,7 @@ def examine(path: Path, root: Path) -> LocalFile:
     meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
     sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
     uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+    study_uid = str(ds.get("StudyInstanceUID") or "")
     return LocalFile(
         path,
         name,
@@ -102,6 +107,7 @@ def examine(path: Path, root: Path) -> LocalFile:
         is_dicom=True,
         is_dicomdir=sop_class == MEDIA_STORAGE_DIRECTORY,
         sop_instance_uid=uid.strip("\x00 ") or None,
+        study_instance_uid=study_uid.strip("\x00 ") or None,
     )
 
 

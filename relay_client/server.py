@@ -1,7 +1,8 @@
 """Talking to Relay's upload API (transfers/api.py) over HTTP.
 
-Three calls: the facilities a token may upload to, which SOP Instance UIDs a facility already
-stores (so that a second run resumes instead of starting over), and the upload of one file.
+The calls: the facilities a token may upload to, which SOP Instance UIDs a facility already
+stores (so that a second run resumes instead of starting over), the announcement of what is
+about to be sent, the upload of one file, and the manifest at the end.
 Each is retried with exponential backoff on network errors and on 502/503/504, which is what a
 restarting server, a proxy in between, or briefly unavailable storage answer; never on a 4xx,
 which would only be refused again.
@@ -118,9 +119,21 @@ class RelayServer:
         body = self._json_or_raise(response)
         return str(body.get("facility", facility)), set(body.get("known") or [])
 
-    def manifest(self, facility: str, entries: list[dict[str, str]]) -> dict[str, Any]:
-        """Send what is on the server; answers which studies are now complete."""
-        payload = {"facility": facility, "instances": entries}
+    def manifest(
+        self, facility: str, entries: list[dict[str, str]], withdraw: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Send what was to be sent; answers which studies are now complete. `withdraw`: SOP
+        Instance UIDs announced but refused by the server, which their studies stop waiting for."""
+        payload: dict[str, Any] = {"facility": facility, "instances": entries}
+        if withdraw:
+            payload["withdraw"] = withdraw
+        return self._json_or_raise(
+            self._call(lambda: self._client.post("/api/v1/manifests", json=payload))
+        )
+
+    def announce(self, facility: str, entries: list[dict[str, str]]) -> dict[str, Any]:
+        """Say what is about to be sent, so that its studies wait for all of it."""
+        payload = {"facility": facility, "announce": True, "instances": entries}
         return self._json_or_raise(
             self._call(lambda: self._client.post("/api/v1/manifests", json=payload))
         )

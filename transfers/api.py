@@ -16,6 +16,7 @@ something was refused.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -44,6 +45,7 @@ from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_vali
 from .models import Instance
 
 MAX_KNOWN_UIDS = 10_000
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _error(reason: str, status: int) -> JsonResponse:
@@ -100,11 +102,52 @@ def _api_view(
     return wrapper
 
 
+# Bounds of a JSON body: the largest manifest (20,000 entries of a UID and a SHA-256) is about
+# 3.5 MB, and no body we expect nests deeper than 3. Python's parser recurses, so a body of
+# 100,000 '[' would otherwise end in a RecursionError; the depth is counted before parsing.
+JSON_MAX_BYTES = 8 * 1024 * 1024
+JSON_MAX_DEPTH = 16
+# A string (unterminated too, so the scan stays linear) or a bracket.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+
+
+def _json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings ignored)."""
+    depth = deepest = 0
+    for token in _JSON_TOKEN.findall(body):
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
 def _json_object(request: HttpRequest, shape: str) -> dict[str, Any] | JsonResponse:
-    """The request body as a JSON object, or a 400 that says what shape was expected."""
+    """The request body as a JSON object, or a 400 that says what shape was expected (413 when
+    it is larger than RELAY_JSON_MAX_BYTES, 400 when nested deeper than RELAY_JSON_MAX_DEPTH)."""
+    limit = getattr(settings, "RELAY_JSON_MAX_BYTES", JSON_MAX_BYTES)
     try:
-        payload = json.loads(request.body or b"{}")
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
+        declared = 0
+    too_big = _error(f"The JSON body is larger than the {human_size(limit)} limit.", 413)
+    if declared > limit:
+        return too_big
+    # Read here rather than through request.body, whose own cap (DATA_UPLOAD_MAX_MEMORY_SIZE)
+    # would answer a full-size manifest with a bare 400; never more than the limit plus one byte.
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        return too_big
+    max_depth = getattr(settings, "RELAY_JSON_MAX_DEPTH", JSON_MAX_DEPTH)
+    if _json_depth(body) > max_depth:
+        return _error(f"The JSON body is nested more than {max_depth} deep. {shape}", 400)
+    if b"\\u0000" in body:
+        # PostgreSQL cannot hold a NUL in text; no UID, slug or hash has one.
+        return _error(f"The JSON body contains a NUL character. {shape}", 400)
+    try:
+        payload = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
         return _error(shape, 400)
     return payload if isinstance(payload, dict) else _error(shape, 400)
 
@@ -198,6 +241,12 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
     if "CONTENT_LENGTH" not in request.META or request.META["CONTENT_LENGTH"] == "":
         return _error("Send the DICOM file as the request body with a Content-Length.", 411)
     filename = unquote(request.META.get("HTTP_X_FILENAME", ""))[:255]
+    if _CONTROL_CHARACTER.search(filename):
+        # A NUL cannot go into PostgreSQL text (it would surface as "database unavailable");
+        # no honest client sends one, so it is refused, audited, before the body is read.
+        return _refused(
+            request, "The X-Filename header contains control characters.", 400, facility.slug
+        )
     if length > limit:
         # Refused before reading a byte of it.
         result = IngestResult(
@@ -268,8 +317,21 @@ def manifest(request: AuthedRequest) -> JsonResponse:
     facility = _upload_facility(request, slug)
     if isinstance(facility, JsonResponse):
         return facility
+    # "announce": true before an upload: the instances about to be sent, each with its
+    # study_instance_uid; their studies are not complete until all are stored intact (or
+    # expire, or the sender gives up). "withdraw": UIDs of files the server rejected.
+    from .completion import expectations_announce
+
+    announce = payload.get("announce", False)
+    withdraw = payload.get("withdraw", [])
+    if not isinstance(announce, bool):
+        return _error("'announce' must be true or false.", 400)
+    if not isinstance(withdraw, list) or not all(isinstance(u, str) for u in withdraw):
+        return _error("'withdraw' must be a list of SOP Instance UIDs.", 400)
     try:
-        result = manifest_apply(facility=facility, entries=entries)
+        if announce:
+            return JsonResponse(expectations_announce(facility=facility, entries=entries))
+        result = manifest_apply(facility=facility, entries=entries, withdraw=withdraw)
     except ManifestError as exc:
         return _error(str(exc), 400)
     return JsonResponse(result.as_dict())

@@ -12,6 +12,11 @@ urlpatterns = [
     path("studies/<uuid:study_uuid>/", views.study_detail, name="study_detail"),
     path("studies/<uuid:study_uuid>/reports/", views.report_add, name="report_add"),
     path(
+        "studies/<uuid:study_uuid>/complete/",
+        views.study_complete_without,
+        name="study_complete_without",
+    ),
+    path(
         "studies/<uuid:study_uuid>/reports/<uuid:report_uuid>/",
         views.report_download,
         name="report_download",

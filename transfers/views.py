@@ -9,18 +9,19 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
-from portal.models import AuditAction
+from portal.models import AuditAction, Outcome
 
 from .access import study_access, study_access_refused
+from .completion import expectations_give_up, expected_count
 from .deliveries import receiving_facility_of
-from .models import Share, Study
+from .models import Share, Study, StudyStatus
 from .reports import ReportError, report_attach, report_response, reports_visible
 
 PAGE_SIZE = 25
@@ -68,6 +69,16 @@ def _parse_date(value: str) -> date | None:
 @login_required
 def study_list(request: AuthedRequest) -> HttpResponse:
     params = request.GET
+    if any("\x00" in value for _, values in params.lists() for value in values):
+        # PostgreSQL cannot hold a NUL in text; no search has one.
+        reason = "A search cannot contain a NUL character."
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            outcome=Outcome.FAILURE,
+            detail={"reason": reason, "page": "studies"},
+        )
+        return HttpResponseBadRequest(reason)
     q = params.get("q", "").strip()[:100]
     modality = params.get("modality", "").strip().upper()[:16]
     date_from = _parse_date(params.get("from", ""))
@@ -149,8 +160,28 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             "can_reconcile": access is not None and access.is_owner and is_sender,
             "reports": list(reports_visible(access)) if access is not None else [],
             "is_owner": access is not None and access.is_owner,
+            # Images a `relay send` announced and has not delivered: the sender may give up.
+            "expected_missing": (
+                expected_count(study=study)
+                if is_sender and study.status == StudyStatus.RECEIVING
+                else 0
+            ),
         },
     )
+
+
+@require_POST
+@login_required
+def study_complete_without(request: AuthedRequest, study_uuid: str) -> HttpResponse:
+    """The sender gives up on images a `relay send` announced and never delivered."""
+    study = _get_study_for_user(request, study_uuid)
+    if not upload_facilities(request.user).filter(pk=study.facility_id).exists():
+        study_access_refused(
+            request, study, "only the sending facility completes a study", study_uuid
+        )
+    missing = expectations_give_up(study=study, by=request.user, request=request)
+    messages.success(request, f"The study is complete without {missing} announced images.")
+    return redirect("study_detail", study_uuid=study.uuid)
 
 
 @require_POST

@@ -7,6 +7,7 @@ names are re-exported so that `from transfers.models import Study` works from an
 from __future__ import annotations
 
 from .dicom import PacsDestination, Push, PushInstance, PushStatus, RoutedStudy, RoutingRule
+from .expected import ExpectedInstance
 from .media import ExportStatus, MediaExport
 from .sharing import NotifyStatus, SecondFactor, Share, ShareEvent, ShareEventKind, ShareKind
 from .studies import (
@@ -22,6 +23,7 @@ from .studies import (
 
 __all__ = [
     "UID_BATCH",
+    "ExpectedInstance",
     "ExportStatus",
     "Instance",
     "InstanceQuerySet",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, time, timedelta
 from typing import Any
 
@@ -76,10 +77,20 @@ def _expiry(day: object) -> datetime:
     return datetime.combine(day, time(23, 59), tzinfo=timezone.get_current_timezone())  # type: ignore[arg-type]
 
 
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 @require_http_methods(["GET", "POST"])
 @login_required
 def share_new(request: AuthedRequest) -> HttpResponse:
     uuids = request.GET.getlist("study") or request.POST.getlist("study")
+    if not all(_is_uuid(value) for value in uuids):
+        raise Http404("No such study among those you may share.")
     facilities = upload_facilities(request.user)
     studies = list(
         Study.objects.filter(
