@@ -190,15 +190,25 @@ def test_a_deflated_file_that_does_not_inflate_is_refused_for_that(client, bob_t
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import django
+
+    def peak_mb():
+        # VmHWM: the peak RSS of this process's own memory since exec. (ru_maxrss would also
+        # carry the RSS of the test process this one was forked from.)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
+
     django.setup()
     from django.conf import settings
     limits = json.loads(sys.argv[2])
     for name, value in limits.items():
         setattr(settings, name, value)
     mode, path = sys.argv[1], sys.argv[3]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mb()
     if mode == "ingest":
         from portal.models import Facility
         from transfers.ingest import instance_ingest, read_chunks
@@ -215,8 +225,8 @@ CHILD = textwrap.dedent(
             outcome = {"status": "decoded", "rows": frame.rows, "bytes": len(frame.data)}
         except DecodeError as exc:
             outcome = {"status": "error", "reason": exc.reason}
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({**outcome, "rss_before_mb": before / 1024, "rss_peak_mb": after / 1024}))
+    after = peak_mb()
+    print(json.dumps({**outcome, "rss_before_mb": before, "rss_peak_mb": after}))
     """
 )
 
