@@ -256,10 +256,10 @@ def _leave_out_known(
     server: RelayServer, facility: str, files: list[LocalFile], tally: Tally
 ) -> list[LocalFile]:
     uids = sorted({f.sop_instance_uid for f in files if f.sop_instance_uid})
-    known: set[str] = set()
+    known: dict[str, set[str]] = {}
     try:
         for start in range(0, len(uids), MAX_KNOWN_UIDS):
-            known |= server.known(facility, uids[start : start + MAX_KNOWN_UIDS])[1]
+            known.update(server.known(facility, uids[start : start + MAX_KNOWN_UIDS])[1])
     except ServerUnavailable as exc:
         # Not fatal: the server deduplicates anyway, we just send more than we need to.
         print(
@@ -269,7 +269,15 @@ def _leave_out_known(
         return files
     to_send = []
     for local in files:
-        if local.sop_instance_uid in known:
+        stored = known.get(local.sop_instance_uid or "")
+        if stored is None:
+            to_send.append(local)
+            continue
+        # The same UID with other bytes (a damaged or edited copy) is not "already on the
+        # server": it is sent, and the server answers it as a conflict, listed in the summary.
+        if stored and not _hash(local, tally):
+            continue
+        if not stored or local.sha256 in stored:
             tally.known.append(local.name)
         else:
             to_send.append(local)

@@ -106,8 +106,9 @@ class RelayServer:
         body = self._json_or_raise(self._call(lambda: self._client.get("/api/v1/facilities")))
         return list(body.get("facilities") or [])
 
-    def known(self, facility: str | None, uids: list[str]) -> tuple[str, set[str]]:
-        """Which of `uids` the facility already stores, and the facility the server used.
+    def known(self, facility: str | None, uids: list[str]) -> tuple[str, dict[str, set[str]]]:
+        """Which of `uids` the facility already stores (each with the SHA-256 of its stored
+        copy, when the server says), and the facility the server used.
 
         With `facility` None the server picks the caller's only facility, or explains why it
         cannot (the caller belongs to several), which is the message the user should see.
@@ -117,7 +118,12 @@ class RelayServer:
         payload = {"facility": facility, "sop_instance_uids": uids}
         response = self._call(lambda: self._client.post("/api/v1/instances/known", json=payload))
         body = self._json_or_raise(response)
-        return str(body.get("facility", facility)), set(body.get("known") or [])
+        hashes = body.get("hashes")
+        if isinstance(hashes, dict):
+            known = {str(uid): {str(h) for h in (shas or [])} for uid, shas in hashes.items()}
+        else:  # an older server: UIDs only
+            known = {str(uid): set() for uid in body.get("known") or []}
+        return str(body.get("facility", facility)), known
 
     def manifest(
         self, facility: str, entries: list[dict[str, str]], withdraw: list[str] | None = None

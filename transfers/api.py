@@ -7,7 +7,8 @@ something was refused.
 - POST /api/v1/instances?facility=SLUG   one DICOM file as the body (application/dicom), or
                                          several as multipart/form-data fields named "file"
 - POST /api/v1/instances/known           {"facility": SLUG, "sop_instance_uids": [...]} ->
-                                         the ones this facility already stores (resume)
+                                         the ones this facility already stores (resume), with
+                                         the SHA-256 of each stored copy
 - POST /api/v1/manifests                 {"facility": SLUG, "instances": [{"sop_instance_uid", "sha256"}]}
                                          at the end of an upload: studies complete when intact
 - GET  /api/v1/facilities                the facilities the caller may upload to
@@ -296,8 +297,14 @@ def instances_known(request: AuthedRequest) -> JsonResponse:
     if isinstance(facility, JsonResponse):
         return facility
     wanted = [u for u in uids if is_valid_uid(u)]
-    known = {uid for (uid,) in Instance.objects.rows_by_uid(facility, wanted, "sop_instance_uid")}
-    return JsonResponse({"facility": facility.slug, "known": sorted(known)})
+    # With each UID the SHA-256 of the stored copy (preamble zeroed; a reconciled copy also
+    # by the hash it came with), so an uploader tells "already here" from "other bytes here".
+    hashes: dict[str, list[str]] = {}
+    for uid, sha, original in Instance.objects.rows_by_uid(
+        facility, wanted, "sop_instance_uid", "sha256", "original_sha256"
+    ):
+        hashes[uid] = sorted({sha, original} - {""})
+    return JsonResponse({"facility": facility.slug, "known": sorted(hashes), "hashes": hashes})
 
 
 @require_POST

@@ -473,3 +473,29 @@ def test_it_stops_when_the_server_cannot_be_reached(dana_token, study_folder, ca
         )
     assert code == 2
     assert f"No answer from http://127.0.0.1:{port} after 3 attempts: ConnectError" in err
+
+
+def test_other_bytes_under_a_stored_uid_are_not_already_on_the_server(
+    live_server, nvh, dana_token, tmp_path, capsys
+):
+    # The first send stores a CT; a folder then holds a different copy under the same UID (an
+    # edited or damaged file). On main it printed "already on server" and exited 0.
+    first = tmp_path / "first"
+    first.mkdir()
+    ds = _dataset("CT_small.dcm")
+    ds.save_as(first / "ct.dcm", enforce_file_format=True)
+    code, _, _ = relay_send(capsys, str(first), "--server", live_server.url, "--token", dana_token)
+    assert code == 0
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(first / "ct.dcm", again / "same.dcm")
+    ds.PatientName = "OTHER^PATIENT"
+    ds.save_as(again / "edited.dcm", enforce_file_format=True)
+    code, out, _ = relay_send(
+        capsys, str(again), "--server", live_server.url, "--token", dana_token
+    )
+    counts = summary(out)
+    assert counts["already on server"] == 1  # the same bytes
+    assert counts["conflict"] == 1  # other bytes under that UID: sent, refused, listed
+    assert code == 1
+    assert "Every DICOM file is on the server" not in out
