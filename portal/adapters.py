@@ -50,12 +50,9 @@ class AccountAdapter(DefaultAccountAdapter):
     def pre_login(self, request: HttpRequest, user: Any, **kwargs: Any) -> Any:
         """A locked account stays locked whatever the way in (a passkey or single sign-on do not
         pass through the password check that django-axes guards)."""
-        from axes.handlers.proxy import AxesProxyHandler
+        from .lockout import account_locked, lockout_response
 
-        from .lockout import lockout_response
-
-        AxesProxyHandler.update_request(request)
-        if AxesProxyHandler.is_locked(request, credentials={"username": user.email}):
+        if account_locked(request, user.email):
             return lockout_response(request)
         return super().pre_login(request, user, **kwargs)
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from allauth.core.internal import ratelimit
+from axes.handlers.proxy import AxesProxyHandler
 from axes.models import AccessAttempt
 from axes.signals import user_locked_out
 from axes.utils import reset
@@ -59,6 +60,21 @@ def _on_locked_out(
         facility=home_facility(user),
         outcome=Outcome.FAILURE,
         detail={"email": username[:254], "failures": settings.AXES_FAILURE_LIMIT},
+    )
+
+
+def account_locked(request: HttpRequest, email: str) -> bool:
+    """Whether django-axes holds this account locked now (asked outside the password check:
+    the second-factor step, a passkey, single sign-on)."""
+    AxesProxyHandler.update_request(request)
+    return bool(AxesProxyHandler.is_locked(request, credentials={"username": email}))
+
+
+def account_failure(request: HttpRequest, email: str) -> None:
+    """Count a failure toward the account's lockout, as a wrong password counts."""
+    AxesProxyHandler.update_request(request)
+    AxesProxyHandler.user_login_failed(
+        sender=None, credentials={"username": email}, request=request
     )
 
 

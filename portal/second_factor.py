@@ -32,6 +32,7 @@ from django.shortcuts import redirect
 
 from .access import home_facility
 from .audit import audit_record
+from .lockout import account_failure, account_locked
 from .models import AuditAction, Membership, Outcome, Role, User
 
 # Where someone who still owes a second factor may go.
@@ -128,32 +129,38 @@ class SecondFactorRequiredMiddleware:
 # --- the audit trail of second factors and re-authentication ------------------------------------
 
 
+def _audit(
+    action: str,
+    request: HttpRequest,
+    user: User,
+    detail: dict[str, Any],
+    outcome: str = Outcome.SUCCESS,
+) -> None:
+    """One event of a person's own sign-in security, for their home facility's admins."""
+    audit_record(
+        action=action,
+        request=request,
+        actor=user,
+        facility=home_facility(user),
+        outcome=outcome,
+        detail=detail,
+    )
+
+
 @receiver(authenticator_added)
 def _on_added(sender: Any, request: HttpRequest, user: User, authenticator: Any, **kw: Any) -> None:
     if authenticator.type != Authenticator.Type.RECOVERY_CODES:
         # Activating an app took one of its codes, adding a key a touch of it: the session has
         # used a second factor, and the person goes on without signing in again.
         record_authentication(request, user, "mfa", type=authenticator.type, id=authenticator.pk)
-    audit_record(
-        action=AuditAction.MFA_ADD,
-        request=request,
-        actor=user,
-        facility=home_facility(user),
-        detail={"type": authenticator.type},
-    )
+    _audit(AuditAction.MFA_ADD, request, user, {"type": authenticator.type})
 
 
 @receiver(authenticator_removed)
 def _on_removed(
     sender: Any, request: HttpRequest, user: User, authenticator: Any, **kw: Any
 ) -> None:
-    audit_record(
-        action=AuditAction.MFA_REMOVE,
-        request=request,
-        actor=user,
-        facility=home_facility(user),
-        detail={"type": authenticator.type},
-    )
+    _audit(AuditAction.MFA_REMOVE, request, user, {"type": authenticator.type})
 
 
 @receiver(authentication_failed)
@@ -162,20 +169,9 @@ def _on_failed(
 ) -> None:
     # A wrong code counts toward the account's lockout like a wrong password: with the password
     # known, the codes are the last door, and new addresses must not buy new guesses.
-    from axes.handlers.proxy import AxesProxyHandler
-
-    AxesProxyHandler.update_request(request)
-    AxesProxyHandler.user_login_failed(
-        sender=None, credentials={"username": user.email}, request=request
-    )
-    audit_record(
-        action=AuditAction.MFA_FAILED,
-        request=request,
-        actor=user,
-        facility=home_facility(user),
-        outcome=Outcome.FAILURE,
-        detail={"type": authenticator.type, "reauthentication": bool(kw.get("reauthentication"))},
-    )
+    account_failure(request, user.email)
+    detail = {"type": authenticator.type, "reauthentication": bool(kw.get("reauthentication"))}
+    _audit(AuditAction.MFA_FAILED, request, user, detail, Outcome.FAILURE)
 
 
 @receiver(authentication_step_completed)
@@ -183,41 +179,24 @@ def _on_step(sender: Any, request: HttpRequest, user: User, method: str, **extra
     # Only re-authentication (password or second factor asked again before a sensitive change):
     # sign-ins are audited as logins.
     if extra.get("reauthenticated"):
-        audit_record(
-            action=AuditAction.REAUTH,
-            request=request,
-            actor=user,
-            facility=home_facility(user),
-            detail={"method": method},
-        )
+        _audit(AuditAction.REAUTH, request, user, {"method": method})
+
+
+_LOCKED = "This account is locked after too many wrong attempts."
 
 
 class AuditedAuthenticateWebAuthnForm(AuthenticateWebAuthnForm):
     """allauth reports wrong codes only; a refused security key is audited the same way."""
 
     def clean_credential(self) -> Any:
-        if _account_locked(self.user):
-            raise ValidationError("This account is locked after too many wrong attempts.")
+        if account_locked(context.request, self.user.email):
+            raise ValidationError(_LOCKED)
         try:
             return super().clean_credential()
         except ValidationError:
-            audit_record(
-                action=AuditAction.MFA_FAILED,
-                request=context.request,
-                actor=self.user,
-                facility=home_facility(self.user),
-                outcome=Outcome.FAILURE,
-                detail={"type": "webauthn", "reauthentication": False},
-            )
+            detail = {"type": "webauthn", "reauthentication": False}
+            _audit(AuditAction.MFA_FAILED, context.request, self.user, detail, Outcome.FAILURE)
             raise
-
-
-def _account_locked(user: User) -> bool:
-    from axes.handlers.proxy import AxesProxyHandler
-
-    request = context.request
-    AxesProxyHandler.update_request(request)
-    return bool(AxesProxyHandler.is_locked(request, credentials={"username": user.email}))
 
 
 class LockAwareAuthenticateForm(AuthenticateForm):
@@ -225,6 +204,6 @@ class LockAwareAuthenticateForm(AuthenticateForm):
     codes lock it as wrong passwords do)."""
 
     def clean_code(self) -> str:
-        if _account_locked(self.user):
-            raise ValidationError("This account is locked after too many wrong attempts.")
+        if account_locked(context.request, self.user.email):
+            raise ValidationError(_LOCKED)
         return str(super().clean_code())

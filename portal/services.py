@@ -160,37 +160,34 @@ def facility_listing_set(
     physician's own practice is never listed."""
     if listed and facility.is_practice:
         raise ServiceError("A physician's practice is not listed in the directory.")
-    with transaction.atomic():
-        locked = Facility.objects.select_for_update().get(pk=facility.pk)
-        if locked.listed == listed:
-            return
-        locked.listed = facility.listed = listed
-        locked.save(update_fields=["listed"])
-        audit_record(
-            action=AuditAction.FACILITY_CHANGE,
-            request=request,
-            actor=by,
-            facility=facility,
-            detail={"before": {"listed": not listed}, "after": {"listed": listed}},
-        )
+    _facility_flag_set(facility, "listed", listed, by=by, request=request)
 
 
 def facility_require_mfa_set(
     *, facility: Facility, required: bool, by: User, request: HttpRequest | None = None
 ) -> None:
     """Ask a second factor of every member (admins always need one)."""
+    _facility_flag_set(facility, "require_mfa", required, by=by, request=request)
+
+
+def _facility_flag_set(
+    facility: Facility, field: str, value: bool, *, by: User, request: HttpRequest | None
+) -> None:
+    """Set one yes/no setting of the facility under its row lock; audited with before and
+    after, and nothing written when it already had that value."""
     with transaction.atomic():
         locked = Facility.objects.select_for_update().get(pk=facility.pk)
-        if locked.require_mfa == required:
+        if getattr(locked, field) == value:
             return
-        locked.require_mfa = facility.require_mfa = required
-        locked.save(update_fields=["require_mfa"])
+        setattr(locked, field, value)
+        setattr(facility, field, value)
+        locked.save(update_fields=[field])
         audit_record(
             action=AuditAction.FACILITY_CHANGE,
             request=request,
             actor=by,
             facility=facility,
-            detail={"before": {"require_mfa": not required}, "after": {"require_mfa": required}},
+            detail={"before": {field: not value}, "after": {field: value}},
         )
 
 
