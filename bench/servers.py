@@ -180,7 +180,8 @@ django.setup()
 from portal.models import ApiToken, Facility, Membership, User
 user = User.objects.create_user(email="{BENCH_EMAIL}", password="{BENCH_PASSWORD}")
 facility = Facility.objects.create(
-    name="Benchmark General Hospital", slug="bench", ae_title="{BENCH_AE_TITLE}"
+    name="Benchmark General Hospital", slug="bench", ae_title="{BENCH_AE_TITLE}",
+    gateway_calling_aes="BENCHSCU ORTHANC", gateway_addresses="127.0.0.1 ::1",
 )
 Membership.objects.create(user=user, facility=facility, role="sender")
 _, raw = ApiToken.issue(user=user, name="benchmark")

@@ -96,14 +96,20 @@ class Facility(models.Model):
         validators=[ae_title_validator],
     )
     has_pacs = models.BooleanField("has a PACS", default=False)
-    # Who may send to the DICOM gateway under this facility's AE title: blank lets anyone who
-    # knows the title in; otherwise calling AE titles / IP addresses separated by spaces or commas.
+    # Who may send to the DICOM gateway under this facility's AE title, deny by default: a
+    # caller needs a listed calling AE title, and either a listed address (or network) or a
+    # listed client certificate on the gateway's TLS port. Blank lists let nobody in. Entries
+    # are separated by spaces or commas; certificates are kept as SHA-256 fingerprints.
     gateway_calling_aes = models.CharField(
         "calling AE titles allowed at the gateway", max_length=400, blank=True
     )
     gateway_addresses = models.CharField(
         "addresses allowed at the gateway", max_length=400, blank=True
     )
+    gateway_client_certificates = models.TextField(
+        "client certificates allowed at the gateway (SHA-256 fingerprints)", blank=True
+    )
+    gateway_tls_required = models.BooleanField("senders must use TLS", default=False)
     share_default_days = models.PositiveIntegerField("default share expiry (days)", default=30)
     share_max_days = models.PositiveIntegerField("longest share expiry (days)", default=90)
     # Images stay at least this long after upload, even once every share has lapsed.

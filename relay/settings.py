@@ -325,6 +325,14 @@ RELAY_WORKER_MEMORY_MB = env_int("RELAY_WORKER_MEMORY_MB", 0)
 DICOM_GATEWAY_AE_TITLE = env_str("DICOM_GATEWAY_AE_TITLE", "RELAY")
 DICOM_GATEWAY_BIND = env_str("DICOM_GATEWAY_BIND", "127.0.0.1")
 DICOM_GATEWAY_PORT = env_int("DICOM_GATEWAY_PORT", 11112)
+# DICOM TLS (transfers/dicom/tls.py): Relay's certificate and key (PEM files) make the gateway
+# listen with TLS on its own port too (2762 is DICOM's registered TLS port) and are presented to
+# TLS destinations that ask for a client certificate. Senders' client certificates must chain to
+# DICOM_GATEWAY_TLS_CLIENT_CA (a PEM bundle); each facility lists the ones it accepts.
+DICOM_TLS_CERTIFICATE = env_str("DICOM_TLS_CERTIFICATE")
+DICOM_TLS_KEY = env_str("DICOM_TLS_KEY")
+DICOM_GATEWAY_TLS_PORT = env_int("DICOM_GATEWAY_TLS_PORT", 2762)
+DICOM_GATEWAY_TLS_CLIENT_CA = env_str("DICOM_GATEWAY_TLS_CLIENT_CA")
 
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
 REDIS_URL = env_str("REDIS_URL")

@@ -41,10 +41,12 @@ HOSTILE = [
 PARAMS = (
     "access action ae_title amount app birth_date can_download can_import can_view date_from "
     "date_to days destination email email_domains end expires_on facility for_patient format "
-    "frame_url from full_name gateway_addresses gateway_calling_aes invoice issuer kind listed "
+    "frame_url from full_name gateway_addresses gateway_calling_aes gateway_client_certificates "
+    "gateway_tls_required invoice issuer kind listed "
     "login message modality month name next outcome page password password1 password2 "
     "patient_id patient_name pin port push q recipient_email recipient_facility report_text "
-    "require_mfa role role_map search second_factor series sort start study study_uid text to "
+    "require_mfa role role_map search second_factor series sort start study study_uid text tls "
+    "tls_ca_certificates to "
     "username who"
 ).split()
 

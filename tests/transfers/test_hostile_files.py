@@ -31,7 +31,14 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
 from portal.models import AuditEvent
-from tests.helpers import client_for, dicom_bytes, read_testdata, require_peer, upload
+from tests.helpers import (
+    client_for,
+    dicom_bytes,
+    gateway_allow,
+    read_testdata,
+    require_peer,
+    upload,
+)
 from transfers.models import Instance
 
 pytestmark = pytest.mark.django_db
@@ -388,6 +395,7 @@ def test_the_gateway_answers_a_bomb_with_a_failure_and_an_error_comment(
     data, sop = bomb(256 * MiB)
     path = tmp_path / "bomb.dcm"
     path.write_bytes(data)
+    gateway_allow(krmc, "PACS1")
     port = _free_port()
     server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
     try:

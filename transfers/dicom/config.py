@@ -47,19 +47,44 @@ def gateway_access_change(
     by: User,
     calling_aes: str,
     addresses: str,
+    client_certificates: str = "",
+    tls_required: bool = False,
     request: HttpRequest | None = None,
 ) -> None:
-    """Set the calling AE titles and addresses allowed to use the facility's AE title."""
+    """Set who may use the facility's AE title at the gateway: calling AE titles, addresses or
+    networks, client certificates (SHA-256 fingerprints), and whether only TLS is accepted."""
+    fields = {
+        "gateway_calling_aes": calling_aes,
+        "gateway_addresses": addresses,
+        "gateway_client_certificates": client_certificates,
+        "gateway_tls_required": tls_required,
+    }
     with transaction.atomic():
         locked = Facility.objects.select_for_update().get(pk=facility.pk)
-        before = {"calling_aes": locked.gateway_calling_aes, "addresses": locked.gateway_addresses}
-        after = {"calling_aes": calling_aes, "addresses": addresses}
-        if before == after:
+        before = {name: getattr(locked, name) for name in fields}
+        if before == fields:
             return
-        locked.gateway_calling_aes, locked.gateway_addresses = calling_aes, addresses
-        locked.save(update_fields=["gateway_calling_aes", "gateway_addresses"])
-        facility.gateway_calling_aes, facility.gateway_addresses = calling_aes, addresses
-        _audit(AuditAction.GATEWAY_CHANGE, facility, by, request, before, after)
+        for name, value in fields.items():
+            setattr(locked, name, value)
+            setattr(facility, name, value)
+        locked.save(update_fields=list(fields))
+        _audit(
+            AuditAction.GATEWAY_CHANGE,
+            facility,
+            by,
+            request,
+            _gateway_values(before),
+            _gateway_values(fields),
+        )
+
+
+def _gateway_values(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "calling_aes": fields["gateway_calling_aes"],
+        "addresses": fields["gateway_addresses"],
+        "client_certificates": fields["gateway_client_certificates"],
+        "tls_required": fields["gateway_tls_required"],
+    }
 
 
 def _destination_values(destination: PacsDestination) -> dict[str, Any]:
@@ -69,6 +94,7 @@ def _destination_values(destination: PacsDestination) -> dict[str, Any]:
         "ae_title": destination.ae_title,
         "host": destination.host,
         "port": destination.port,
+        "tls": destination.tls,
     }
 
 
@@ -80,6 +106,8 @@ def destination_add(
     ae_title: str,
     host: str,
     port: int,
+    tls: bool = False,
+    tls_ca_certificates: str = "",
     request: HttpRequest | None = None,
 ) -> PacsDestination:
     try:
@@ -96,7 +124,13 @@ def destination_add(
         raise ConfigError(f"Relay will not connect there: {exc}.") from exc
     with transaction.atomic():
         destination = PacsDestination.objects.create(
-            facility=facility, name=name, ae_title=ae_title, host=host, port=port
+            facility=facility,
+            name=name,
+            ae_title=ae_title,
+            host=host,
+            port=port,
+            tls=tls,
+            tls_ca_certificates=tls_ca_certificates if tls else "",
         )
         after = _destination_values(destination)
         _audit(AuditAction.DESTINATION_ADD, facility, by, request, None, after)

@@ -1,11 +1,18 @@
 """The DICOM gateway: a facility's PACS sends studies to Relay with C-STORE.
 
-One listening port serves every facility. A PACS calls the gateway by its facility's own AE title
-(Facility.ae_title); that title decides whose studies the images become. A facility may also
-list the calling AE titles and IP addresses allowed to use its title; anything else is refused
-at association, before a byte of patient data arrives. Every refusal is audited (DICOM_REFUSED,
-to the called facility when there is one: its admins see who knocked), before the answer goes
-out; only when the database itself is unreachable is it logged alone.
+One listening port serves every facility, and a second one with DICOM TLS when Relay has a
+certificate (transfers/dicom/tls.py). A PACS calls the gateway by its facility's own AE title
+(Facility.ae_title); that title decides whose studies the images become. Access is deny by
+default: the caller's AE title must be one the facility's admin listed, and it must come from a
+listed address or network, or present a listed client certificate on the TLS port; a facility
+may also refuse anything but TLS. Everything else is refused at association, before a byte of
+patient data arrives. Every refusal (a failed TLS handshake too) is audited (DICOM_REFUSED, to
+the called facility when there is one: its admins see who knocked), before the answer goes out;
+only when the database itself is unreachable is it logged alone.
+
+Received instances are written to a spool file as their PDUs arrive (pynetdicom's
+STORE_RECV_CHUNKED_DATASET), never held whole in memory: the gateway's memory stays flat in
+instance size, with up to 20 associations at once.
 
 Each received instance goes through `instance_ingest`, exactly like an upload: same checks,
 same deduplication, same audit. The answer to the sender follows the ingest result:
@@ -26,22 +33,28 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
+import ssl
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connections
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome
 
-from ..ingest import CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
+from ..ingest import CHUNK, CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
 from ..models import Study
 from .net import tcp_nodelay_enable
+from .tls import fingerprint, gateway_context
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,8 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x01)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+# A sender that opens the TLS port and says nothing is dropped after this many seconds.
+HANDSHAKE_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -68,10 +83,11 @@ class Caller:
     facility: Facility
     calling_ae: str
     address: str
+    tls: bool = False
 
     @property
     def source(self) -> str:
-        return f"dicom:{self.calling_ae}@{self.address}"
+        return f"dicom{'s' if self.tls else ''}:{self.calling_ae}@{self.address}"
 
 
 def _allowed(listing: str) -> list[str]:
@@ -101,28 +117,102 @@ class Refusal:
     facility: Facility | None = None
 
 
-def caller_admit(*, called_ae: str, calling_ae: str, address: str) -> Caller | Refusal:
-    """The facility an association may store into, or why it is refused."""
-    facility = Facility.objects.filter(ae_title=called_ae.strip()).first()
+def caller_admit(
+    *,
+    called_ae: str,
+    calling_ae: str,
+    address: str,
+    tls: bool = False,
+    certificate: str = "",
+) -> Caller | Refusal:
+    """The facility an association may store into, or why it is refused.
+
+    `tls` says the association came over the TLS port; `certificate` is the SHA-256 fingerprint
+    of the client certificate the sender presented there (already checked against the CAs the
+    operator trusts), or "".
+    """
+    called, calling = called_ae.strip(), calling_ae.strip()
+    facility = Facility.objects.filter(ae_title=called).first()
     if facility is None:
-        return Refusal(f"no facility has the AE title {called_ae.strip()!r}", REJECT_CALLED_AE)
+        return Refusal(f"no facility has the AE title {called!r}", REJECT_CALLED_AE)
     calling_list = _allowed(facility.gateway_calling_aes)
-    if calling_list and calling_ae.strip() not in calling_list:
+    if not calling_list:
         return Refusal(
-            f"calling AE {calling_ae.strip()!r} is not allowed for {facility.slug}",
+            f"{facility.slug} allows no calling AE title yet", REJECT_CALLING_AE, facility
+        )
+    if calling not in calling_list:
+        return Refusal(
+            f"calling AE {calling!r} is not allowed for {facility.slug}",
             REJECT_CALLING_AE,
             facility,
         )
-    address_list = _allowed(facility.gateway_addresses)
-    if address_list and not _address_allowed(address, address_list):
+    if facility.gateway_tls_required and not tls:
+        return Refusal(f"{facility.slug} accepts senders over TLS only", REJECT_NO_REASON, facility)
+    certificates = _allowed(facility.gateway_client_certificates)
+    by_certificate = bool(certificate) and certificate in certificates
+    if not by_certificate and not _address_allowed(address, _allowed(facility.gateway_addresses)):
+        presented = " with an unlisted client certificate" if certificate else ""
         return Refusal(
-            f"address {address} is not allowed for {facility.slug}", REJECT_NO_REASON, facility
+            f"address {address}{presented} is not allowed for {facility.slug}",
+            REJECT_NO_REASON,
+            facility,
         )
-    return Caller(
-        facility=facility,
-        calling_ae=calling_ae.strip(),
+    return Caller(facility=facility, calling_ae=calling, address=address, tls=tls)
+
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved into the connection's own
+    thread, under a time limit: in pynetdicom's accept loop, one sender that connects and stays
+    silent would keep every other sender out."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None and self.ssl_context is not None
+        client, address = self.socket.accept()
+        wrapped = self.ssl_context.wrap_socket(
+            client, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        assert isinstance(request, ssl.SSLSocket)
+        timeout = request.gettimeout()
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            request.do_handshake()
+            request.settimeout(timeout)
+        except (OSError, ValueError) as exc:
+            _handshake_failure_audit(exc, address=str(client_address[0]))
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _handshake_failure_audit(exc: BaseException, *, address: str) -> None:
+    """A refused TLS handshake (no or an untrusted certificate, an old protocol) is a refusal
+    like any other; a connection closed or timed out before any handshake (a port check, a load
+    balancer's probe) is only logged."""
+    log.warning("gateway: TLS handshake from %s failed: %s", address, exc)
+    if not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError):
+        return
+    close_old_connections()
+    _refusal_audit(
+        Refusal(
+            f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"[:200], REJECT_NO_REASON
+        ),
+        called_ae="",
+        calling_ae="",
         address=address,
     )
+    connections.close_all()
+
+
+def _peer_certificate(assoc: Any) -> tuple[bool, str]:
+    """Whether the association came over TLS, and its client certificate's fingerprint."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return False, ""
+    der = sock.getpeercert(binary_form=True)
+    return True, (fingerprint(der) if der else "")
 
 
 class Gateway:
@@ -130,6 +220,8 @@ class Gateway:
 
     def __init__(self, *, ae_title: str | None = None) -> None:
         tcp_nodelay_enable()
+        # Each received instance goes to a spool file as it arrives, not into memory.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = AE(ae_title=ae_title or settings.DICOM_GATEWAY_AE_TITLE)
         # Whatever the sender's transfer syntax, the file is kept as it came: never recompressed.
         for context in AllStoragePresentationContexts:
@@ -148,13 +240,40 @@ class Gateway:
             (evt.EVT_ABORTED, self._on_closed),
         ]
 
-    def start(self, *, host: str, port: int) -> ThreadedAssociationServer:
-        server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers)
-        assert isinstance(server, ThreadedAssociationServer)
-        return server
+    def start(
+        self, *, host: str, port: int, tls_context: ssl.SSLContext | None = None
+    ) -> ThreadedAssociationServer:
+        """Listen in background threads; with a TLS context, this port speaks DICOM TLS."""
+        if tls_context is None:
+            server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers)
+            assert isinstance(server, ThreadedAssociationServer)
+            return server
+        tls_server = self.ae.make_server(
+            (host, port),
+            ssl_context=tls_context,
+            evt_handlers=self.handlers,
+            server_class=TlsAssociationServer,
+        )
+        thread = threading.Thread(
+            target=tls_server.serve_forever, name=f"GatewayTLS@{port}", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(tls_server)
+        return tls_server
 
-    def serve_forever(self, *, host: str, port: int) -> None:
-        self.ae.start_server((host, port), block=True, evt_handlers=self.handlers)
+    def serve_forever(self, *, host: str, port: int, tls_port: int | None = None) -> None:
+        """Listen on `port`, and with TLS on `tls_port` when Relay has a certificate, until
+        interrupted."""
+        servers = [self.start(host=host, port=port)]
+        context = gateway_context()
+        if context is not None and tls_port:
+            servers.append(self.start(host=host, port=tls_port, tls_context=context))
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            for server in servers:
+                server.shutdown()
 
     # --- events -------------------------------------------------------------------------------
 
@@ -172,7 +291,14 @@ class Gateway:
                 called_facility = Facility.objects.filter(ae_title=called).first()
                 caller = Refusal("too many associations at once", REJECT_LIMIT, called_facility)
             else:
-                caller = caller_admit(called_ae=called, calling_ae=calling, address=address)
+                tls, certificate = _peer_certificate(assoc)
+                caller = caller_admit(
+                    called_ae=called,
+                    calling_ae=calling,
+                    address=address,
+                    tls=tls,
+                    certificate=certificate,
+                )
         except Exception:
             # The database is unreachable: a transient refusal, so the sender tries again later.
             log.exception("gateway: could not check association from %s@%s", calling, address)
@@ -207,14 +333,16 @@ class Gateway:
         # A connection broken while the database was down is replaced rather than reused.
         close_old_connections()
         try:
-            data = event.encoded_dataset(include_meta=True)
+            path = Path(event.dataset_path)
+            size = path.stat().st_size
         except Exception as exc:
             log.exception("gateway: could not take an instance from %s", caller.source)
             return _status(OUT_OF_RESOURCES, f"{type(exc).__name__}")
         result = instance_ingest(
             facility=caller.facility,
             user=None,
-            chunks=[data],
+            chunks=_file_chunks(path),
+            expected_size=size,
             filename=f"C-STORE from {caller.calling_ae}",
             source=caller.source,
         )
@@ -244,6 +372,13 @@ class Gateway:
             self.marked = {key for key in self.marked if key[0] != id(event.assoc)}
         # Each association runs in its own thread with its own database connection.
         connections.close_all()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    """The spool file pynetdicom wrote (file meta and the dataset as sent), read in chunks."""
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
 
 
 def _refusal_audit(refusal: Refusal, *, called_ae: str, calling_ae: str, address: str) -> None:

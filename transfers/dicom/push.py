@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import pydicom
 from django.conf import settings
@@ -59,6 +60,7 @@ from ..models import (
 from ..queue import task_queue_on_commit
 from .net import tcp_nodelay_enable
 from .outbound import OutboundRefused, outbound_address
+from .tls import push_context
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +94,47 @@ def _ae() -> AE:
     return ae
 
 
+def _tls_args(destination: PacsDestination) -> tuple[ssl.SSLContext, str] | None:
+    """TLS for a destination that asks for it: its certificate must chain to its CA
+    certificates and name its host (checked against `host` as the admin typed it, not the
+    address it resolved to)."""
+    if not destination.tls:
+        return None
+    return push_context(destination.tls_ca_certificates), destination.host
+
+
+def _associate(ae: AE, destination: PacsDestination, **kwargs: Any) -> Any:
+    address = outbound_address(destination.host, destination.port)
+    return ae.associate(
+        address,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=_tls_args(destination),
+        **kwargs,
+    )
+
+
+def _tls_hint(destination: PacsDestination) -> str:
+    """What to check when a TLS destination does not answer: pynetdicom reports a failed
+    handshake as no answer (the reason is in the worker's log)."""
+    if not destination.tls:
+        return ""
+    return (
+        f" over TLS (check that its certificate chains to the CA certificates given and names"
+        f" {destination.host})"
+    )
+
+
 def destination_echo(*, destination: PacsDestination) -> EchoResult:
     """The "Test connection" button: C-ECHO, and what happened in words."""
     ae = _ae()
     ae.add_requested_context(VERIFICATION)
     try:
-        address = outbound_address(destination.host, destination.port)
-        assoc = ae.associate(address, destination.port, ae_title=destination.ae_title)
+        assoc = _associate(ae, destination)
     except OutboundRefused as exc:
         result = EchoResult(False, f"Refused: {exc}")
+    except ssl.SSLError as exc:
+        result = EchoResult(False, f"TLS failed: {exc.reason or exc}")
     except (OSError, ValueError) as exc:
         result = EchoResult(False, f"Could not connect: {exc}")
     else:
@@ -109,7 +143,7 @@ def destination_echo(*, destination: PacsDestination) -> EchoResult:
                 False,
                 "The PACS refused the association (check the AE titles)"
                 if assoc.is_rejected
-                else f"No answer from {destination.host}:{destination.port}",
+                else f"No answer from {destination.host}:{destination.port}{_tls_hint(destination)}",
             )
         else:
             status = assoc.send_c_echo()
@@ -287,17 +321,18 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
         contexts = [build_context(sop_class, UNCOMPRESSED) for sop_class in sorted(wanted)]
     contexts = contexts[:MAX_CONTEXTS]
     try:
-        address = outbound_address(destination.host, destination.port)
-        assoc = ae.associate(
-            address, destination.port, ae_title=destination.ae_title, contexts=contexts
-        )
+        assoc = _associate(ae, destination, contexts=contexts)
     except OutboundRefused as exc:
         # A saved destination whose name now resolves somewhere Relay does not call.
         raise PushTransient(f"Refused to connect to {destination}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise PushTransient(f"Could not connect to {destination}: {exc}") from exc
     if not assoc.is_established:
-        reason = "refused the association" if assoc.is_rejected else "did not answer"
+        reason = (
+            "refused the association"
+            if assoc.is_rejected
+            else f"did not answer{_tls_hint(destination)}"
+        )
         raise PushTransient(f"{destination} {reason}")
     accepted: dict[str, set[str]] = defaultdict(set)
     for context in assoc.accepted_contexts:

@@ -4,6 +4,8 @@ whose every change is its own POST URL and its own audited service (transfers.di
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from uuid import UUID
 
 from allauth.core.ratelimit import consume
@@ -34,6 +36,7 @@ from .config import (
     routing_rule_remove,
 )
 from .push import PushError, push_create, push_rerun
+from .tls import CertificateError, ca_certificates_check, fingerprints_parse
 
 
 def _uuid(value: str | None) -> UUID:
@@ -108,21 +111,65 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
 class GatewayForm(forms.ModelForm):
     class Meta:
         model = Facility
-        fields = ["gateway_calling_aes", "gateway_addresses"]
+        fields = [
+            "gateway_calling_aes",
+            "gateway_addresses",
+            "gateway_client_certificates",
+            "gateway_tls_required",
+        ]
         widgets = {
-            "gateway_calling_aes": forms.TextInput(
-                attrs={"placeholder": "any, or e.g. PACS1 PACS2"}
-            ),
+            "gateway_calling_aes": forms.TextInput(attrs={"placeholder": "e.g. PACS1 PACS2"}),
             "gateway_addresses": forms.TextInput(
-                attrs={"placeholder": "any, or e.g. 10.1.2.3 10.20.0.0/16"}
+                attrs={"placeholder": "e.g. 10.1.2.3 10.20.0.0/16"}
+            ),
+            "gateway_client_certificates": forms.Textarea(
+                attrs={
+                    "rows": 3,
+                    "placeholder": "PEM certificates or SHA-256 fingerprints, one per line",
+                }
             ),
         }
+
+    def clean_gateway_calling_aes(self) -> str:
+        titles = _entries(self.cleaned_data["gateway_calling_aes"])
+        for title in titles:
+            try:
+                ae_title_validator(title)
+            except forms.ValidationError:
+                raise forms.ValidationError(f"{title[:20]!r} is not an AE title.") from None
+        return " ".join(titles)
+
+    def clean_gateway_addresses(self) -> str:
+        entries = _entries(self.cleaned_data["gateway_addresses"])
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise forms.ValidationError(
+                    f"{entry[:45]!r} is not an IP address or network."
+                ) from None
+        return " ".join(entries)
+
+    def clean_gateway_client_certificates(self) -> str:
+        try:
+            return "\n".join(fingerprints_parse(self.cleaned_data["gateway_client_certificates"]))
+        except CertificateError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+def _entries(text: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", text.strip()) if item]
 
 
 class DestinationForm(forms.ModelForm):
     class Meta:
         model = PacsDestination
-        fields = ["name", "ae_title", "host", "port"]
+        fields = ["name", "ae_title", "host", "port", "tls", "tls_ca_certificates"]
+        widgets = {
+            "tls_ca_certificates": forms.Textarea(
+                attrs={"rows": 3, "placeholder": "blank: the system's trusted CAs"}
+            )
+        }
 
     def clean_ae_title(self) -> str:
         value = self.cleaned_data["ae_title"].strip()
@@ -134,6 +181,12 @@ class DestinationForm(forms.ModelForm):
         if not 1 <= port <= 65535:
             raise forms.ValidationError("A port is 1 to 65535.")
         return int(port)
+
+    def clean_tls_ca_certificates(self) -> str:
+        try:
+            return ca_certificates_check(self.cleaned_data["tls_ca_certificates"])
+        except CertificateError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
 
 class RuleForm(forms.Form):
@@ -185,6 +238,9 @@ def _dicom_page(
             "rules": facility.routing_rules.select_related("recipient_facility", "created_by"),  # type: ignore[attr-defined]
             "destinations": facility.destinations.all(),  # type: ignore[attr-defined]
             "gateway_port": settings.DICOM_GATEWAY_PORT,
+            "gateway_tls_port": settings.DICOM_GATEWAY_TLS_PORT
+            if settings.DICOM_TLS_CERTIFICATE
+            else None,
         },
     )
 
@@ -210,6 +266,8 @@ def gateway_access_save(request: AuthedRequest, slug: str) -> HttpResponse:
         by=request.user,
         calling_aes=form.cleaned_data["gateway_calling_aes"],
         addresses=form.cleaned_data["gateway_addresses"],
+        client_certificates=form.cleaned_data["gateway_client_certificates"],
+        tls_required=form.cleaned_data["gateway_tls_required"],
         request=request,
     )
     messages.success(request, "Gateway access saved.")

@@ -83,6 +83,11 @@ class PacsDestination(models.Model):
     ae_title = models.CharField("AE title", max_length=16)
     host = models.CharField(max_length=255)
     port = models.PositiveIntegerField()
+    # DICOM TLS (PS3.15 B.9, BCP 195): the PACS's certificate is checked against these CA
+    # certificates (PEM; blank: the system's trust store) and its host name; Relay presents its
+    # own certificate (DICOM_TLS_CERTIFICATE) when the PACS asks for one.
+    tls = models.BooleanField("use TLS", default=False)
+    tls_ca_certificates = models.TextField("CA certificates (PEM)", blank=True)
     last_echo_at = models.DateTimeField(null=True, blank=True)
     last_echo_ok = models.BooleanField(default=False)
     last_echo_message = models.CharField(max_length=300, blank=True)

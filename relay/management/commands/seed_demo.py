@@ -84,8 +84,13 @@ class Command(BaseCommand):
         Kalispell pushes into its own PACS."""
         gfc = Facility.objects.get(slug="gfc")
         krmc = Facility.objects.get(slug="krmc")
+        # Gateway access is deny by default: the demo's PACS sends from this machine.
         gfc.gateway_calling_aes = "GFC_PACS"
-        gfc.save(update_fields=["gateway_calling_aes"])
+        gfc.gateway_addresses = "127.0.0.1 ::1"
+        gfc.save(update_fields=["gateway_calling_aes", "gateway_addresses"])
+        krmc.gateway_calling_aes = "KRMC_PACS"
+        krmc.gateway_addresses = "127.0.0.1 ::1"
+        krmc.save(update_fields=["gateway_calling_aes", "gateway_addresses"])
         RoutingRule.objects.create(
             facility=gfc,
             created_by=_admin_of("gfc"),

@@ -36,8 +36,13 @@ def test_it_audits_a_change_of_gateway_access_with_before_and_after(
     assert response.status_code == 302
     event = _event(AuditAction.GATEWAY_CHANGE)
     assert (event.actor, event.facility) == (alice, krmc)
-    assert event.detail["before"] == {"calling_aes": "OLDPACS", "addresses": ""}
-    assert event.detail["after"] == {"calling_aes": "CT1 CT2", "addresses": "10.0.0.0/8"}
+    unchanged = {"client_certificates": "", "tls_required": False}
+    assert event.detail["before"] == {"calling_aes": "OLDPACS", "addresses": "", **unchanged}
+    assert event.detail["after"] == {
+        "calling_aes": "CT1 CT2",
+        "addresses": "10.0.0.0/8",
+        **unchanged,
+    }
 
 
 @pytest.mark.django_db

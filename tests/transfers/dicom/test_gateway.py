@@ -15,7 +15,7 @@ import pytest
 from django.core.files.storage import storages
 
 from portal.models import AuditAction, AuditEvent, Facility
-from tests.helpers import dicom_bytes, require_peer
+from tests.helpers import dicom_bytes, gateway_allow, require_peer
 from transfers.dicom.gateway import Gateway
 from transfers.models import Instance, Study, StudyStatus
 
@@ -41,6 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[int]:
+    gateway_allow(krmc, "PACS1 PACS2 ECHOSCU")
     port = _free_port()
     server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
     try:
@@ -230,6 +231,7 @@ def test_both_ends_turn_nagle_off(krmc: Facility) -> None:
 
     from transfers.dicom.push import _ae
 
+    gateway_allow(krmc, "RELAY")
     port = _free_port()
     server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
     try:

@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE
 
 from portal.models import AuditAction, AuditEvent, Facility, User
-from tests.helpers import client_for, dicom_bytes, require_peer
+from tests.helpers import client_for, dicom_bytes, gateway_allow, require_peer
 from tests.transfers.dicom.test_gateway import _free_port
 from transfers.dicom.gateway import Gateway
 from transfers.models import Instance
@@ -28,6 +28,7 @@ class Listening:
 
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[Listening]:
+    gateway_allow(krmc, "PACS1 ECHOSCU PYNETDICOM")
     listening = Listening(Gateway(ae_title="RELAY"), _free_port())
     server = listening.gateway.start(host="127.0.0.1", port=listening.port)
     try:

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from portal.models import Facility, Membership, User
-from tests.helpers import client_for, dicom_bytes, upload
+from tests.helpers import client_for, dicom_bytes, gateway_allow, upload
 from tests.transfers.dicom.test_gateway import _storescu, gateway  # noqa: F401  (fixture)
 from transfers.models import RoutedStudy, RoutingRule, Share, ShareKind, Study, StudyStatus
 from transfers.tasks import studies_complete_quiet
@@ -35,7 +35,7 @@ def test_a_study_from_the_pacs_is_shared_by_the_rule_once_complete(
     settings: Any,
 ) -> None:
     krmc = alice.memberships.get().facility
-    Facility.objects.filter(pk=krmc.pk).update(gateway_calling_aes="KRMCPACS")
+    gateway_allow(krmc, "KRMCPACS")
     _rule(krmc, alice, calling_ae="KRMCPACS", recipient_facility=gfc, can_import=True)
     files = []
     for n in range(3):
