@@ -186,7 +186,8 @@ _LOCKED = "This account is locked after too many wrong attempts."
 
 
 class AuditedAuthenticateWebAuthnForm(AuthenticateWebAuthnForm):
-    """allauth reports wrong codes only; a refused security key is audited the same way."""
+    """allauth reports wrong codes only; a refused security key is audited, and counted toward
+    the account's lockout, the same way."""
 
     def clean_credential(self) -> Any:
         if account_locked(context.request, self.user.email):
@@ -194,6 +195,7 @@ class AuditedAuthenticateWebAuthnForm(AuthenticateWebAuthnForm):
         try:
             return super().clean_credential()
         except ValidationError:
+            account_failure(context.request, self.user.email)
             detail = {"type": "webauthn", "reauthentication": False}
             _audit(AuditAction.MFA_FAILED, context.request, self.user, detail, Outcome.FAILURE)
             raise

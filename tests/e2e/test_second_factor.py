@@ -91,6 +91,28 @@ def _added(user: User) -> list[str]:
     return sorted(event.detail["type"] for event in events)
 
 
+# The security-key form posted with an answer no key made (as a script on the page could).
+FORGED_KEY_ANSWER = """() => {
+    const form = document.getElementById("webauthn_form");
+    form.querySelector("[name=credential]").value = JSON.stringify({
+        id: "AAAA", rawId: "AAAA", type: "public-key",
+        response: {clientDataJSON: "AAAA", authenticatorData: "AAAA", signature: "AAAA"},
+    });
+    form.submit();
+}"""
+
+
+def _failures(user: User) -> int:
+    """Failures django-axes counts toward the account's lockout."""
+    from axes.models import AccessAttempt
+
+    return sum(
+        AccessAttempt.objects.filter(username=user.email).values_list(
+            "failures_since_start", flat=True
+        )
+    )
+
+
 def _logins(user: User) -> int:
     return AuditEvent.objects.filter(action=AuditAction.LOGIN, actor=user).count()
 
@@ -128,6 +150,13 @@ def test_it_adds_a_security_key_and_asks_for_it_at_the_next_sign_in(
     expect(page.get_by_role("alert")).to_have_text("Incorrect code.")
     (failed,) = AuditEvent.objects.filter(action=AuditAction.MFA_FAILED, actor=alice)
     assert failed.detail == {"type": "recovery_codes", "reauthentication": False}
+    assert _failures(alice) == 1
+    # A forged security-key answer is refused, audited, and counts toward the lock as well.
+    page.evaluate(FORGED_KEY_ANSWER)
+    expect(page.get_by_role("alert")).to_be_visible()
+    refused = AuditEvent.objects.filter(action=AuditAction.MFA_FAILED, actor=alice).latest("id")
+    assert refused.detail == {"type": "webauthn", "reauthentication": False}
+    assert _failures(alice) == 2
     logins = _logins(alice)
     page.get_by_role("button", name="Use a security key").click()
     expect(page).to_have_url(f"{base}/studies/")
