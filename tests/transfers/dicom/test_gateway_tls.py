@@ -127,9 +127,17 @@ class Ports:
 
 
 @pytest.fixture
-def gateway(krmc: Facility, pki: Pki, settings: Any) -> Iterator[Ports]:
+def relay_certificate(pki: Pki, settings: Any) -> Credential:
+    """Relay configured with its DICOM TLS certificate and key."""
     settings.DICOM_TLS_CERTIFICATE = str(pki.relay.certificate)
     settings.DICOM_TLS_KEY = str(pki.relay.key)
+    return pki.relay
+
+
+@pytest.fixture
+def gateway(
+    krmc: Facility, pki: Pki, relay_certificate: Credential, settings: Any
+) -> Iterator[Ports]:
     settings.DICOM_GATEWAY_TLS_CLIENT_CA = str(pki.ca)
     listening = Gateway(ae_title="RELAY")
     ports = Ports(free_port(), free_port())
@@ -363,10 +371,8 @@ def test_a_push_to_a_tls_pacs_checks_its_certificate_and_presents_relays(
     gfc: Facility,
     tls_pacs: tuple[int, Path],
     pki: Pki,
-    settings: Any,
+    relay_certificate: Credential,
 ) -> None:
-    settings.DICOM_TLS_CERTIFICATE = str(pki.relay.certificate)
-    settings.DICOM_TLS_KEY = str(pki.relay.key)
     port, folder = tls_pacs
     destination = _tls_destination(gfc, port, pki.ca.read_text())
 
@@ -382,14 +388,8 @@ def test_a_push_to_a_tls_pacs_checks_its_certificate_and_presents_relays(
 
 
 def test_a_tls_pacs_with_a_certificate_from_another_ca_is_not_sent_to(
-    shared: Any,  # noqa: F811
-    gfc: Facility,
-    tls_pacs: tuple[int, Path],
-    pki: Pki,
-    settings: Any,
+    gfc: Facility, tls_pacs: tuple[int, Path], pki: Pki, relay_certificate: Credential
 ) -> None:
-    settings.DICOM_TLS_CERTIFICATE = str(pki.relay.certificate)
-    settings.DICOM_TLS_KEY = str(pki.relay.key)
     port, folder = tls_pacs
     # The admin pasted the wrong CA: the PACS's certificate does not chain to it.
     destination = _tls_destination(gfc, port, pki.stranger.certificate.read_text())
@@ -402,7 +402,6 @@ def test_a_tls_pacs_with_a_certificate_from_another_ca_is_not_sent_to(
 
 
 def test_without_relays_certificate_the_tls_pacs_refuses(
-    shared: Any,  # noqa: F811
     gfc: Facility,
     tls_pacs: tuple[int, Path],
     pki: Pki,
