@@ -333,6 +333,9 @@ DICOM_TLS_CERTIFICATE = env_str("DICOM_TLS_CERTIFICATE")
 DICOM_TLS_KEY = env_str("DICOM_TLS_KEY")
 DICOM_GATEWAY_TLS_PORT = env_int("DICOM_GATEWAY_TLS_PORT", 2762)
 DICOM_GATEWAY_TLS_CLIENT_CA = env_str("DICOM_GATEWAY_TLS_CLIENT_CA")
+# Private storage SOP classes the gateway accepts besides the standard ones, the retired ones and
+# Siemens' CSA Non-Image (comma-separated UIDs).
+DICOM_GATEWAY_EXTRA_SOP_CLASSES = env_list("DICOM_GATEWAY_EXTRA_SOP_CLASSES")
 
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
 REDIS_URL = env_str("REDIS_URL")

@@ -45,7 +45,17 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, connections
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pydicom.uid import UID_dictionary
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+    register_uid,
+)
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from portal.audit import audit_record
@@ -70,6 +80,8 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x01)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+COMPOSITE_STORAGE = "1.2.840.10008.5.1.4.1.1."
+SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 # A sender that opens the TLS port and says nothing is dropped after this many seconds.
 HANDSHAKE_TIMEOUT_S = 30
 
@@ -160,6 +172,46 @@ def caller_admit(
     return Caller(facility=facility, calling_ae=calling, address=address, tls=tls)
 
 
+def extra_storage_classes() -> list[str]:
+    """Storage SOP classes beyond pynetdicom's current list: every retired composite storage
+    class in pydicom's dictionary, Siemens' CSA Non-Image, and DICOM_GATEWAY_EXTRA_SOP_CLASSES.
+    Each is registered with pynetdicom as a storage class, so C-STORE reaches our handler."""
+    retired = [
+        uid
+        for uid, (_, kind, _, status, _) in UID_dictionary.items()
+        if kind == "SOP Class" and status == "Retired" and uid.startswith(COMPOSITE_STORAGE)
+    ]
+    uids = [*retired, SIEMENS_CSA_NON_IMAGE, *settings.DICOM_GATEWAY_EXTRA_SOP_CLASSES]
+    known = set(_STORAGE_CLASSES.values())
+    for uid in uids:
+        if uid not in known:
+            register_uid(uid, "RelayStorage" + uid.replace(".", "_"), StorageServiceClass)
+            known.add(uid)
+    return list(dict.fromkeys(uids))
+
+
+def _prefer_senders_order(assoc: Any) -> None:
+    """Accept, in each presentation context, the first transfer syntax the sender proposed that
+    Relay reads (pynetdicom takes the first in its own list, implicit little endian: a sender
+    that offered [JPEG-LS, explicit, implicit] would decompress, and lose private VRs)."""
+    request = assoc.requestor.primitive
+    wanted: dict[str, list[str]] = {}
+    for proposed in request.presentation_context_definition_list:
+        wanted.setdefault(
+            str(proposed.abstract_syntax), [str(ts) for ts in proposed.transfer_syntax]
+        )
+    contexts = []
+    for context in assoc.acceptor.supported_contexts:
+        order = wanted.get(str(context.abstract_syntax))
+        if order:
+            ours = [str(ts) for ts in context.transfer_syntax]
+            context.transfer_syntax = [ts for ts in order if ts in ours] + [
+                ts for ts in ours if ts not in order
+            ]
+        contexts.append(context)
+    assoc.acceptor.supported_contexts = contexts
+
+
 class TlsAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the TLS handshake moved into the connection's own
     thread, under a time limit: in pynetdicom's accept loop, one sender that connects and stays
@@ -227,6 +279,10 @@ class Gateway:
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Retired and private storage classes that PACS still send (old ultrasound and nuclear
+        # medicine, Siemens' CSA non-image objects...), as the HTTP API accepts them.
+        for uid in extra_storage_classes():
+            self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(VERIFICATION)
         self.ae.maximum_associations = 20
         self.callers: dict[int, Caller] = {}
@@ -315,6 +371,7 @@ class Gateway:
             return
         with self._lock:
             self.callers[id(assoc)] = caller
+        _prefer_senders_order(assoc)
         log.info("gateway: %s@%s -> %s", calling, address, caller.facility.slug)
 
     def _too_many(self) -> bool:
