@@ -350,6 +350,7 @@ class AuditAction(models.TextChoices):
     GATEWAY_CHANGE = "gateway_change", "Changed DICOM gateway access"
     DESTINATION_ADD = "destination_add", "Added a PACS destination"
     DESTINATION_REMOVE = "destination_remove", "Removed a PACS destination"
+    DESTINATION_CHANGE = "destination_change", "Changed a PACS destination"
     DESTINATION_ECHO = "destination_echo", "Tested a PACS destination"
     ROUTING_RULE_ADD = "routing_rule_add", "Added a routing rule"
     ROUTING_RULE_REMOVE = "routing_rule_remove", "Removed a routing rule"

@@ -8,6 +8,7 @@ The forms check the input; these services trust it and only apply and record it.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from django.db import transaction
@@ -20,6 +21,7 @@ from portal.models import AuditAction, Facility, Outcome, User
 from ..models import PacsDestination, RoutingRule
 from .outbound import OutboundRefused, outbound_address
 from .push import EchoResult, destination_echo
+from .tls import PEM_CERTIFICATE, fingerprint
 
 
 class ConfigError(Exception):
@@ -95,6 +97,11 @@ def _destination_values(destination: PacsDestination) -> dict[str, Any]:
         "host": destination.host,
         "port": destination.port,
         "tls": destination.tls,
+        # The CA certificates by fingerprint: what changed, not the whole PEM.
+        "tls_ca": [
+            fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+            for pem in PEM_CERTIFICATE.findall(destination.tls_ca_certificates)
+        ],
     }
 
 
@@ -135,6 +142,62 @@ def destination_add(
         after = _destination_values(destination)
         _audit(AuditAction.DESTINATION_ADD, facility, by, request, None, after)
     return destination
+
+
+def destination_change(
+    *,
+    destination: PacsDestination,
+    by: User,
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int,
+    tls: bool = False,
+    tls_ca_certificates: str = "",
+    request: HttpRequest | None = None,
+) -> bool:
+    """Change a destination (a PACS moved, got a new AE title, turned TLS on); False when
+    nothing changed. Pushes on record keep naming it; the next ones go to the new address."""
+    facility = destination.facility
+    try:
+        outbound_address(host, port)
+    except OutboundRefused as exc:
+        audit_record(
+            action=AuditAction.DESTINATION_CHANGE,
+            request=request,
+            actor=by,
+            facility=facility,
+            outcome=Outcome.FAILURE,
+            detail={
+                "destination": str(destination.uuid),
+                "host": host[:255],
+                "port": port,
+                "reason": str(exc),
+            },
+        )
+        raise ConfigError(f"Relay will not connect there: {exc}.") from exc
+    fields = {
+        "name": name,
+        "ae_title": ae_title,
+        "host": host,
+        "port": port,
+        "tls": tls,
+        "tls_ca_certificates": tls_ca_certificates if tls else "",
+    }
+    with transaction.atomic():
+        locked = PacsDestination.objects.select_for_update().get(pk=destination.pk)
+        before = _destination_values(locked)
+        if all(getattr(locked, field) == value for field, value in fields.items()):
+            return False
+        for field, value in fields.items():
+            setattr(locked, field, value)
+            setattr(destination, field, value)
+        # A test of the old address says nothing about the new one.
+        locked.last_echo_at, locked.last_echo_ok, locked.last_echo_message = None, False, ""
+        locked.save()
+        after = _destination_values(locked)
+        _audit(AuditAction.DESTINATION_CHANGE, facility, by, request, before, after)
+    return True
 
 
 def destination_remove(

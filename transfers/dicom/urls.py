@@ -20,6 +20,11 @@ urlpatterns: list[URLPattern] = [
         name="destination_echo",
     ),
     path(
+        DICOM + "destinations/<uuid:destination_uuid>/edit/",
+        views.destination_edit,
+        name="destination_edit",
+    ),
+    path(
         DICOM + "destinations/<uuid:destination_uuid>/delete/",
         views.destination_delete,
         name="destination_delete",

@@ -29,6 +29,7 @@ from ..sharing.directory import facility_directory
 from .config import (
     ConfigError,
     destination_add,
+    destination_change,
     destination_remove,
     destination_test,
     gateway_access_change,
@@ -311,6 +312,38 @@ def destination_echo_view(request: AuthedRequest, slug: str, destination_uuid: s
         request, f"{destination.name}: {result.message}"
     )
     return redirect("routing_rules", slug=slug)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@reauthentication_required(allow_get=True)
+def destination_edit(request: AuthedRequest, slug: str, destination_uuid: str) -> HttpResponse:
+    """Change a destination: the form on GET, the change (audited, password asked again) on
+    POST."""
+    facility = _admin_facility(request, slug)
+    destination = _get_destination(facility, destination_uuid)
+    # Bound to a copy, so that a refused form leaves the destination as it was.
+    form = DestinationForm(
+        request.POST if request.method == "POST" else None,
+        instance=PacsDestination.objects.get(pk=destination.pk),
+    )
+    if request.method == "POST" and form.is_valid():
+        try:
+            changed = destination_change(
+                destination=destination, by=request.user, request=request, **form.cleaned_data
+            )
+        except ConfigError as exc:
+            form.add_error("host", str(exc))
+        else:
+            messages.success(
+                request, f"{destination.name} saved." if changed else "Nothing was changed."
+            )
+            return redirect("routing_rules", slug=slug)
+    return render(
+        request,
+        "transfers/destination_edit.html",
+        {"facility": facility, "destination": destination, "form": form},
+    )
 
 
 @require_POST

@@ -100,6 +100,80 @@ def test_it_audits_adding_and_removing_a_routing_rule(
 
 
 @pytest.mark.django_db
+def test_the_admin_edits_a_destination_and_the_change_is_audited(
+    alice: User, krmc: Facility
+) -> None:
+    destination = PacsDestination.objects.create(
+        facility=krmc,
+        name="Main PACS",
+        ae_title="OLDPACS",
+        host="127.0.0.1",
+        port=104,
+        last_echo_ok=True,
+        last_echo_message="C-ECHO succeeded",
+    )
+    client = client_for(alice)
+    url = f"{DICOM}destinations/{destination.uuid}/edit/"
+    page = client.get(url)
+    assert page.status_code == 200
+    assert 'value="OLDPACS"' in page.content.decode()
+
+    saved = client.post(
+        url, {"name": "Main PACS", "ae_title": "NEWPACS", "host": "127.0.0.1", "port": 11112}
+    )
+
+    assert saved.status_code == 302
+    destination.refresh_from_db()
+    assert (destination.ae_title, destination.port) == ("NEWPACS", 11112)
+    # The last test was of the old address: it no longer says the PACS answers.
+    assert (destination.last_echo_ok, destination.last_echo_message) == (False, "")
+    event = _event(AuditAction.DESTINATION_CHANGE)
+    assert (event.actor, event.facility) == (alice, krmc)
+    assert (event.detail["before"]["ae_title"], event.detail["before"]["port"]) == ("OLDPACS", 104)
+    assert (event.detail["after"]["ae_title"], event.detail["after"]["port"]) == ("NEWPACS", 11112)
+    # The same values again: nothing changes, nothing is written.
+    client.post(
+        url, {"name": "Main PACS", "ae_title": "NEWPACS", "host": "127.0.0.1", "port": 11112}
+    )
+    assert AuditEvent.objects.filter(action=AuditAction.DESTINATION_CHANGE).count() == 1
+
+
+@pytest.mark.django_db
+def test_an_edit_to_a_refused_address_or_a_bad_value_changes_nothing(
+    alice: User, krmc: Facility
+) -> None:
+    destination = PacsDestination.objects.create(
+        facility=krmc, name="PACS", ae_title="PACS", host="127.0.0.1", port=104
+    )
+    client = client_for(alice)
+    url = f"{DICOM}destinations/{destination.uuid}/edit/"
+
+    metadata = client.post(
+        url, {"name": "PACS", "ae_title": "PACS", "host": "169.254.169.254", "port": 80}
+    )
+    bad_ca = client.post(
+        url,
+        {
+            "name": "PACS",
+            "ae_title": "PACS",
+            "host": "127.0.0.1",
+            "port": 104,
+            "tls": "on",
+            "tls_ca_certificates": "not a certificate",
+        },
+    )
+
+    assert metadata.status_code == bad_ca.status_code == 200
+    assert "Relay will not connect there" in metadata.content.decode()
+    assert "PEM form" in bad_ca.content.decode()
+    destination.refresh_from_db()
+    assert (destination.host, destination.port, destination.tls) == ("127.0.0.1", 104, False)
+    refused = _event(AuditAction.DESTINATION_CHANGE)
+    assert refused.outcome == "failure"
+    assert refused.detail["host"] == "169.254.169.254"
+
+
+@pytest.mark.django_db
 def test_a_refused_form_changes_nothing_and_writes_nothing(alice: User, krmc: Facility) -> None:
     refused = client_for(alice).post(
         DICOM + "destinations/", {"name": "PACS", "ae_title": "BAD\\AE", "host": "x", "port": 0}
@@ -129,6 +203,10 @@ def test_nobody_but_the_facility_admin_changes_anything(
         (DICOM + "gateway/", {"gateway_calling_aes": "EVIL"}),
         (DICOM + "destinations/", {"name": "X", "ae_title": "X", "host": "x", "port": 1}),
         (f"{DICOM}destinations/{destination.uuid}/echo/", {}),
+        (
+            f"{DICOM}destinations/{destination.uuid}/edit/",
+            {"name": "X", "ae_title": "X", "host": "127.0.0.1", "port": 1},
+        ),
         (f"{DICOM}destinations/{destination.uuid}/delete/", {}),
         (DICOM + "rules/", {"recipient_facility": gfc.pk}),
         (f"{DICOM}rules/{rule.uuid}/delete/", {}),
@@ -147,6 +225,7 @@ def _config_actions() -> list[str]:
         AuditAction.GATEWAY_CHANGE,
         AuditAction.DESTINATION_ADD,
         AuditAction.DESTINATION_REMOVE,
+        AuditAction.DESTINATION_CHANGE,
         AuditAction.DESTINATION_ECHO,
         AuditAction.ROUTING_RULE_ADD,
         AuditAction.ROUTING_RULE_REMOVE,
