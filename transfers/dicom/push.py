@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-import pydicom
 from django.conf import settings
 from django.core.files.storage import Storage, storages
 from django.db import transaction
@@ -33,7 +32,6 @@ from django.http import HttpRequest
 from django.utils import timezone
 from pydicom.uid import (
     UID,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
@@ -58,6 +56,7 @@ from ..models import (
     Study,
 )
 from ..queue import task_queue_on_commit
+from .convert import converted_copy
 from .net import tcp_nodelay_enable
 from .outbound import OutboundRefused, outbound_address
 from .tls import push_context
@@ -352,14 +351,10 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                         status = assoc.send_c_store(path)
                     syntax = instance.transfer_syntax_uid
                 elif offered & set(UNCOMPRESSED):
-                    with integrity.instance_open(instance, storage) as f:
-                        # Bounded: a deflated copy is inflated as a stream, never past the cap.
-                        with dicomio.dataset_open(cast(IO[bytes], f)) as (ds, _):
-                            pass
-                        f.verify()  # before anything of it is sent
-                    _to_little_endian(ds)
-                    status = assoc.send_c_store(ds)
-                    syntax = str(ds.file_meta.TransferSyntaxUID)
+                    # Explicit VR where the PACS takes it: private VRs survive.
+                    syntax = next(s for s in UNCOMPRESSED if s in offered)
+                    with _converted(storage, instance, syntax=syntax) as path:
+                        status = assoc.send_c_store(path)
                 else:
                     _record(
                         item,
@@ -426,15 +421,20 @@ def _local_file(storage: Storage, instance: Instance) -> Iterator[Path]:
         yield Path(copy.name)
 
 
-def _to_little_endian(ds: pydicom.Dataset) -> None:
-    """Make the instance explicit VR little endian, keeping its identity (same SOP UID)."""
-    syntax = UID(ds.file_meta.TransferSyntaxUID)
-    if syntax.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    elif syntax == ExplicitVRBigEndian and "PixelData" in ds:
-        pixels = ds.pixel_array
-        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+@contextmanager
+def _converted(storage: Storage, instance: Instance, *, syntax: str) -> Iterator[Path]:
+    """The instance decompressed or re-encoded little endian (`convert`), in exactly `syntax`,
+    as a temporary file that pynetdicom streams; the stored copy checked before any of it is
+    sent (integrity.IntegrityError)."""
+    with integrity.instance_open(instance, storage) as f:
+        # Bounded: a deflated copy is inflated as a stream, never past the cap.
+        with dicomio.dataset_open(cast(IO[bytes], f)) as (ds, _):
+            pass
+        f.verify()
+    copy = converted_copy(ds, syntax=syntax)
+    del ds  # only the file is sent: the decoded data set need not stay in memory meanwhile
+    with copy as path:
+        yield path
 
 
 def _record(
