@@ -25,7 +25,7 @@ from ..access import StudyAccess
 from ..models import ExportStatus, Instance, MediaExport
 from ..queue import task_queue_on_commit
 from ..reports import reports_for
-from .export import ExportError, export_plan, iso_build, iso_size, media_kind_for, volume_label_for
+from .export import ExportError, export_plan, iso_build, iso_size, media_kind_for
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def media_build(*, export: MediaExport) -> MediaExport:
         )
         total = iso_size(plan)
         media = media_kind_for(total)
-        label = volume_label_for([study])
+        # The DICOMDIR's File-set ID (PS3.12 F.1.1): no patient name on the disc's label.
+        label = plan.file_set_id
     except ExportError as exc:
         return _failed(export, str(exc))
     MediaExport.objects.filter(pk=export.pk).update(
@@ -83,7 +84,7 @@ def media_build(*, export: MediaExport) -> MediaExport:
     key = f"exports/{study.facility.uuid}/{study.uuid}/{export.uuid}.iso"
     try:
         with tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR) as out:
-            iso_build(plan, out=out, volume_label=label, progress=progress)
+            iso_build(plan, out=out, progress=progress)
             out.seek(0)
             key = storage.save(key, File(out, name=f"{export.uuid}.iso"))
     except integrity.IntegrityError as exc:

@@ -3,7 +3,9 @@
 The media hold, at the root, a DICOMDIR (built with pydicom's FileSet), README.TXT, the images
 under 8-character upper-case File IDs (PS3.10 section 8: at most 8 components of A-Z, 0-9 and
 _), and the reports under REPORT/. The stored DICOM objects go on the media byte for byte; the
-DICOMDIR references each with the transfer syntax it was stored in.
+DICOMDIR references each with the transfer syntax it was stored in. A directory record whose
+text is not ASCII says ISO_IR 192 (UTF-8) as its own Specific Character Set; the File-set ID,
+RELAY_ and ten hexadecimal digits, is also the disc's volume label and names no patient.
 
 Planning reads only the DICOM headers, one object at a time and never the pixel data; the ZIP and
 the ISO read the objects from storage in chunks while they are written, so neither a whole study
@@ -20,7 +22,6 @@ import io
 import json
 import re
 import tempfile
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 from zipstream import ZIP_STORED, ZipStream
 
 from .. import dicomio
@@ -54,8 +57,17 @@ DVD_BYTES = 2_295_104 * SECTOR
 DEFER_BYTES = 64 * 1024
 FILE_ID_RE = re.compile(r"^[A-Z0-9_]{1,8}(/[A-Z0-9_]{1,8}){0,7}$")
 MEDIA_NAME_RE = re.compile(r"^[A-Z0-9_]{1,8}(\.[A-Z0-9_]{1,3})?$")
-VOLUME_LABEL_RE = re.compile(r"^[A-Z0-9_]{1,32}$")
-FILE_SET_ID = "RELAY"
+# The File-set ID (CS, at most 16 characters) is also the disc's volume identifier (PS3.12
+# F.1.1), so it has to be both: upper-case A-Z, 0-9 and _ are legal in each, and 16 characters
+# also fit the Joliet label (UCS-2 in 32 bytes), so both volume descriptors say the same.
+VOLUME_LABEL_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
+FILE_SET_PREFIX = "RELAY_"
+FILE_SET_ID_DIGITS = 10
+# Directory records whose text is not plain ASCII carry this Specific Character Set (UTF-8).
+UTF8 = "ISO_IR 192"
+# Changed whenever the DICOMDIR built from the same study changes, so that a DICOMDIR cached
+# by an earlier version is not served again (2: File-set ID and character sets).
+DICOMDIR_VERSION = 2
 
 
 class ExportError(Exception):
@@ -85,6 +97,7 @@ class ExportPlan:
     """What goes on the media, in the order it is written."""
 
     studies: list[StudyMedia]
+    file_set_id: str  # the DICOMDIR's File-set ID and the disc's volume identifier
     dicomdir: MediaFile
     readme: MediaFile
     total_bytes: int  # every file's content, before ZIP or ISO framing
@@ -141,10 +154,11 @@ def export_plan(
             kept.append(instance)
         planned.append((StudyMedia(study=study), kept))
 
-    cache_key = _dicomdir_cache_key(planned)
+    file_set_id = file_set_id_for(studies)
+    cache_key = _dicomdir_cache_key(planned, file_set_id)
     cached = _dicomdir_cached(storage, cache_key)
     if cached is None:
-        dicomdir, file_ids = _dicomdir_build(storage, planned)
+        dicomdir, file_ids = _dicomdir_build(storage, planned, file_set_id)
         _dicomdir_cache(storage, cache_key, dicomdir, file_ids)
     else:
         dicomdir, file_ids = cached
@@ -174,6 +188,7 @@ def export_plan(
     report_bytes = sum(f.size for m in studies_media for f in m.reports)
     return ExportPlan(
         studies=studies_media,
+        file_set_id=file_set_id,
         dicomdir=dicomdir_file,
         readme=readme,
         total_bytes=readme.size + dicomdir_file.size + image_bytes + report_bytes,
@@ -183,11 +198,11 @@ def export_plan(
 
 
 def _dicomdir_build(
-    storage: Storage, planned: list[tuple[StudyMedia, list[Instance]]]
+    storage: Storage, planned: list[tuple[StudyMedia, list[Instance]]], file_set_id: str
 ) -> tuple[bytes, dict[str, str]]:
     """The DICOMDIR of the planned instances (pydicom's FileSet) and each one's File ID."""
     fileset = FileSet()
-    fileset.ID = FILE_SET_ID
+    fileset.ID = file_set_id
     for study_number, (media, kept) in enumerate(planned, start=1):
         series_numbers: dict[int, int] = {}
         positions: dict[int, int] = {}
@@ -209,6 +224,7 @@ def _dicomdir_build(
                 series_number=series_numbers[series.pk],
                 position=positions[series.pk],
             )
+            _record_character_set(header)
             try:
                 fileset.add(header)
             except (ValueError, KeyError, AttributeError) as exc:
@@ -225,12 +241,15 @@ def _dicomdir_build(
 # (new instance, reconciled patient, rewritten copy) simply misses; the purge deletes it.
 
 
-def _dicomdir_cache_key(planned: list[tuple[StudyMedia, list[Instance]]]) -> str | None:
+def _dicomdir_cache_key(
+    planned: list[tuple[StudyMedia, list[Instance]]], file_set_id: str
+) -> str | None:
     if len(planned) != 1:
         return None  # several studies on one medium: rare, built each time
     media, kept = planned[0]
     study = media.study
     digest = hashlib.sha256()
+    digest.update(f"v{DICOMDIR_VERSION}|{file_set_id}\n".encode())
     identity = (
         study.patient_id, study.patient_name, study.study_instance_uid, str(study.study_date),
         str(study.study_time), study.study_id, study.accession_number, study.description,
@@ -448,6 +467,33 @@ def _fill_record_keys(
         ds.InstanceNumber = (
             instance.instance_number if instance.instance_number is not None else position
         )
+
+
+def _record_character_set(ds: Dataset) -> None:
+    """Say in the header copy which Specific Character Set its directory records use.
+
+    pydicom copies (0008,0005) of the copy into each record made from it, and a record may
+    carry its own (PS3.3 F.5), so records of instances in different character sets can share
+    one DICOMDIR. The values from the index are Unicode with no character set at all (in the
+    default repertoire pydicom writes them as "?"); those read from a header are decoded here
+    with the instance's own set.
+    A record whose text is plain ASCII needs none; any other is written in UTF-8 (ISO_IR 192),
+    which holds every character of every set losslessly, ISO 2022 code extensions included.
+    """
+    if "SpecificCharacterSet" in ds:
+        ds.decode()  # with the instance's set, before the set changes
+    if all(_is_ascii(element) for element in ds.iterall()):
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+        return
+    ds.SpecificCharacterSet = UTF8
+
+
+def _is_ascii(element: DataElement) -> bool:
+    if element.VR not in CUSTOMIZABLE_CHARSET_VR or element.value is None:
+        return True
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    return all(str(value).isascii() for value in values)
 
 
 def _write_dicomdir(fileset: FileSet) -> tuple[bytes, dict[str, str]]:
@@ -675,21 +721,15 @@ def _iso_name(path: str) -> str:
     return f"/{name};1"
 
 
-def _iso(plan: ExportPlan, volume_label: str) -> tuple[pycdlib.PyCdlib, list[io.IOBase]]:
+def _iso(plan: ExportPlan) -> tuple[pycdlib.PyCdlib, list[io.IOBase]]:
+    volume_label = plan.file_set_id
     if not VOLUME_LABEL_RE.match(volume_label):
-        raise ExportError("A volume label is 1 to 32 of A-Z, 0-9 and _.")
+        raise ExportError("A volume label is 1 to 16 of A-Z, 0-9 and _.")
     iso = pycdlib.PyCdlib()
     # Level 1 (8.3 names of d-characters) is what every PDI reader handles; Joliet level 3
-    # gives the same names to systems that show Joliet.
-    iso.new(
-        interchange_level=1,
-        vol_ident=_joliet_label(volume_label),
-        app_ident_str="RELAY",
-        joliet=3,
-    )
-    # The Joliet label is UCS-2 in the same 32 bytes, so at most 16 characters; pycdlib gives
-    # both descriptors one label, and the ISO 9660 one gets its full 32 characters here.
-    iso.pvd.volume_identifier = volume_label.ljust(32).encode("ascii")
+    # gives the same names to systems that show Joliet. The volume identifier is the
+    # DICOMDIR's File-set ID (PS3.12 F.1.1); pycdlib pads it with spaces, in both descriptors.
+    iso.new(interchange_level=1, vol_ident=volume_label, app_ident_str="RELAY", joliet=3)
     sources: list[io.IOBase] = []
     directories: set[str] = set()
     for media_file in plan.files:
@@ -714,20 +754,10 @@ def _iso(plan: ExportPlan, volume_label: str) -> tuple[pycdlib.PyCdlib, list[io.
     return iso, sources
 
 
-def _joliet_label(label: str) -> str:
-    """The Joliet label: at most 16 characters, keeping the date (DOE_JOH_20240115)."""
-    if len(label) <= 16:
-        return label
-    dated = re.fullmatch(r"(.*)_(\d{8})", label)
-    if dated:
-        return f"{dated.group(1)[:7].rstrip('_')}_{dated.group(2)}"
-    return label[:16].rstrip("_")
-
-
 def iso_size(plan: ExportPlan) -> int:
-    """The exact size of the ISO image `iso_build` writes (the volume label does not change it);
-    give it to `media_kind_for` to choose the disc."""
-    iso, sources = _iso(plan, "SIZE")
+    """The exact size of the ISO image `iso_build` writes; give it to `media_kind_for` to choose
+    the disc."""
+    iso, sources = _iso(plan)
     try:
         iso.force_consistency()
         return int(iso.pvd.space_size) * SECTOR
@@ -741,15 +771,19 @@ def iso_build(
     plan: ExportPlan,
     *,
     out: BinaryIO,
-    volume_label: str,
+    volume_label: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write an ISO 9660 + Joliet image holding the same files as the ZIP.
 
-    `out` must be seekable (pycdlib writes the directory records before the data). `progress`
-    gets (bytes written, bytes of the whole image) as the image grows.
+    The volume label is the plan's File-set ID (`volume_label_for`); another one is refused,
+    since PS3.12 F.1.1 wants the two equal. `out` must be seekable (pycdlib writes the
+    directory records before the data). `progress` gets (bytes written, bytes of the whole
+    image) as the image grows.
     """
-    iso, sources = _iso(plan, volume_label)
+    if volume_label is not None and volume_label != plan.file_set_id:
+        raise ExportError("The volume label of a DICOM disc is its DICOMDIR's File-set ID.")
+    iso, sources = _iso(plan)
     try:
         iso.force_consistency()
         media_kind_for(int(iso.pvd.space_size) * SECTOR)
@@ -770,25 +804,21 @@ def iso_build(
 # --- labels and media ---------------------------------------------------------------------------
 
 
-def _d_characters(value: str) -> str:
-    """Upper-case A-Z, 0-9 and single underscores only (ISO 9660 d-characters)."""
-    ascii_text = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
-    # An apostrophe joins the name (O'Brien -> OBRIEN); every other separator splits it.
-    ascii_text = re.sub(r"['`]", "", ascii_text).upper()
-    return re.sub(r"[^A-Z0-9]+", "_", ascii_text).strip("_")
+def file_set_id_for(studies: list[Study]) -> str:
+    """The File-set ID of the media, which is also the disc's volume label: RELAY_ and ten
+    hexadecimal digits of a SHA-256 of the studies' Relay UUIDs, e.g. RELAY_3F9A0C12BE.
+
+    Every operating system that mounts a disc shows its label, and people write it on the
+    disc, so it names no patient and no date (the file names do not either). It is the same for
+    every download of the same studies, so support can match a disc to them; the UUIDs are
+    hashed so that the label does not give away part of a study's URL."""
+    digest = hashlib.sha256("|".join(sorted(str(s.uuid) for s in studies)).encode())
+    return f"{FILE_SET_PREFIX}{digest.hexdigest()[:FILE_SET_ID_DIGITS].upper()}"
 
 
 def volume_label_for(studies: list[Study]) -> str:
-    """A disc label from the patient and the study date, e.g. DOE_JOHN_20240115."""
-    names = {_d_characters("_".join(s.patient_name.split("=")[0].split("^")[:2])) for s in studies}
-    names.discard("")
-    name = names.pop() if len(names) == 1 else ("STUDIES" if names else "")
-    dates = sorted({s.study_date for s in studies if s.study_date is not None})
-    date = f"{dates[-1]:%Y%m%d}" if dates else ""
-    if not name:
-        name = "RELAY"
-    label = name[: 32 - len(date) - 1].rstrip("_") if date else name[:32].rstrip("_")
-    return f"{label}_{date}" if date else label
+    """The disc label: the media's File-set ID (PS3.12 F.1.1), free of patient data."""
+    return file_set_id_for(studies)
 
 
 def media_kind_for(total_bytes: int) -> str:
