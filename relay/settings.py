@@ -77,6 +77,10 @@ MIDDLEWARE = [
     # below WhiteNoise, whose static files keep their caching.
     "relay.headers.SecurityHeadersMiddleware",
     "csp.middleware.CSPMiddleware",
+    # Database down (or a disk full): 503 + Retry-After, JSON under /api/, a maintenance page
+    # elsewhere (relay.unavailable). Below the header middleware so its answers get them; above
+    # the session, sign-in and everything else that reads the database.
+    "relay.unavailable.ServiceUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -267,7 +271,8 @@ if S3_BUCKET:
     )
 else:
     _default_storage = {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        # Django's folder storage, writing each object whole or not at all (relay/storage.py).
+        "BACKEND": "relay.storage.AtomicFileSystemStorage",
         "OPTIONS": {
             "location": MEDIA_ROOT,
             "file_permissions_mode": 0o600,
@@ -290,6 +295,8 @@ if not DEBUG and not (STATIC_ROOT / "staticfiles.json").exists():
 # Uploads: bodies larger than this spill from memory to temporary files.
 FILE_UPLOAD_MAX_MEMORY_SIZE = env_int("RELAY_UPLOAD_MEMORY_BYTES", 4 * 1024 * 1024)
 FILE_UPLOAD_TEMP_DIR = env_str("RELAY_UPLOAD_TEMP_DIR") or None
+# The Retry-After of every 503 (database, image store or temporary disk unavailable).
+RELAY_RETRY_AFTER_SECONDS = env_int("RELAY_RETRY_AFTER_SECONDS", 30)
 RELAY_MAX_UPLOAD_BYTES = env_int("RELAY_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024)
 RELAY_MAX_SEQUENCE_DEPTH = env_int("RELAY_MAX_SEQUENCE_DEPTH", 32)
 # Hostile requests (README: Hostile requests): limits met before any view reads the request.

@@ -6,13 +6,77 @@ SSE-S3 (`S3_SSE=AES256`) or SSE-KMS (`S3_SSE=aws:kms`, with `S3_SSE_KMS_KEY_ID` 
 or the bucket's default KMS key). In a folder, encryption is the volume's (LUKS, an encrypted
 EBS volume...): the operator declares it with `RELAY_STORAGE_ENCRYPTED=1` after setting it up.
 `manage.py check --deploy` warns when neither is so (relay/checks.py).
+
+Either way an object is written whole or not at all, so that a write failing partway (disk
+full, a file size limit, the bucket dropping the connection) leaves no partial object without a
+row: `AtomicFileSystemStorage` here, `relay.s3.AtomicS3Storage` for a bucket (in its own module
+so that importing the settings does not import boto3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.files.base import File
+from django.core.files.storage import FileSystemStorage
+from django.utils._os import safe_makedirs  # type: ignore[attr-defined]
+
+PARTIAL_PREFIX = ".partial-"
+
+
+class AtomicFileSystemStorage(FileSystemStorage):
+    """Django's folder storage, writing each object whole or not at all.
+
+    The bytes go to a hidden temporary file in the object's own folder, are flushed to disk,
+    and only then get the object's name (a hard link: like Django's own O_EXCL open it never
+    replaces an object of that name, it asks `get_available_name` for another). On any failure
+    the temporary file is removed, so readers, `storage_verify` and the purge see either the
+    whole object or none. A crash of the whole machine mid-write can leave a `.partial-*` file,
+    which `storage_verify` reports as extra.
+    """
+
+    def _save(self, name: str, content: File) -> str:  # type: ignore[type-arg]
+        full_path = self.path(name)
+        directory = os.path.dirname(full_path)
+        try:
+            if self.directory_permissions_mode is not None:
+                safe_makedirs(directory, self.directory_permissions_mode, exist_ok=True)
+            else:
+                os.makedirs(directory, exist_ok=True)
+        except FileExistsError:
+            raise FileExistsError(f"{directory} exists and is not a directory.") from None
+        # mkstemp creates the file 0600; without a configured mode it stays so (patient data).
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=PARTIAL_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in content.chunks():
+                    out.write(chunk if isinstance(chunk, bytes) else chunk.encode())
+                out.flush()
+                # Acknowledged means on disk: the name must not point at unwritten blocks.
+                os.fsync(out.fileno())
+            if self.file_permissions_mode is not None:
+                os.chmod(partial, self.file_permissions_mode)
+            while True:
+                try:
+                    if getattr(self, "_allow_overwrite", False):
+                        os.replace(partial, full_path)
+                    else:
+                        os.link(partial, full_path)
+                except FileExistsError:
+                    name = self.get_available_name(name)
+                    full_path = self.path(name)
+                else:
+                    break
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+        self._ensure_location_group_id(full_path)  # type: ignore[attr-defined]
+        return os.path.relpath(full_path, self.location).replace("\\", "/")
+
 
 SSE_CHOICES = ("", "AES256", "aws:kms")
 
@@ -42,7 +106,7 @@ def s3_storage(
     kms_key_id: str = "",
 ) -> dict[str, Any]:
     return {
-        "BACKEND": "storages.backends.s3.S3Storage",
+        "BACKEND": "relay.s3.AtomicS3Storage",
         "OPTIONS": {
             "bucket_name": bucket,
             "endpoint_url": endpoint_url,

@@ -12,19 +12,25 @@ something was refused.
 - POST /api/v1/manifests                 {"facility": SLUG, "instances": [{"sop_instance_uid", "sha256"}]}
                                          at the end of an upload: studies complete when intact
 - GET  /api/v1/facilities                the facilities the caller may upload to
+
+A fault on our side (the database, the image store or the temporary disk unavailable or full)
+is answered 503 with a `Retry-After` header and {"status": "unavailable", "reason": ...}
+(an upload's answer carries its other fields too): the uploader waits and sends it again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from functools import wraps
 from typing import Any
 from urllib.parse import unquote
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, UnreadablePostError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -42,8 +48,19 @@ from portal.lockout import address_blocked, address_failure
 from portal.models import ApiToken, AuditAction, Facility, Outcome, User
 
 from .completion import ManifestError, manifest_apply
-from .ingest import REJECTED, IngestResult, human_size, instance_ingest, is_valid_uid, read_chunks
+from .ingest import (
+    REJECTED,
+    TEMP_DISK_DOWN,
+    UNAVAILABLE,
+    IngestResult,
+    human_size,
+    instance_ingest,
+    is_valid_uid,
+    read_chunks,
+)
 from .models import Instance
+
+log = logging.getLogger(__name__)
 
 MAX_KNOWN_UIDS = 10_000
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
@@ -51,6 +68,37 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 def _error(reason: str, status: int) -> JsonResponse:
     return JsonResponse({"status": "error", "reason": reason}, status=status)
+
+
+def _retry_later(response: JsonResponse) -> JsonResponse:
+    response["Retry-After"] = str(settings.RELAY_RETRY_AFTER_SECONDS)
+    return response
+
+
+def _unavailable(reason: str) -> JsonResponse:
+    """Our fault, not the request's: the same request may succeed in a while."""
+    return _retry_later(JsonResponse({"status": UNAVAILABLE, "reason": reason}, status=503))
+
+
+def _form_failure(request: HttpRequest, exc: OSError) -> JsonResponse:
+    """Reading a multipart form failed. Django spools each file past FILE_UPLOAD_MAX_MEMORY_SIZE
+    to a temporary file in FILE_UPLOAD_TEMP_DIR, which can be full: that is ours to fix."""
+    if isinstance(exc, UnreadablePostError):
+        return _error("The upload was cut off before the form arrived; send it again.", 400)
+    log.error("temporary file write failed while receiving a form: %s", exc)
+    # The rest of the form is read and dropped (the request is within the upload limit), so
+    # that the sender gets the answer rather than a broken connection.
+    with suppress(OSError):
+        while request.read(1024 * 1024):
+            pass
+    return _unavailable(TEMP_DISK_DOWN)
+
+
+def _form_files(request: HttpRequest) -> list[Any] | JsonResponse:
+    try:
+        return list(request.FILES.getlist("file"))
+    except OSError as exc:
+        return _form_failure(request, exc)
 
 
 def api_view(view: Callable[..., HttpResponse] | None = None, *, writes: bool = False) -> Any:
@@ -91,9 +139,13 @@ def _api_view(
             request.user = token.user
             request.api_token = token  # type: ignore[attr-defined]
         elif request.user.is_authenticated:
-            refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
-                request, view, args, kwargs
-            )
+            try:
+                # Reads the form of a POST (spooling its files) for the CSRF field.
+                refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
+                    request, view, args, kwargs
+                )
+            except OSError as exc:
+                return _form_failure(request, exc)
             if refused is not None:
                 return _error("The CSRF check failed; reload the page.", 403)
         else:
@@ -224,7 +276,9 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
     if content_type == "multipart/form-data":
         if length > limit:
             return _error(f"The request is larger than the {human_size(limit)} limit.", 413)
-        files = request.FILES.getlist("file")
+        files = _form_files(request)
+        if isinstance(files, JsonResponse):
+            return files
         if not files:
             return _error("No file fields named 'file' in the form.", 400)
         results = [
@@ -266,17 +320,25 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
         source="browser" if bearer_token(request) is None else "api",
         request=request,
     )
-    return JsonResponse(result.as_dict(), status=result.http_status)
+    response = JsonResponse(result.as_dict(), status=result.http_status)
+    return _retry_later(response) if result.status == UNAVAILABLE else response
 
 
 def _results_response(results: list[IngestResult]) -> JsonResponse:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    status = 200 if all(r.http_status < 300 for r in results) else 207
-    return JsonResponse(
-        {"counts": counts, "results": [r.as_dict() for r in results]}, status=status
-    )
+    if counts.get(UNAVAILABLE) == len(results):
+        status = 503  # nothing was stored: the whole form can be sent again
+    elif all(r.http_status < 300 for r in results):
+        status = 200
+    else:
+        status = 207
+    body: dict[str, Any] = {"counts": counts, "results": [r.as_dict() for r in results]}
+    if status == 503:
+        body.update(status=UNAVAILABLE, reason=results[0].reason)
+    response = JsonResponse(body, status=status)
+    return _retry_later(response) if UNAVAILABLE in counts else response
 
 
 @require_POST

@@ -13,12 +13,17 @@ For each file, on its own:
    header says;
 3. deduplicate by SOP Instance UID within the facility (same bytes: nothing to do; other bytes:
    the first copy is kept and the conflict reported);
-4. write the object to storage under a key nobody else can pick, then commit the rows; if the rows
-   cannot be committed, the object is removed again.
+4. write the object to storage under a key nobody else can pick (the storage writes it whole or
+   not at all: relay/storage.py), then commit the rows; if the rows cannot be committed, the
+   object is removed again.
+
+A fault on our side (the database, the image store or the temporary disk unavailable or full)
+is not the file's: it is answered 503 with a reason, and the sender tries again later.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -27,7 +32,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time
 from typing import IO, Any
@@ -132,7 +137,8 @@ def spool(chunks: Iterable[bytes], *, expected_size: int | None = None) -> Itera
         head = b""
         head_done = False
         zeroed = False
-        for chunk in chunks:
+        incoming = iter(chunks)
+        for chunk in incoming:
             if not chunk:
                 continue
             size += len(chunk)
@@ -147,10 +153,10 @@ def spool(chunks: Iterable[bytes], *, expected_size: int | None = None) -> Itera
                     chunk = bytes(128) + chunk[128:]
                     zeroed = True
             digest.update(chunk)
-            out.write(chunk)
+            _spool_write(out, chunk, incoming)
         if not head_done and head:
             digest.update(head)
-            out.write(head)
+            _spool_write(out, head, incoming)
         if expected_size is not None and size < expected_size:
             raise Rejected(
                 f"The upload was cut off: {size} of {expected_size} bytes arrived. Nothing was stored; send the file again."
@@ -159,6 +165,21 @@ def spool(chunks: Iterable[bytes], *, expected_size: int | None = None) -> Itera
         yield Spooled(out, size, digest.hexdigest(), zeroed)
     finally:
         out.close()
+
+
+def _spool_write(out: IO[bytes], chunk: bytes, incoming: Iterator[bytes]) -> None:
+    # Past FILE_UPLOAD_MAX_MEMORY_SIZE the spool is a file: a full or size-limited temporary
+    # disk is our fault, not the sender's.
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        log.error("temporary file write failed while receiving an upload: %s", exc)
+        # The rest is read and dropped (never more than the upload limit), so that the sender
+        # gets the answer rather than a broken connection in the middle of its request.
+        with suppress(OSError):
+            for _ in incoming:
+                pass
+        raise Rejected(TEMP_DISK_DOWN, 503) from None
 
 
 def read_chunks(stream: Any, chunk_size: int = CHUNK) -> Iterator[bytes]:
@@ -213,6 +234,12 @@ def _parsed(spooled: Spooled) -> Iterator[tuple[Dataset, IO[bytes], int]]:
             raise
         except RecursionError:
             raise Rejected("The DICOM header nests sequences too deeply to be read.") from None
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                # Inflating a deflated data set into a temporary file that cannot grow.
+                log.error("temporary file write failed while reading an upload: %s", exc)
+                raise Rejected(TEMP_DISK_DOWN, 503) from None
+            raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
         except Exception as exc:
             raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
         yield ds, data_fp, data_size
@@ -563,6 +590,12 @@ PURGING = (
     "Send it again in a few minutes."
 )
 STORAGE_DOWN = "The image store is unavailable; nothing was stored. Try again shortly."
+TEMP_DISK_DOWN = (
+    "The server could not write the upload to its temporary disk; nothing was stored. "
+    "Try again shortly."
+)
+# Errors of a disk that is full, size-limited, read-only or failing (not of a malformed file).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def _ingest_spooled(
@@ -619,6 +652,7 @@ def _ingest_spooled(
 
     storage = storages["default"]
     try:
+        # Whole or not at all: a write failing partway leaves no object behind.
         key = storage.save(
             storage_key(facility=facility, header=header), File(spooled.file, name="upload.dcm")
         )
@@ -649,25 +683,37 @@ def _ingest_spooled(
             # Last, so that the study's row is locked (by concurrent uploads into the same
             # study) for as short a time as possible before the commit.
             _count(study=study, series=series, size=spooled.size, series_created=series_created)
-    except IntegrityError:
-        # Another upload of the same SOP Instance UID committed first: ours is not needed.
-        storage.delete(key)
-        existing = _existing(facility, header.sop_uid)
-        if existing is None:
-            log.exception("rows for %s refused by the database", header.sop_uid)
-            raise Rejected(DATABASE_DOWN, 503) from None
-        if existing[2]:
-            raise Rejected(PURGING, 503) from None
-        return _dedup_result(result, existing, spooled.sha256)
-    except DatabaseError as exc:
-        # The rows could not be committed, so the object must not stay behind either.
-        storage.delete(key)
-        log.exception("database unavailable while indexing %s", header.sop_uid)
-        raise Rejected(DATABASE_DOWN, 503) from exc
-    except BaseException:
-        storage.delete(key)
+    except BaseException as exc:
+        # Whatever stopped it (a lost race, the database, a purge, an interrupt), the rows were
+        # not committed, so the object must not stay behind either.
+        _delete_quietly(storage, key)
+        if isinstance(exc, IntegrityError):
+            # Another upload of the same SOP Instance UID may have committed first.
+            existing = _existing_or_unavailable(facility, header.sop_uid)
+            if existing is not None:
+                if existing[2]:
+                    raise Rejected(PURGING, 503) from None
+                return _dedup_result(result, existing, spooled.sha256)
+        if isinstance(exc, DatabaseError):
+            log.exception("rows for %s not committed", header.sop_uid)
+            raise Rejected(DATABASE_DOWN, 503) from exc
         raise
     return result
+
+
+def _delete_quietly(storage: Any, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:
+        # The store failed again: the object stays unreferenced until storage_verify finds it.
+        log.exception("could not remove %s after its rows were not committed", key)
+
+
+def _existing_or_unavailable(facility: Facility, sop_uid: str) -> tuple[set[str], str, bool] | None:
+    try:
+        return _existing(facility, sop_uid)
+    except DatabaseError as exc:
+        raise Rejected(DATABASE_DOWN, 503) from exc
 
 
 def _index(
