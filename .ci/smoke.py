@@ -1,8 +1,8 @@
 """Smoke test of the embedded default, as a new user would do it.
 
-`make run` in a fresh var/ folder (SQLite, file broker, e-mail to a folder), then: sign in as the
-demo sender, upload a folder with `relay send`, see the studies on the worklist, check that the
-Celery worker sent an e-mail, press Ctrl-C, and check that every process stopped.
+`make run` in a fresh var/ folder (SQLite, the SQLite broker, e-mail to a folder), then: sign in
+as the demo sender, upload a folder with `relay send`, see the studies on the worklist, check
+that the Celery worker sent an e-mail, press Ctrl-C, and check that every process stopped.
 """
 
 from __future__ import annotations

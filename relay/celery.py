@@ -94,7 +94,8 @@ app.autodiscover_tasks()
 @celeryd_init.connect
 @beat_init.connect
 def _embedded_folders(**_: object) -> None:
-    """The file broker's folders (embedded default) exist before the worker or beat reads them."""
+    """The embedded broker's folder exists (and a file broker's leftovers are moved into it)
+    before the worker or beat reads it."""
     var_prepare()
 
 

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 from .env import broker_dir, env_str, secret_key_file, var_dir
+
+
+def broker_database() -> Path:
+    """The embedded Celery broker's SQLite file (relay.broker), when REDIS_URL is unset."""
+    return broker_dir().resolve() / "broker.sqlite3"
 
 
 def var_prepare() -> None:
@@ -23,8 +29,13 @@ def var_prepare() -> None:
     # whitenoise warns about a STATIC_ROOT that is missing.
     (var / "static").mkdir(exist_ok=True)
     if not env_str("REDIS_URL"):
-        for sub in ("queue", "processed", "control"):
-            (broker_dir() / sub).mkdir(parents=True, exist_ok=True)
+        broker = broker_dir()
+        broker.mkdir(parents=True, exist_ok=True)
+        if (broker / "queue").is_dir():
+            # Messages the file broker of earlier versions left behind go to the SQLite broker.
+            from .broker import file_queue_drain
+
+            file_queue_drain(broker, broker_database())
     if not env_str("SECRET_KEY"):
         key_file = secret_key_file()
         try:

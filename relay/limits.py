@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from portal.audit import audit_record, client_ip
@@ -39,18 +40,23 @@ TOKEN_PATHS = ("/api/",)
 def _refuse(request: HttpRequest, reason: str, status: int) -> HttpResponse:
     user = getattr(request, "user", None)
     actor = user if user is not None and user.is_authenticated else None
-    audit_record(
-        action=AuditAction.ACCESS_DENIED,
-        actor=actor,  # type: ignore[arg-type]
-        outcome=Outcome.FAILURE,
-        # request=None: its user agent (and anything else from it) may be what was refused.
-        address=client_ip(request),
-        detail={
-            "reason": reason,
-            "path": request.path.replace("\x00", "")[:200],
-            "method": request.method or "",
-        },
-    )
+    try:
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            actor=actor,  # type: ignore[arg-type]
+            outcome=Outcome.FAILURE,
+            # request=None: its user agent (and anything else from it) may be what was refused.
+            address=client_ip(request),
+            detail={
+                "reason": reason,
+                "path": request.path.replace("\x00", "")[:200],
+                "method": request.method or "",
+            },
+        )
+    except DatabaseError:
+        # The refusal stands with the database down; the log keeps it instead (no path: it is
+        # what was refused).
+        log.error("database unavailable: could not audit a refused request (%s)", reason)
     if request.path.startswith(TOKEN_PATHS):
         return JsonResponse({"status": "error", "reason": reason}, status=status)
     return HttpResponse(reason, status=status, content_type="text/plain; charset=utf-8")

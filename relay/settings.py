@@ -3,7 +3,7 @@
 Everything is driven by environment variables read through the small typed helpers of
 relay/env.py; importing it writes nothing to disk.
 The defaults run a fresh checkout on embedded parts (SQLite, a folder for images, a Celery
-broker kept in files, e-mail written to a folder); production is this same file with the
+broker kept in a SQLite file, e-mail written to a folder); production is this same file with the
 variables from the README's table set.
 """
 
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import dj_database_url
 from csp.constants import NONCE, NONE, SELF
 
+from .embedded import broker_database
 from .env import (
     BASE_DIR,
-    broker_dir,
     embedded_secret_key,
     env_bool,
     env_int,
@@ -345,25 +345,29 @@ DICOM_GATEWAY_TLS_CLIENT_CA = env_str("DICOM_GATEWAY_TLS_CLIENT_CA")
 DICOM_GATEWAY_EXTRA_SOP_CLASSES = env_list("DICOM_GATEWAY_EXTRA_SOP_CLASSES")
 
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
+# Either broker keeps a task until the worker acknowledges it after running it (relay.celery acks
+# late): a task whose worker died is delivered again RELAY_BROKER_VISIBILITY_TIMEOUT seconds
+# after it was fetched, so that must exceed the longest task (hard limit 360 s) and the longest
+# retry countdown (an hour), or a task still running or waiting for its retry runs twice.
+RELAY_BROKER_VISIBILITY_TIMEOUT = env_int("RELAY_BROKER_VISIBILITY_TIMEOUT", 3900)
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
     }
     CELERY_BROKER_URL = REDIS_URL
-    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {"visibility_timeout": 3600}
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+        "visibility_timeout": RELAY_BROKER_VISIBILITY_TIMEOUT,
+        # Look for such tasks every 10 s (kombu's default scans every 10th sweep only).
+        "unacked_restore_throttle": 1,
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-    # The folders are made by relay.embedded.var_prepare when a process starts.
-    _broker_dir = broker_dir()
-    CELERY_BROKER_URL = "filesystem://"
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_broker_dir / "queue"),
-        "data_folder_out": str(_broker_dir / "queue"),
-        "processed_folder": str(_broker_dir / "processed"),
-        "control_folder": str(_broker_dir / "control"),
-        "store_processed": False,
-    }
+    # One SQLite file under RELAY_BROKER_DIR (relay.broker; the file broker of earlier versions
+    # could not keep a task through a worker crash).
+    CELERY_BROKER_TRANSPORT = "relay.broker:Transport"
+    CELERY_BROKER_URL = f"sqlite:///{broker_database()}"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RELAY_BROKER_VISIBILITY_TIMEOUT}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 

@@ -1,5 +1,5 @@
 """A real Celery worker process, on whatever broker and database this run is configured with
-(Redis and PostgreSQL in CI, the file broker and SQLite by default), does the work it is sent,
+(Redis and PostgreSQL in CI, the SQLite broker and SQLite by default), does the work it is sent,
 and sends its e-mail through a real SMTP server on loopback (aiosmtpd)."""
 
 from __future__ import annotations
@@ -82,20 +82,9 @@ def _worker_process(
     }
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     if not settings.REDIS_URL:
-        # Point this process's producer at the same private broker folder as the worker.
-        folders = {
-            "data_folder_in": broker / "queue",
-            "data_folder_out": broker / "queue",
-            "processed_folder": broker / "processed",
-            "control_folder": broker / "control",
-        }
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        app.conf.broker_transport_options = {
-            **{k: str(v) for k, v in folders.items()},
-            "store_processed": False,
-        }
-        # Connections made earlier in this run point at the default folder: start afresh.
+        # Point this process's producer at the worker's private broker (relay.broker).
+        app.conf.broker_url = f"sqlite:///{broker.resolve() / 'broker.sqlite3'}"
+        # Connections made earlier in this run point at the default broker: start afresh.
         app._pool = None
         app.amqp._producer_pool = None
     app.conf.task_always_eager = False

@@ -53,6 +53,8 @@ def test_it_answers_503_on_every_page_when_the_database_is_down(
             "facilities": server.request("GET", "/api/v1/facilities"),
         }  # fmt: skip
         static = server.request("GET", "/static/css/relay.css")
+        # A hostile request is refused all the same; its refusal goes to the log instead.
+        hostile = server.request("GET", "/studies/?q=%00")
     for name, answer in pages.items():
         assert answer.status == 503, name
         assert answer.headers["Retry-After"] == "30", name
@@ -73,7 +75,11 @@ def test_it_answers_503_on_every_page_when_the_database_is_down(
     assert static.status == 200
     log = server.log.read_text()
     assert "Traceback" not in log
+    assert hostile.status == 400
     errors = [line for line in log.splitlines() if " ERROR " in line]
+    refusals = [e for e in errors if "could not audit a refused request" in e]
+    assert len(refusals) == 1
+    errors.remove(refusals[0])
     assert len(errors) == len(pages) + len(api)
     assert all("relay.unavailable database unavailable: OperationalError" in e for e in errors)
 

@@ -54,7 +54,7 @@ def test_manage_py_makes_the_folders_and_a_private_secret_once(tmp_path: Path) -
     assert check() == first  # kept, not replaced: sessions survive restarts
     assert len(first) >= 50
     assert stat.S_IMODE((var / "secret_key").stat().st_mode) == 0o600
-    for folder in ("static", "broker/queue", "broker/processed", "broker/control"):
+    for folder in ("static", "broker"):
         assert (var / folder).is_dir(), folder
 
 
