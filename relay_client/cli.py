@@ -4,7 +4,8 @@ One run, top to bottom:
 1. ask the server which facilities the token may upload to: a bad token or a wrong --facility
    stops here, before minutes of reading a CD;
 2. list the files (the DICOMDIR's references on a CD, else every file under the folder), skip
-   what is not DICOM, and read each file's SOP Instance UID from its header;
+   what is not DICOM or leads outside the folder, count the DICOMDIRs (indexes, which the
+   server refuses, so never sent), and read each file's SOP Instance UID from its header;
 3. ask the server which of those UIDs it already stores, and leave those out: a second run of
    the same command sends only what the first did not (resume after a lost connection);
 4. announce the rest (SOP Instance UID, SHA-256 and Study Instance UID of each file): their
@@ -15,9 +16,11 @@ One run, top to bottom:
    complete only the studies that have everything, and keeps the others receiving until a
    next run sends the rest (or the sender completes them without, on the study page); files
    the server rejected are withdrawn from the announcement;
-7. print what became of every file. Exit code 0: everything is on the server; 1: some file was
-   rejected, in conflict or failed (their studies may still be receiving); 2: the run could not
-   start or was stopped (bad token, facility, server unreachable); 130: interrupted.
+7. print what became of every file, naming the ones left out and why; the exit code says how
+   the run ended (EXIT_CODES, also in `relay send --help`).
+
+When the server is unreachable or unavailable, the whole run backs off once (server.Backoff)
+and then stops with exit code 3, naming what the server answered.
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ from typing import TextIO
 from tqdm import tqdm
 
 from . import __version__
-from .files import Listing, LocalFile, examine, list_files, relative_name, stored_sha256
+from .files import (
+    EMPTY,
+    NOT_DICOM,
+    Listing,
+    LocalFile,
+    examine,
+    list_files,
+    relative_name,
+    stored_sha256,
+)
 from .server import (
     MAX_KNOWN_UIDS,
     MAX_MANIFEST,
@@ -48,8 +60,34 @@ from .server import (
 
 EXIT_OK = 0
 EXIT_NOT_ALL_STORED = 1
-EXIT_STOPPED = 2
+EXIT_USAGE = 2  # argparse's own code for a usage error
+EXIT_UNAVAILABLE = 3
+EXIT_REFUSED = 4
 EXIT_INTERRUPTED = 130
+EXIT_CODES = {
+    EXIT_OK: "every DICOM file is on the server (stored now or already there)",
+    EXIT_NOT_ALL_STORED: (
+        "some files were rejected, in conflict, unreadable or failed (named in\n"
+        "the summary); the studies of failed files stay receiving: run the\n"
+        "command again"
+    ),
+    EXIT_USAGE: (
+        "usage error: a missing or wrong option, no such FOLDER, several\n"
+        "facilities and no --facility, or --server is not a Relay server"
+    ),
+    EXIT_UNAVAILABLE: (
+        "the server was unreachable or unavailable (connection refused, unknown\n"
+        "name, timeout, 5xx) for longer than --retries and --max-wait allow;\n"
+        "nothing is lost: run the same command again later"
+    ),
+    EXIT_REFUSED: (
+        "refused: the token is not valid (unknown, revoked, expired) or is\n"
+        "read-only, or may not upload to that facility"
+    ),
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to send the rest",
+}
+REFUSED_STATUSES = frozenset({401, 403, 429})
+LISTED = 20  # files named per list in the summary; the rest are counted
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # as the server checks them (transfers/ingest.py)
 
 
@@ -62,8 +100,11 @@ class Tally:
     duplicate: list[str] = field(default_factory=list)
     conflict: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    dicomdirs: list[str] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)  # the run stopped before they went
+    announced: bool = False  # the server was told what this run sends: its studies wait
     complete_studies: int = 0
     incomplete_studies: int = 0
 
@@ -79,11 +120,20 @@ class Tally:
         else:
             self.failed.append((name, reason))
 
+    def accounted(self) -> set[str]:
+        """Names of the files whose fate is known."""
+        return (
+            set(self.stored)
+            | set(self.known)
+            | set(self.duplicate)
+            | {name for name, _ in self.conflict + self.rejected + self.failed}
+        )
+
     @property
     def all_stored(self) -> bool:
         # A conflict means the server kept a different file under the same UID: this one is
         # not on the server, so it counts against the run like a rejection.
-        return not (self.conflict or self.rejected or self.failed)
+        return not (self.conflict or self.rejected or self.failed or self.unsent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit codes:\n"
-            "  0    every DICOM file is on the server\n"
-            "  1    some files were rejected, in conflict or failed (listed in the summary);\n"
-            "       the studies of failed files stay receiving: run the command again\n"
-            "  2    the run could not start or was stopped: bad token, facility, no server\n"
-            "  130  interrupted\n"
+            + "".join(
+                f"  {code:<4} " + text.replace("\n", "\n       ") + "\n"
+                for code, text in EXIT_CODES.items()
+            )
+            + "\nA DICOMDIR is the index of a disc, not an image: it is counted in the summary,\n"
+            "not sent. When the server is down, the whole run waits (one shared backoff,\n"
+            "honouring the server's Retry-After), then stops with exit code 3.\n"
             "\n"
             "Prefer RELAY_TOKEN to --token: other users of the PC can see command lines."
         ),
@@ -146,16 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--retries",
         type=_non_negative_int,
-        default=3,
+        default=6,
         metavar="N",
-        help="retries of a request after a network error or 502/503/504 (default: 3)",
+        help=(
+            "while the server is unreachable or answers 5xx, how many times the run tries again"
+            " before it stops (default: 6)"
+        ),
     )
     send.add_argument(
         "--retry-wait",
         type=_non_negative_float,
         default=1.0,
         metavar="SECONDS",
-        help="wait before the first retry, doubled for each next one (default: 1)",
+        help=(
+            "wait before the first retry, doubled for each next one up to 30 s, or longer if"
+            " the server's Retry-After asks (default: 1)"
+        ),
+    )
+    send.add_argument(
+        "--max-wait",
+        type=_non_negative_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="at most this long waiting for the server in one run, in all (default: 300)",
     )
     send.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
@@ -186,7 +251,9 @@ def send(args: argparse.Namespace) -> int:
         args.token.strip(),
         retries=args.retries,
         retry_wait=args.retry_wait,
+        max_wait=args.max_wait,
         connections=args.jobs,
+        on_wait=_say_waiting,
     ) as server:
         try:
             slug, name = choose_facility(server, args.facility)
@@ -196,7 +263,7 @@ def send(args: argparse.Namespace) -> int:
         listing = list_files(args.folder)
         for warning in listing.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        tally = Tally()
+        tally = Tally(skipped=list(listing.skipped), dicomdirs=list(listing.dicomdirs))
         files = _examine_all(listing, tally, quiet=quiet)
         if not files and not tally.failed:
             print(f"No DICOM files found in {args.folder}.", file=sys.stderr)
@@ -206,10 +273,17 @@ def send(args: argparse.Namespace) -> int:
             _upload_all(server, slug, to_send, tally, jobs=args.jobs, quiet=quiet)
             _send_manifest(server, slug, files, tally)
         except RelayError as exc:
+            done = tally.accounted()
+            tally.unsent = [f.name for f in files if f.name not in done]
             print_summary(tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout)
             return _stop(exc)
     print_summary(tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout)
     return EXIT_OK if tally.all_stored else EXIT_NOT_ALL_STORED
+
+
+def _say_waiting(message: str) -> None:
+    # Through tqdm, so that a progress bar on the terminal is redrawn below the message.
+    tqdm.write(f"relay: {message}", file=sys.stderr)
 
 
 def choose_facility(server: RelayServer, wanted: str | None) -> tuple[str, str]:
@@ -220,7 +294,8 @@ def choose_facility(server: RelayServer, wanted: str | None) -> tuple[str, str]:
         if wanted not in names:
             allowed = ", ".join(names) or "none"
             raise RelayError(
-                f"You cannot upload to a facility '{wanted}'. With this token you can upload to: {allowed}."
+                f"You cannot upload to a facility '{wanted}'. With this token you can upload to: {allowed}.",
+                status=403,
             )
         return wanted, names[wanted]
     if len(names) == 1:
@@ -246,8 +321,10 @@ def _examine_all(listing: Listing, tally: Tally, *, quiet: bool | None) -> list[
             )
             continue
         if not local.is_dicom:
-            tally.skipped.append(local.name)
-        elif not local.is_dicomdir:  # an index of a disc, not an image; never sent
+            tally.skipped.append((local.name, EMPTY if local.size == 0 else NOT_DICOM))
+        elif local.is_dicomdir:  # an index of a disc under another name; the server refuses it
+            tally.dicomdirs.append(local.name)
+        else:
             found.append(local)
     return found
 
@@ -257,16 +334,10 @@ def _leave_out_known(
 ) -> list[LocalFile]:
     uids = sorted({f.sop_instance_uid for f in files if f.sop_instance_uid})
     known: dict[str, set[str]] = {}
-    try:
-        for start in range(0, len(uids), MAX_KNOWN_UIDS):
-            known.update(server.known(facility, uids[start : start + MAX_KNOWN_UIDS])[1])
-    except ServerUnavailable as exc:
-        # Not fatal: the server deduplicates anyway, we just send more than we need to.
-        print(
-            f"warning: could not ask which files the server has ({exc}); sending them all.",
-            file=sys.stderr,
-        )
-        return files
+    # A server that does not answer this within the run's backoff would not take the uploads
+    # either: ServerUnavailable stops the run here.
+    for start in range(0, len(uids), MAX_KNOWN_UIDS):
+        known.update(server.known(facility, uids[start : start + MAX_KNOWN_UIDS])[1])
     to_send = []
     for local in files:
         stored = known.get(local.sop_instance_uid or "")
@@ -315,17 +386,10 @@ def _announce(
         # A file without valid UIDs is rejected by the server anyway; nothing to wait for.
         if _valid_uid(f.sop_instance_uid) and _valid_uid(f.study_instance_uid) and f.sha256
     ]
+    # Unavailable after the run's backoff: the uploads would fail too; ServerUnavailable stops it.
     for start in range(0, len(entries), MAX_MANIFEST):
-        try:
-            server.announce(facility, entries[start : start + MAX_MANIFEST])
-        except ServerUnavailable as exc:
-            # Not fatal: the upload can go on; the studies then complete as before, after
-            # the server's quiet period, even if some files fail.
-            print(
-                f"warning: could not announce the files ({exc}); sending them anyway.",
-                file=sys.stderr,
-            )
-            break
+        server.announce(facility, entries[start : start + MAX_MANIFEST])
+    tally.announced = bool(entries)
     return readable
 
 
@@ -419,27 +483,42 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         ("duplicate", len(tally.duplicate)),
         ("conflict", len(tally.conflict)),
         ("rejected", len(tally.rejected)),
-        ("skipped (not DICOM)", len(tally.skipped)),
+        ("skipped", len(tally.skipped)),
         ("failed", len(tally.failed)),
     ]
+    if tally.unsent:
+        rows.append(("not sent", len(tally.unsent)))
+    if tally.dicomdirs:
+        rows.append(("DICOMDIR (index, not sent)", len(tally.dicomdirs)))
+    if tally.complete_studies or tally.incomplete_studies:
+        rows.append(("complete studies", tally.complete_studies))
+    if tally.incomplete_studies:
+        rows.append(("incomplete studies", tally.incomplete_studies))
     print(f"\n{folder} -> {facility}", file=out)
     for label, count in rows:
-        print(f"  {label:<20} {count:>6}", file=out)
+        print(f"  {label:<26} {count:>6}", file=out)
     for title, items in (
         ("Conflict", tally.conflict),
         ("Rejected", tally.rejected),
         ("Failed", tally.failed),
+        ("Skipped", tally.skipped),
+        ("Not sent (the run stopped)", [(name, "") for name in tally.unsent]),
+        (
+            "DICOMDIR (the index of a disc; the server takes the images it lists, not the index)",
+            [(name, "") for name in tally.dicomdirs],
+        ),
     ):
-        if items:
-            print(f"{title}:", file=out)
-            for name, reason in sorted(items):
-                print(f"  {name}: {reason}", file=out)
-    if tally.complete_studies or tally.incomplete_studies:
-        print(f"  {'complete studies':<20} {tally.complete_studies:>6}", file=out)
-    if tally.incomplete_studies:
-        print(f"  {'incomplete studies':<20} {tally.incomplete_studies:>6}", file=out)
+        _print_names(title, items, out=out)
     if tally.all_stored:
         print("Every DICOM file is on the server.", file=out)
+    elif tally.unsent:
+        files = "file" if len(tally.unsent) == 1 else "files"
+        waiting = "; their studies wait for them" if tally.announced else ""
+        print(
+            f"The run stopped before {len(tally.unsent)} {files} went{waiting}. Run the same "
+            "command again to send them; stored files are not sent twice.",
+            file=out,
+        )
     elif tally.failed and tally.incomplete_studies:
         studies = "study" if tally.incomplete_studies == 1 else "studies"
         files = "file" if len(tally.failed) == 1 else "files"
@@ -456,19 +535,36 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         )
 
 
+def _print_names(title: str, items: list[tuple[str, str]], *, out: TextIO) -> None:
+    """The first LISTED names (with the reason, if any) and a count of the rest."""
+    if not items:
+        return
+    print(f"{title}:", file=out)
+    for name, reason in sorted(items)[:LISTED]:
+        print(f"  {name}: {reason}" if reason else f"  {name}", file=out)
+    if len(items) > LISTED:
+        print(f"  ... and {len(items) - LISTED} more", file=out)
+
+
 def _stop(exc: RelayError) -> int:
+    """Say why the run stopped and what to do; the exit code (EXIT_CODES) for it."""
     print(f"relay: {exc}", file=sys.stderr)
     if isinstance(exc, ServerUnavailable):
         print(
-            "relay: check --server and the network, then run the same command again.",
+            "relay: nothing is lost: run the same command again later (files already on the "
+            "server are not sent twice). If it lasts, check --server and the network, or tell "
+            "the server's operator.",
             file=sys.stderr,
         )
-    elif exc.status == 401:
+        return EXIT_UNAVAILABLE
+    if exc.status == 401:
         print(
             "relay: create a new token on your Relay account page and pass it with --token or RELAY_TOKEN.",
             file=sys.stderr,
         )
-    return EXIT_STOPPED
+    if exc.status in REFUSED_STATUSES:
+        return EXIT_REFUSED
+    return EXIT_USAGE
 
 
 def _positive_int(text: str) -> int:

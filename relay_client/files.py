@@ -3,7 +3,9 @@
 A CD written to the IHE PDI profile has a DICOMDIR at its root that lists every image on it;
 the disc may also carry a viewer, autorun files and the like, which we should not even look at.
 So when a DICOMDIR is there, only the files it references are sent; otherwise every file under
-the folder is a candidate. Either way the DICOMDIR itself is an index, never an image to upload.
+the folder is a candidate. Either way a DICOMDIR itself is an index, never an image to upload:
+the server refuses one (transfers/ingest.py, "This is a DICOMDIR ..."), so it is counted and
+named in the summary instead of sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ DICOMDIR = "dicomdir"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 PREAMBLE = 128
 MAGIC = b"DICM"
+# Why a file was left out, as the summary lists it.
+OUTSIDE = "a link to a file outside the folder"
+NOT_DICOM = "not a DICOM file (no DICM marker)"
+EMPTY = "an empty file"
 
 
 @dataclass
@@ -29,6 +35,8 @@ class Listing:
     dicomdir: Path | None = None
     missing: list[str] = field(default_factory=list)  # listed in the DICOMDIR, not on disk
     warnings: list[str] = field(default_factory=list)
+    dicomdirs: list[str] = field(default_factory=list)  # names of the indexes found, never sent
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why) left out unread
 
 
 @dataclass
@@ -52,7 +60,9 @@ def list_files(folder: Path) -> Listing:
     dicomdir = _find_child(folder, DICOMDIR)
     if dicomdir is not None:
         return _inside(_from_dicomdir(folder, dicomdir))
-    return _inside(Listing(root=folder, paths=_walk(folder)))
+    listing = Listing(root=folder, paths=[])
+    listing.paths = _walk(folder, listing)
+    return _inside(listing)
 
 
 def _inside(listing: Listing) -> Listing:
@@ -64,9 +74,7 @@ def _inside(listing: Listing) -> Listing:
         if path.resolve().is_relative_to(root):
             kept.append(path)
         else:
-            listing.warnings.append(
-                f"{relative_name(path, listing.root)}: skipped, it links outside the folder."
-            )
+            listing.skipped.append((relative_name(path, listing.root), OUTSIDE))
     listing.paths = kept
     return listing
 
@@ -84,22 +92,25 @@ def examine(path: Path, root: Path) -> LocalFile:
         if head[PREAMBLE:] != MAGIC:
             return LocalFile(path, name, size, is_dicom=False)
         fp.seek(0)
-        try:
-            # pydicom warns about every oddity of every file; the server is the judge of those.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        # pydicom warns about every oddity of every file, and converts values lazily, so the
+        # values are read inside the filter too; the server is the judge of those oddities.
+        # catch_warnings restores the filters after this read, and the uploader reads headers
+        # before any upload thread starts, so nothing else in the process is silenced.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
                 ds = pydicom.dcmread(
                     fp,
                     stop_before_pixels=True,
                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
                 )
-        except Exception:
-            # Unparsable: send it anyway and let the server say what is wrong with it.
-            return LocalFile(path, name, size, is_dicom=True)
-    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
-    sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
-    uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
-    study_uid = str(ds.get("StudyInstanceUID") or "")
+                meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+                sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+                uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+                study_uid = str(ds.get("StudyInstanceUID") or "")
+            except Exception:
+                # Unparsable: send it anyway and let the server say what is wrong with it.
+                return LocalFile(path, name, size, is_dicom=True)
     return LocalFile(
         path,
         name,
@@ -115,36 +126,42 @@ def relative_name(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, listing: Listing) -> list[Path]:
+    """Every file under `root`; the DICOMDIRs found on the way are counted in `listing`."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()  # in place, so that os.walk descends in a stable order
-        found.extend(
-            Path(dirpath, filename)
-            for filename in sorted(filenames)
-            if _normalise(filename) != DICOMDIR
-        )
+        for filename in sorted(filenames):
+            path = Path(dirpath, filename)
+            if _normalise(filename) == DICOMDIR:
+                listing.dicomdirs.append(relative_name(path, root))
+            else:
+                found.append(path)
     return found
 
 
 def _from_dicomdir(root: Path, dicomdir: Path) -> Listing:
     try:
+        # Values are converted lazily: every one used is read inside the filter.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(dicomdir)
-        records = list(ds.get("DirectoryRecordSequence") or [])
+            records = ds.get("DirectoryRecordSequence") or []
+            file_ids = [record.get("ReferencedFileID") for record in records]
     except Exception as exc:
         # A damaged index should not stop the images on the disc from being sent.
-        listing = Listing(root=root, paths=_walk(root))
+        listing = Listing(root=root, paths=[])
+        listing.paths = _walk(root, listing)
         listing.warnings.append(
             f"The DICOMDIR could not be read ({exc}); sending every file instead."
         )
         return listing
-    listing = Listing(root=root, paths=[], dicomdir=dicomdir)
+    listing = Listing(
+        root=root, paths=[], dicomdir=dicomdir, dicomdirs=[relative_name(dicomdir, root)]
+    )
     seen: set[Path] = set()
     tree = _Tree()
-    for record in records:
-        file_id = record.get("ReferencedFileID")
+    for file_id in file_ids:
         if not file_id:
             continue  # patient, study and series records point at no file
         parts = [file_id] if isinstance(file_id, str) else [str(part) for part in file_id]

@@ -3,9 +3,15 @@
 The calls: the facilities a token may upload to, which SOP Instance UIDs a facility already
 stores (so that a second run resumes instead of starting over), the announcement of what is
 about to be sent, the upload of one file, and the manifest at the end.
-Each is retried with exponential backoff on network errors and on 502/503/504, which is what a
-restarting server, a proxy in between, or briefly unavailable storage answer; never on a 4xx,
-which would only be refused again.
+
+When the server cannot be reached (connection refused, a name that does not resolve, a timeout)
+or answers 5xx (a restarting server, a proxy in front of it, its database or image store down;
+as JSON from Relay, or as an HTML error page from an older server or a proxy), the whole run
+backs off once: one `Backoff` shared by every upload thread, so that while the server is down
+one request at a time tries again, after waits that double from --retry-wait (or as long as
+the server's Retry-After asks), within --retries attempts and --max-wait seconds of waiting for
+the whole run. Then the run stops with what the server's state was. A 4xx is never retried: it
+would only be refused again.
 
 Retrying an upload is safe even if the first attempt did arrive: the server deduplicates by
 SOP Instance UID and answers "duplicate" for the second copy.
@@ -14,9 +20,13 @@ SOP Instance UID and answers "duplicate" for the second copy.
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
@@ -26,7 +36,6 @@ import httpx
 from . import __version__
 from .files import LocalFile
 
-RETRY_STATUSES = frozenset({502, 503, 504})
 FILE_STATUSES = frozenset({"stored", "duplicate", "conflict", "rejected"})
 MAX_KNOWN_UIDS = 10_000  # the server's limit per /instances/known request
 MAX_MANIFEST = 20_000  # the server's limit per /manifests request
@@ -44,11 +53,145 @@ class RelayError(Exception):
 
 
 class ServerUnavailable(RelayError):
-    """No usable answer even after the retries: the network, or the server is down."""
+    """No usable answer within the run's retries and wait: the network, or the server is down."""
+
+
+class RequestFailed(ServerUnavailable):
+    """This one request kept failing while the server answered others: give up on it alone."""
 
 
 class Stopped(Exception):
     """The run is being stopped (a RelayError elsewhere, or Ctrl-C); give up this file quietly."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a request got no usable answer, as the user should read it."""
+
+    text: str
+    retry_after: float | None = None  # seconds, from the server's Retry-After header
+
+
+class Backoff:
+    """The run's one backoff, shared by the main thread and every upload thread.
+
+    The first failure of an outage decides a wait; requests that were already on their way add
+    no wait of their own: they fail too, or they succeed, which ends the outage. When the wait is
+    over and none of them is still on its way, one request (the probe) goes; the others wait for
+    its answer. A usable answer ends the outage for everyone; another failure doubles the wait.
+    The run gives up after `retries` failed attempts in a row, or when the next wait would take
+    the waits of the whole run beyond `max_wait` seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        retries: int,
+        base: float,
+        max_wait: float,
+        url: str,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        self.retries = retries
+        self.base = base
+        self.max_wait = max_wait
+        self.url = url
+        self.waited = 0.0  # seconds of waiting decided so far, every outage of the run together
+        self.successes = 0
+        self._on_wait = on_wait
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._step = 0  # bumped at every wait decided: a failure of an older step adds none
+        self._failures = 0  # failed attempts of the current outage; 0 when there is none
+        self._resume_at = 0.0
+        self._probing = False
+        self._in_flight = 0  # requests sent and not yet answered
+        self._gave_up: str | None = None
+
+    def enter(self) -> tuple[int, bool]:
+        """Wait until this request may go: (the step it goes in, whether it is the probe)."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    raise Stopped
+                if self._gave_up is not None:
+                    raise ServerUnavailable(self._gave_up)
+                if not self._failures:
+                    self._in_flight += 1
+                    return self._step, False
+                remaining = self._resume_at - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                elif not self._probing and not self._in_flight:
+                    self._probing = True
+                    self._in_flight += 1
+                    return self._step, True
+                else:
+                    self._cond.wait()
+
+    def succeeded(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self.successes += 1
+            self._failures = 0  # the outage, if any, is over
+            self._probing = False
+            self._cond.notify_all()
+
+    def failed(self, step: int, problem: Problem) -> None:
+        """Count a failed attempt. Raises ServerUnavailable when the run gives up."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+            if self._gave_up is not None:
+                raise ServerUnavailable(self._gave_up)
+            if step != self._step:
+                return  # on its way before the current wait was decided: the same outage
+            self._failures += 1
+            self._probing = False
+            attempts = f"{self._failures} attempt{'s' if self._failures > 1 else ''}"
+            if self._failures > self.retries:
+                self._give_up(f"{problem.text}. Gave up after {attempts}")
+            delay = min(self.base * 2 ** (self._failures - 1), MAX_BACKOFF)
+            asked = problem.retry_after is not None and problem.retry_after >= delay
+            if problem.retry_after is not None:
+                delay = max(delay, problem.retry_after)
+            if self.waited + delay > self.max_wait:
+                left = max(self.max_wait - self.waited, 0)
+                self._give_up(
+                    f"{problem.text}. The next wait, {delay:g} s"
+                    f"{' as the server asked (Retry-After)' if asked else ''}, is more than the "
+                    f"{left:g} s left of --max-wait. Gave up after {attempts}"
+                )
+            self.waited += delay
+            self._resume_at = time.monotonic() + delay
+            self._step += 1
+            self._cond.notify_all()
+            if self._on_wait is not None:
+                why = " as the server asked (Retry-After)" if asked else ""
+                self._on_wait(
+                    f"{self.url} is unavailable: {problem.text}. Trying again in {delay:g} s{why}"
+                    f" (attempt {self._failures + 1} of {self.retries + 1})."
+                )
+
+    def abandon(self, probe: bool) -> None:
+        """A request ended without an answer that says anything about the server (its file
+        unreadable, the run stopped, a file the server fails on): if it was the probe, let
+        another request be the next one."""
+        with self._cond:
+            self._in_flight -= 1
+            if probe:
+                self._probing = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _give_up(self, text: str) -> None:
+        self._gave_up = f"{self.url} is unavailable: {text} and {self.waited:g} s of waiting."
+        self._cond.notify_all()
+        raise ServerUnavailable(self._gave_up)
 
 
 @dataclass
@@ -67,13 +210,17 @@ class RelayServer:
         url: str,
         token: str,
         *,
-        retries: int = 3,
+        retries: int = 6,
         retry_wait: float = 1.0,
+        max_wait: float = 300.0,
         connections: int = 4,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
-        self.retry_wait = retry_wait
+        self.backoff = Backoff(
+            retries=retries, base=retry_wait, max_wait=max_wait, url=self.url, on_wait=on_wait
+        )
         self._stop = threading.Event()
         self._client = httpx.Client(
             base_url=self.url,
@@ -98,6 +245,7 @@ class RelayServer:
     def stop(self) -> None:
         """Make every thread give up: waits before a retry end at once, bodies stop mid-stream."""
         self._stop.set()
+        self.backoff.stop()
 
     # --- the calls ------------------------------------------------------------------------------
 
@@ -178,15 +326,15 @@ class RelayServer:
 
         try:
             response = self._call(attempt)
-        except ServerUnavailable as exc:
+            return self._answer(response)
+        except RequestFailed as exc:
             return Answer("failed", str(exc))
         except OSError as exc:
             return Answer("failed", f"The file could not be read: {exc.strerror or exc}.")
-        try:
-            return self._answer(response)
         except RelayError:
-            # Stop here rather than in the main thread, so that this worker does not start
-            # on its next file (into the same refusal) before the main thread hears of it.
+            # The server is unavailable for good, or refuses the run: stop here rather than in
+            # the main thread, so that this worker does not start on its next file (into the
+            # same answer) before the main thread hears of it.
             self.stop()
             raise
 
@@ -200,32 +348,39 @@ class RelayServer:
             yield chunk
 
     def _call(self, send: Callable[[], httpx.Response]) -> httpx.Response:
-        """`send()` with retries; raises ServerUnavailable when the last attempt got no answer."""
-        attempt = 0
+        """`send()` within the run's shared backoff. Raises ServerUnavailable when the run gives
+        up, RequestFailed when this request kept failing while the server answered others."""
+        tries = 0
+        served_before = 0  # the server's usable answers when this request first failed
         while True:
+            step, probe = self.backoff.enter()
             try:
                 response = send()
+                problem = _transient(response)
             except httpx.TransportError as exc:
-                if attempt >= self.retries:
-                    raise ServerUnavailable(
-                        f"No answer from {self.url} after {attempt + 1} attempts: {_describe(exc)}"
-                    ) from exc
-            else:
-                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
-                    return response
-            delay = min(self.retry_wait * 2**attempt, MAX_BACKOFF)
-            if self._stop.wait(delay):
-                raise Stopped
-            attempt += 1
+                problem = Problem(_describe(exc))
+            except BaseException:
+                self.backoff.abandon(probe)  # every request that entered leaves, or others hang
+                raise
+            if problem is None:
+                self.backoff.succeeded()
+                return response
+            tries += 1
+            if tries == 1:
+                served_before = self.backoff.successes
+            elif tries > self.retries and self.backoff.successes > served_before:
+                # Not an outage: the server answered other requests since this one first
+                # failed. Something about this request (a file the server fails on): give up
+                # on it alone, and spend none of the run's wait on it.
+                self.backoff.abandon(probe)
+                raise RequestFailed(f"{problem.text} (after {tries} attempts)")
+            self.backoff.failed(step, problem)
 
     def _json_or_raise(self, response: httpx.Response) -> dict[str, Any]:
         body = _json(response)
         if response.is_success and body is not None:
             return body
-        reason = _reason(response, body)
-        if response.status_code in RETRY_STATUSES:
-            raise ServerUnavailable(reason, status=response.status_code)
-        raise RelayError(reason, status=response.status_code)
+        raise RelayError(_reason(response, body), status=response.status_code)
 
     def _answer(self, response: httpx.Response) -> Answer:
         body = _json(response)
@@ -234,10 +389,6 @@ class RelayServer:
             # About the request, not this file (token, facility, permissions): every other file
             # would get the same answer.
             raise RelayError(_reason(response, body), status=response.status_code)
-        if response.status_code in RETRY_STATUSES:
-            return Answer(
-                "failed", f"{_reason(response, body)} (after {self.retries + 1} attempts)"
-            )
         if status in FILE_STATUSES and body is not None:
             return Answer(str(status), str(body.get("reason") or ""))
         return Answer("failed", _reason(response, body))
@@ -262,6 +413,50 @@ def _reason(response: httpx.Response, body: dict[str, Any] | None) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}."
 
 
+def _transient(response: httpx.Response) -> Problem | None:
+    """Why the answer is worth trying again later (a 5xx, or a 429 that says when), or None."""
+    status = response.status_code
+    if status < 500 and not (status == 429 and "retry-after" in response.headers):
+        return None
+    body = _json(response)
+    if body and body.get("reason"):
+        text = f"HTTP {status} {response.reason_phrase}: {str(body['reason']).rstrip('.')}"
+    else:
+        # An older server's or a proxy's error page: the server's state, not a foreign server.
+        text = f"HTTP {status} {response.reason_phrase} (an error page, not a Relay answer)"
+    return Problem(text, retry_after=_retry_after(response))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds: a number of seconds, or an HTTP date (RFC 9110, 10.2.3)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.now(tz=UTC)).total_seconds(), 0.0)
+
+
 def _describe(exc: httpx.TransportError) -> str:
+    """The network failure in words: refused, no such name, no answer in time, or else."""
+    cause: BaseException | None = exc
+    for _ in range(10):  # httpx -> httpcore -> the socket's own error; never a long chain
+        if cause is None:
+            break
+        if isinstance(cause, socket.gaierror):
+            return "its name could not be resolved (DNS)"
+        if isinstance(cause, ConnectionRefusedError):
+            return "the connection was refused (is the server running?)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__})"
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (
+        f"no answer ({type(exc).__name__}: {text})" if text else f"no answer ({type(exc).__name__})"
+    )

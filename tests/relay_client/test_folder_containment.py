@@ -21,7 +21,7 @@ def test_a_link_out_of_the_folder_is_named_and_not_sent(tmp_path: Path) -> None:
 
     listing = list_files(disc)
     assert [p.name for p in listing.paths] == ["IM1"]
-    assert listing.warnings == ["IMAGES/IM2: skipped, it links outside the folder."]
+    assert listing.skipped == [("IMAGES/IM2", "a link to a file outside the folder")]
 
 
 def test_a_link_that_stays_inside_the_folder_is_sent(tmp_path: Path) -> None:

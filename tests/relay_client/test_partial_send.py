@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import dicom_bytes, upload
 from tests.relay_client import test_relay_send as base
 from tests.relay_client.test_relay_send import relay_send, summary
-from transfers.completion import studies_complete_quiet
+from transfers.completion import expected_outstanding, studies_complete_quiet
 from transfers.models import ExpectedInstance, NotifyStatus, Share, Study, StudyStatus
 from transfers.sharing.services import share_create
 
@@ -55,19 +55,23 @@ def test_a_send_with_15_of_20_files_failed_leaves_the_study_receiving(
     )
     assert share.notify_status == NotifyStatus.WAITING
 
-    proxy = start_proxy(failures=15)  # the image store answers 503 to the next 15 uploads
+    # After four uploads the image store fails: it answers 503 to the next 15, and the run,
+    # with no retries allowed, stops (exit code 3: the server is unavailable).
+    proxy = start_proxy(succeed_first=4, failures=15)
     code, out, err = relay_send(
         capsys, str(twenty_files), "--server", proxy.url, "--token", bob_token,
         "--jobs", "1", "--retries", "0",
     )  # fmt: skip
-    assert code == 1, out + err
-    assert summary(out)["failed"] == 15
+    assert code == 3, out + err
+    assert summary(out)["not sent"] == 15
     assert summary(out)["stored"] == 4
     assert summary(out)["already on server"] == 1
-    assert "1 study still receiving: 15 files failed; run relay send again to finish" in out
+    assert "The run stopped before 15 files went; their studies wait for them." in out
+    assert "The image store is unavailable" in err
     study.refresh_from_db()
     assert (study.status, study.num_instances) == (StudyStatus.RECEIVING, 5)
-    assert ExpectedInstance.objects.count() == 15
+    # No manifest came (the run stopped): the announcement alone keeps the study waiting.
+    assert expected_outstanding().count() == 15
     assert mailoutbox == []
 
     # Long past the quiet period: still waiting for the 15 announced images.
@@ -77,7 +81,9 @@ def test_a_send_with_15_of_20_files_failed_leaves_the_study_receiving(
     assert study.status == StudyStatus.RECEIVING
     assert mailoutbox == []
 
-    # The same command again sends the rest: complete, and the recipients are told once.
+    # The image store is back; the same command again sends the rest: complete, and the
+    # recipients are told once.
+    proxy.failures = 0
     code, out, err = relay_send(
         capsys, str(twenty_files), "--server", proxy.url, "--token", bob_token
     )

@@ -158,10 +158,12 @@ def test_it_sends_a_folder_and_a_second_run_sends_nothing(
         "duplicate": 0,
         "conflict": 0,
         "rejected": 0,
-        "skipped (not DICOM)": 1,
+        "skipped": 1,
         "failed": 0,
         "complete studies": 3,
     }
+    # The file left out is named, with the reason.
+    assert "Skipped:\n  README.txt: not a DICOM file (no DICM marker)\n" in first.stdout
     # The manifest at the end marked the three studies complete.
     assert set(Study.objects.values_list("status", flat=True)) == {"complete"}
     assert "nvh (North Valley Hospital)" in first.stdout
@@ -183,7 +185,7 @@ def test_it_sends_a_folder_and_a_second_run_sends_nothing(
     )
     assert code == 0
     counts = summary(out)
-    assert (counts["stored"], counts["already on server"], counts["skipped (not DICOM)"]) == (
+    assert (counts["stored"], counts["already on server"], counts["skipped"]) == (
         0,
         3,
         1,
@@ -200,7 +202,10 @@ def test_it_sends_only_what_the_dicomdir_lists(live_server, dana_token, patient_
     assert set(Instance.objects.values_list("sop_instance_uid", flat=True)) == listed_uids
     # Neither the DICOMDIR, nor the unlisted viewer sample, nor autorun.inf reached the server.
     assert uploads_audited() == 3
-    assert summary(out)["skipped (not DICOM)"] == 0
+    assert summary(out)["skipped"] == 0
+    # The DICOMDIR is counted and named: an index, which the server would refuse, not sent.
+    assert summary(out)["DICOMDIR (index, not sent)"] == 1
+    assert re.search(r"^DICOMDIR \(the index of a disc.*\):\n  dicomdir\n", out, re.MULTILINE)
 
 
 def test_it_reports_files_the_dicomdir_lists_but_the_disc_lacks(
@@ -248,7 +253,7 @@ def test_it_stops_at_once_on_a_bad_token(live_server, nvh, study_folder, capsys)
     code, out, err = relay_send(
         capsys, str(study_folder), "--server", live_server.url, "--token", "rly_notarealtoken"
     )
-    assert code == 2
+    assert code == 4  # refused
     assert "The API token is not valid (unknown)." in err
     assert "--token or RELAY_TOKEN" in err
     assert Instance.objects.count() == 0
@@ -267,7 +272,7 @@ def test_it_stops_at_once_when_the_token_is_revoked_mid_run(
     code, out, err = relay_send(
         capsys, str(study_folder), "--server", proxy.url, "--token", dana_token, "--jobs", "1"
     )
-    assert code == 2
+    assert code == 4  # refused
     assert "The API token is not valid (revoked)." in err
     assert [status for _, status in proxy.uploads] == [401]  # not one request per file
     assert Instance.objects.count() == 0
@@ -279,7 +284,7 @@ def test_a_sender_for_two_facilities_gets_the_servers_question(
     code, _, err = relay_send(
         capsys, str(study_folder), "--server", live_server.url, "--token", erin_token
     )
-    assert code == 2
+    assert code == 2  # a usage error: --facility is needed
     assert "Say which facility to upload to (?facility=...): one of " in err
     assert Instance.objects.count() == 0
 
@@ -311,7 +316,7 @@ def test_it_refuses_a_facility_the_token_cannot_upload_to(
         "--facility",
         "glacier",
     )
-    assert code == 2
+    assert code == 4  # refused
     assert (
         "You cannot upload to a facility 'glacier'. With this token you can upload to: nvh." in err
     )
@@ -321,34 +326,92 @@ def test_it_refuses_a_facility_the_token_cannot_upload_to(
 # --- retries ------------------------------------------------------------------------------------
 
 
+STORE_DOWN = json.dumps(
+    {
+        "status": "rejected",
+        "reason": "The image store is unavailable; nothing was stored. Try again shortly.",
+    }
+).encode()
+
+
 class FlakyProxy(ThreadingHTTPServer):
-    """A loopback proxy in front of the live server. Its first `failures` uploads get the 503
-    Relay itself answers while the image store is unavailable; everything else goes through,
-    after `before_upload()` has run for an upload."""
+    """A loopback proxy in front of the live server. After `succeed_first` uploads have gone
+    through, it answers the next `failures` uploads (every request, if not `only_uploads`)
+    with `answer`: by default the 503 Relay itself answers while the image store is
+    unavailable. Everything else goes through, after `before_upload()` has run for an upload.
+
+    `wave`: the first failing uploads are held until that many have arrived, so that a test
+    knows they were all on their way at once (the threads of a run sending in parallel).
+    `bad_file`: uploads of this X-Filename always get `answer`, and the others wait until it
+    has been answered once (a file the server fails on, whatever the others do)."""
 
     daemon_threads = True
 
     def __init__(
-        self, upstream: str, *, failures: int = 0, before_upload: Callable[[], None] | None = None
+        self,
+        upstream: str,
+        *,
+        failures: int = 0,
+        succeed_first: int = 0,
+        answer: tuple[int, dict[str, str], bytes] | None = None,
+        only_uploads: bool = True,
+        wave: int = 0,
+        bad_file: str | None = None,
+        before_upload: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "localhost", parts.port or 80)
         self.failures = failures
+        self.succeed_first = succeed_first
+        self.answer = answer or (503, {"Content-Type": "application/json"}, STORE_DOWN)
+        self.only_uploads = only_uploads
+        self.wave = threading.Barrier(wave, timeout=20) if wave > 1 else None
+        self.bad_file = bad_file
+        self.bad_file_answered = threading.Event()
         self.before_upload = before_upload
         self.lock = threading.Lock()
         self.uploads: list[tuple[dict[str, str], int]] = []  # (request headers, status answered)
+        self.requests: list[tuple[str, int]] = []  # (path, status answered), every request
+        self.ticks = 0  # counts beginnings and ends of uploads, to tell which overlapped
+        self.after_wave: list[tuple[int, int, int]] = []  # (began, ended, status) of later uploads
+        self.wave_passed = False
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def tick(self) -> int:
+        with self.lock:
+            self.ticks += 1
+            return self.ticks
+
     def take_failure(self) -> bool:
         with self.lock:
+            if self.succeed_first > 0:
+                self.succeed_first -= 1
+                return False
             if self.failures > 0:
                 self.failures -= 1
                 return True
             return False
+
+    def hold_wave(self) -> bool:
+        """The first failing uploads wait here until the whole wave has arrived. True for an
+        upload of the wave."""
+        if self.wave is None or self.wave_passed:
+            return False
+        try:
+            self.wave.wait()
+        except threading.BrokenBarrierError:
+            pass
+        self.wave_passed = True  # by each of the wave, before it answers
+        return True
+
+    def failed_one_at_a_time(self) -> bool:
+        """Did the failing uploads after the wave go one at a time, none overlapping another?"""
+        failing = sorted((b, e) for b, e, status in self.after_wave if status >= 500)
+        return all(e1 < b2 for (_, e1), (b2, _) in zip(failing, failing[1:], strict=False))
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -363,29 +426,43 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         upload = urlsplit(self.path).path == "/api/v1/instances"
-        if upload and self.server.take_failure():
-            reason = "The image store is unavailable; nothing was stored. Try again shortly."
-            status, data = 503, json.dumps({"status": "rejected", "reason": reason}).encode()
-            content_type = "application/json"
+        began = self.server.tick()
+        in_wave = False
+        headers: dict[str, str]
+        bad = upload and self.headers.get("X-Filename") == self.server.bad_file
+        if upload and self.server.bad_file and not bad:
+            self.server.bad_file_answered.wait(timeout=20)
+        if bad or (upload or not self.server.only_uploads) and self.server.take_failure():
+            if upload:
+                in_wave = self.server.hold_wave()
+            status, headers, data = self.server.answer
         else:
             if upload and self.server.before_upload is not None:
                 self.server.before_upload()
             connection = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-            headers = {
+            forwarded = {
                 k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
             }
-            connection.request(self.command, self.path, body=body, headers=headers)
+            connection.request(self.command, self.path, body=body, headers=forwarded)
             response = connection.getresponse()
             status, data = response.status, response.read()
-            content_type = response.getheader("Content-Type", "application/json")
+            headers = {"Content-Type": response.getheader("Content-Type", "application/json")}
             connection.close()
-        if upload:
-            with self.server.lock:
+        # Recorded before the answer leaves: the client hears of it only afterwards.
+        ended = self.server.tick()
+        with self.server.lock:
+            self.server.requests.append((urlsplit(self.path).path, status))
+            if upload:
                 self.server.uploads.append(
                     ({k.lower(): v for k, v in self.headers.items()}, status)
                 )
+                if self.server.wave is not None and not in_wave:
+                    self.server.after_wave.append((began, ended, status))
+        if bad:
+            self.server.bad_file_answered.set()
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -433,26 +510,26 @@ def test_it_retries_while_the_image_store_is_unavailable(
     assert sizes == sorted(Path(get_testdata_file(name)).stat().st_size for name in SENT_FILES)
 
 
-def test_it_gives_up_on_a_file_after_the_retries(start_proxy, dana_token, study_folder, capsys):
+def test_a_server_down_for_good_stops_the_run_after_its_retries(
+    start_proxy, dana_token, study_folder, capsys
+):
+    # On main each file retried on its own (three files, three attempts each: 9 uploads) and
+    # the run ended with exit code 1 as if the files were at fault.
     flaky_proxy = start_proxy(failures=1_000)
-    code, out, _ = relay_send(
-        capsys,
-        str(study_folder),
-        "--server",
-        flaky_proxy.url,
-        "--token",
-        dana_token,
-        "--retries",
-        "2",
-    )
-    assert code == 1
-    assert summary(out)["failed"] == 3
+    code, out, err = relay_send(
+        capsys, str(study_folder), "--server", flaky_proxy.url, "--token", dana_token,
+        "--retries", "2", "--jobs", "1",
+    )  # fmt: skip
+    assert code == 3
+    assert len(flaky_proxy.uploads) == 3  # one attempt and two retries for the whole run
+    assert summary(out)["not sent"] == 3
+    assert summary(out)["failed"] == 0
+    assert "The run stopped before 3 files went" in out
     assert (
-        "The image store is unavailable; nothing was stored. Try again shortly. (after 3 attempts)"
-        in out
-    )
-    assert "Run the same command again" in out
-    assert len(flaky_proxy.uploads) == 9  # three files, three attempts each
+        f"relay: {flaky_proxy.url} is unavailable: HTTP 503 Service Unavailable: The image "
+        "store is unavailable; nothing was stored. Try again shortly. Gave up after 3 attempts"
+    ) in err
+    assert "run the same command again later" in err
     assert Instance.objects.count() == 0
 
 
@@ -471,8 +548,14 @@ def test_it_stops_when_the_server_cannot_be_reached(dana_token, study_folder, ca
             "--retries",
             "2",
         )
-    assert code == 2
-    assert f"No answer from http://127.0.0.1:{port} after 3 attempts: ConnectError" in err
+    assert code == 3
+    assert (
+        f"relay: http://127.0.0.1:{port} is unavailable: the connection was refused (is the "
+        "server running?). Gave up after 3 attempts"
+    ) in err
+    # One shared backoff: each wait is announced once, with the attempt it leads to.
+    assert err.count("Trying again in 0 s") == 2
+    assert "(attempt 3 of 3)" in err
 
 
 def test_other_bytes_under_a_stored_uid_are_not_already_on_the_server(
