@@ -19,6 +19,13 @@ other.
 
 A study that completes is rendered for the viewer, its waiting shares are notified, and one
 that came from a PACS is shared by its facility's routing rules.
+
+Images that arrive after a study completed (a late series, a resend with more) put it back to
+receiving until they settle by the same rules (their upload's manifest, or the quiet period;
+announced images still outstanding hold it back). Receiving hides nothing: recipients open,
+view and download what is there meanwhile. When it completes again the new images are
+rendered, and each share already notified is told once of the batch ("N new images added",
+on the share's timeline too); routing rules share nothing twice (once per rule and study).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from portal.models import AuditAction, Facility, User
 from .dicom.routing import routing_apply
 from .ingest import is_valid_uid
 from .models import UID_BATCH, ExpectedInstance, Instance, Study, StudyStatus
-from .sharing.services import shares_notify_completed
+from .sharing.services import shares_notify_added, shares_notify_completed
 from .viewer.tasks import study_render_queue
 
 MAX_MANIFEST = 20_000
@@ -225,6 +232,7 @@ def manifest_apply(
             ).delete()
         candidates = list(Study.objects.filter(pk__in=studies).order_by("pk"))
         bad_studies |= _studies_waiting([s for s in candidates if s.pk not in bad_studies])
+        completed: list[Study] = []
         for study in candidates:
             if study.pk in bad_studies:
                 result.incomplete.append(str(study.uuid))
@@ -232,8 +240,11 @@ def manifest_apply(
             if _complete(study):
                 # Just completed: every frame is made ready for the viewer in the render queue.
                 study_render_queue(study)
+                completed.append(study)
             result.complete.append(str(study.uuid))
         shares_notify_completed()
+        # Images added to a study whose shares were already told: "N new images added".
+        shares_notify_added(studies=completed)
     return result
 
 
@@ -270,6 +281,8 @@ def expectations_give_up(*, study: Study, by: User, request: HttpRequest | None 
         if completed:
             study_render_queue(study)
         shares_notify_completed()
+        if completed:
+            shares_notify_added(studies=[study])
     return waiting
 
 
@@ -304,4 +317,8 @@ def studies_complete_quiet() -> int:
             routing_apply(study=study)
     # Shares made while their studies were still arriving are notified now.
     shares_notify_completed()
+    # Shares told before more images arrived (a late series, a resend) are told of them.
+    shares_notify_added(
+        studies=Study.objects.filter(pk__in=quiet, status=StudyStatus.COMPLETE).only("pk")
+    )
     return completed

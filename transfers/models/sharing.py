@@ -150,6 +150,10 @@ class Share(models.Model):
     notify_attempts = models.PositiveIntegerField(default=0)
     notify_error = models.CharField(max_length=300, blank=True)
     notified_at = models.DateTimeField(null=True, blank=True)
+    # How many images of its studies the recipients were told of: the first notice's count,
+    # then each "images added" notice's. Images that arrive after the first notice (a late
+    # series, a resend with more) are told once they settle, as the difference to this.
+    notified_instances = models.PositiveIntegerField(default=0)
     first_opened_at = models.DateTimeField(null=True, blank=True)
     first_opened_by = models.CharField(max_length=254, blank=True)
     expiry_warned_at = models.DateTimeField(null=True, blank=True)
@@ -250,6 +254,7 @@ class Share(models.Model):
 class ShareEventKind(models.TextChoices):
     CREATED = "created", "Created"
     NOTIFIED = "notified", "Recipient notified"
+    UPDATED = "updated", "Images added"
     NOTIFY_FAILED = "notify_failed", "Notification failed"
     OPENED = "opened", "Opened"
     DOWNLOADED = "downloaded", "Downloaded"

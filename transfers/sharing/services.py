@@ -236,6 +236,33 @@ def shares_notify_completed() -> int:
     return queued
 
 
+def shares_notify_added(*, studies: Iterable[Study]) -> int:
+    """Queue an "images added" e-mail for each active share of these (just completed) studies
+    whose recipients were told of fewer images than its studies hold now; returns how many.
+
+    Only shares already notified: one still waiting gets its first notice, which counts every
+    image. A share with a study still arriving waits for it (its completion calls this again),
+    so a batch is told once, never image by image. The same images sent again add nothing."""
+    study_ids = [s.pk for s in studies]
+    if not study_ids:
+        return 0
+    queued = 0
+    shares = (
+        Share.objects.filter(studies__in=study_ids, notify_status=NotifyStatus.SENT)
+        .active()
+        .distinct()
+        .only("pk", "notified_instances")
+    )
+    for share in shares:
+        rows = list(share.studies.values_list("status", "purged_at", "num_instances"))
+        if any(status != StudyStatus.COMPLETE or purged for status, purged, _ in rows):
+            continue
+        if sum(n for _, _, n in rows) > share.notified_instances:
+            task_queue_on_commit("transfers.sharing.tasks.share_notify_added", share.pk)
+            queued += 1
+    return queued
+
+
 def share_open(
     *, share: Share, who: str, request: HttpRequest | None = None, actor: User | None = None
 ) -> None:

@@ -1,4 +1,5 @@
-"""Celery tasks of sharing: the recipient's e-mail, and the shares' expiry receipts and warnings."""
+"""Celery tasks of sharing: the recipients' e-mails (shared, images added), and the shares'
+expiry receipts and warnings."""
 
 from __future__ import annotations
 
@@ -25,6 +26,27 @@ def share_notify(self: Task, share_id: int) -> str:
         return notify.share_notify_send(share_id=share_id)
     except OSError as exc:
         notify.share_notify_failed(
+            share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
+        )
+        raise
+
+
+@shared_task(
+    bind=True,
+    autoretry_for=(OSError,),
+    retry_backoff=30,
+    retry_backoff_max=3600,
+    max_retries=10,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def share_notify_added(self: Task, share_id: int) -> str:
+    """Tell the recipients of a notified share that images were added. Safe to run twice: the
+    count told is claimed before sending, so a second run finds nothing new."""
+    try:
+        return notify.share_notify_added_send(share_id=share_id)
+    except OSError as exc:
+        notify.share_notify_added_failed(
             share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
         )
         raise
