@@ -54,6 +54,7 @@ INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED: Code = ("110105", "DCM", "DICOM Study Deleted")
 EXPORT: Code = ("110106", "DCM", "Export")
 PATIENT_RECORD: Code = ("110110", "DCM", "Patient Record")
+QUERY: Code = ("110112", "DCM", "Query")
 SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
 USER_AUTHENTICATION: Code = ("110114", "DCM", "User Authentication")
 # PS3.16 CID 401 Audit Event Type Code
@@ -110,6 +111,9 @@ KINDS: dict[str, Kind] = {
     A.LOCKOUT: _login(failure="8"),
     A.UPLOAD: Kind(INSTANCES_TRANSFERRED, "C", None, ROLE_SOURCE, ROLE_DESTINATION),
     A.STUDY_PUSH: Kind(INSTANCES_TRANSFERRED, "R", None, None, ROLE_SOURCE),
+    A.DICOM_RETRIEVE: Kind(INSTANCES_TRANSFERRED, "R", None, None, ROLE_SOURCE),
+    A.DICOM_QUERY: Kind(QUERY, "E"),  # A.5.3.15: EventActionCode E
+    A.DICOM_COMMIT: Kind(INSTANCES_ACCESSED, "R"),
     A.STUDY_VIEW: Kind(INSTANCES_ACCESSED, "R"),
     A.SHARE_OPEN: Kind(INSTANCES_ACCESSED, "R"),
     # A refused look at a study is the access that was tried, with a failed outcome.

@@ -26,6 +26,12 @@ same deduplication, same audit. The answer to the sender follows the ingest resu
 
 A study received this way has no manifest; it is complete after the quiet period
 (RELAY_STUDY_QUIET_SECONDS) with no new instances, as the sharing rules describe.
+
+The same admitted associations may also query and retrieve (C-FIND, C-MOVE, C-GET: query.py,
+retrieve.py) what the calling facility may see, and ask for storage commitment (commitment.py).
+This module only wires them: the presentation contexts and the handlers. Storage contexts
+accept both roles, so that a C-GET requestor (which proposes to be the Storage SCP) can be sent
+to on its own association; a sender proposing no role is unaffected.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ from portal.models import AuditAction, Facility, Outcome
 
 from ..ingest import CHUNK, CONFLICT, DUPLICATE, STORED, UNAVAILABLE, instance_ingest
 from ..models import Study
+from . import commitment, query, retrieve
+from .caller import Caller
 from .net import tcp_nodelay_enable
 from .tls import fingerprint, gateway_context
 
@@ -84,22 +92,6 @@ COMPOSITE_STORAGE = "1.2.840.10008.5.1.4.1.1."
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 # A sender that opens the TLS port and says nothing is dropped after this many seconds.
 HANDSHAKE_TIMEOUT_S = 30
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is on the other end of one association, once it was let in."""
-
-    # Read once, at association: one query fewer per instance (a PACS sends hundreds, one
-    # after the other, each waiting for its answer).
-    facility: Facility
-    calling_ae: str
-    address: str
-    tls: bool = False
-
-    @property
-    def source(self) -> str:
-        return f"dicom{'s' if self.tls else ''}:{self.calling_ae}@{self.address}"
 
 
 def _allowed(listing: str) -> list[str]:
@@ -268,7 +260,7 @@ def _peer_certificate(assoc: Any) -> tuple[bool, str]:
 
 
 class Gateway:
-    """The C-ECHO / C-STORE service provider. `start()` listens in background threads."""
+    """The C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and Storage Commitment service provider. `start()` listens in background threads."""
 
     def __init__(self, *, ae_title: str | None = None) -> None:
         tcp_nodelay_enable()
@@ -276,14 +268,23 @@ class Gateway:
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = AE(ae_title=ae_title or settings.DICOM_GATEWAY_AE_TITLE)
         # Whatever the sender's transfer syntax, the file is kept as it came: never recompressed.
+        # Both roles: a sender's C-STORE (no role selection: Relay is the SCP) and C-GET, whose
+        # requestor proposes to be the Storage SCP (Relay then sends on the same association).
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
-                self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                self.ae.add_supported_context(
+                    context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+                )
         # Retired and private storage classes that PACS still send (old ultrasound and nuclear
         # medicine, Siemens' CSA non-image objects...), as the HTTP API accepts them.
         for uid in extra_storage_classes():
-            self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         self.ae.add_supported_context(VERIFICATION)
+        # Query/retrieve (transfers/dicom/query.py, retrieve.py) and storage commitment
+        # (commitment.py), for what the calling facility may see.
+        for uid in query.QUERY_RETRIEVE_CLASSES:
+            self.ae.add_supported_context(uid)
+        self.ae.add_supported_context(commitment.STORAGE_COMMITMENT)
         self.ae.maximum_associations = 20
         self.callers: dict[int, Caller] = {}
         self.marked: set[tuple[int, str]] = set()
@@ -292,6 +293,10 @@ class Gateway:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_N_ACTION, self._on_commit),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
@@ -411,6 +416,37 @@ class Gateway:
         if result.status == CONFLICT:
             return _status(DOES_NOT_MATCH, result.reason)
         return _status(CANNOT_UNDERSTAND, result.reason)
+
+    def _caller(self, event: Any) -> Caller | None:
+        with self._lock:
+            caller = self.callers.get(id(event.assoc))
+        # A connection broken while the database was down is replaced rather than reused.
+        close_old_connections()
+        return caller
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        caller = self._caller(event)
+        if caller is None:  # cannot happen: associations are admitted first
+            return iter([(OUT_OF_RESOURCES, None)])
+        return query.find_answers(caller, event)
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        caller = self._caller(event)
+        if caller is None:
+            return iter([(None, None)])
+        return retrieve.move_answers(caller, event)
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        caller = self._caller(event)
+        if caller is None:
+            return iter([0])
+        return retrieve.get_answers(caller, event)
+
+    def _on_commit(self, event: Any) -> tuple[int, Dataset | None]:
+        caller = self._caller(event)
+        if caller is None:
+            return commitment.PROCESSING_FAILURE, None
+        return commitment.action_answer(caller, event)
 
     def _mark_source(self, assoc: Any, caller: Caller, study_uuid: str) -> None:
         """Remember which PACS sent the study (for routing rules): once per study and association."""
