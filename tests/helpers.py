@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,20 @@ def gateway_allow(facility: Any, calling: str, *, addresses: str = "127.0.0.1 ::
         gateway_calling_aes=calling, gateway_addresses=addresses
     )
     facility.refresh_from_db()
+
+
+@contextmanager
+def gateway_running() -> Iterator[int]:
+    """Relay's DICOM gateway listening on a free loopback port (yielded) for the block."""
+    import socket
+
+    from transfers.dicom.gateway import Gateway
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
+    try:
+        yield port
+    finally:
+        server.shutdown()

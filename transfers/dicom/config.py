@@ -105,6 +105,30 @@ def _destination_values(destination: PacsDestination) -> dict[str, Any]:
     }
 
 
+def _outbound_check(
+    action: str,
+    facility: Facility,
+    by: User,
+    request: HttpRequest | None,
+    host: str,
+    port: int,
+    **detail: Any,
+) -> None:
+    """Refuse (audited, as a failure of `action`) a host and port Relay will not connect to."""
+    try:
+        outbound_address(host, port)
+    except OutboundRefused as exc:
+        audit_record(
+            action=action,
+            request=request,
+            actor=by,
+            facility=facility,
+            outcome=Outcome.FAILURE,
+            detail={**detail, "host": host[:255], "port": port, "reason": str(exc)},
+        )
+        raise ConfigError(f"Relay will not connect there: {exc}.") from exc
+
+
 def destination_add(
     *,
     facility: Facility,
@@ -117,18 +141,7 @@ def destination_add(
     tls_ca_certificates: str = "",
     request: HttpRequest | None = None,
 ) -> PacsDestination:
-    try:
-        outbound_address(host, port)
-    except OutboundRefused as exc:
-        audit_record(
-            action=AuditAction.DESTINATION_ADD,
-            request=request,
-            actor=by,
-            facility=facility,
-            outcome=Outcome.FAILURE,
-            detail={"host": host[:255], "port": port, "reason": str(exc)},
-        )
-        raise ConfigError(f"Relay will not connect there: {exc}.") from exc
+    _outbound_check(AuditAction.DESTINATION_ADD, facility, by, request, host, port)
     with transaction.atomic():
         destination = PacsDestination.objects.create(
             facility=facility,
@@ -159,23 +172,15 @@ def destination_change(
     """Change a destination (a PACS moved, got a new AE title, turned TLS on); False when
     nothing changed. Pushes on record keep naming it; the next ones go to the new address."""
     facility = destination.facility
-    try:
-        outbound_address(host, port)
-    except OutboundRefused as exc:
-        audit_record(
-            action=AuditAction.DESTINATION_CHANGE,
-            request=request,
-            actor=by,
-            facility=facility,
-            outcome=Outcome.FAILURE,
-            detail={
-                "destination": str(destination.uuid),
-                "host": host[:255],
-                "port": port,
-                "reason": str(exc),
-            },
-        )
-        raise ConfigError(f"Relay will not connect there: {exc}.") from exc
+    _outbound_check(
+        AuditAction.DESTINATION_CHANGE,
+        facility,
+        by,
+        request,
+        host,
+        port,
+        destination=str(destination.uuid),
+    )
     fields = {
         "name": name,
         "ae_title": ae_title,

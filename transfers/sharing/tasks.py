@@ -3,20 +3,26 @@ expiry receipts and warnings."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Task, shared_task
 
 from . import expiry, notify
 
+# E-mail tasks: an SMTP failure is retried with backoff for about four hours (10 tries, at most an
+# hour apart), each try under two minutes.
+MAIL_TASK: dict[str, Any] = {
+    "bind": True,
+    "autoretry_for": (OSError,),
+    "retry_backoff": 30,
+    "retry_backoff_max": 3600,
+    "max_retries": 10,
+    "soft_time_limit": 120,
+    "time_limit": 180,
+}
 
-@shared_task(
-    bind=True,
-    autoretry_for=(OSError,),
-    retry_backoff=30,
-    retry_backoff_max=3600,
-    max_retries=10,
-    soft_time_limit=120,
-    time_limit=180,
-)
+
+@shared_task(**MAIL_TASK)
 def share_notify(self: Task, share_id: int) -> str:
     """E-mail the recipients of a share. Safe to run twice: a share already notified is skipped.
 
@@ -31,15 +37,7 @@ def share_notify(self: Task, share_id: int) -> str:
         raise
 
 
-@shared_task(
-    bind=True,
-    autoretry_for=(OSError,),
-    retry_backoff=30,
-    retry_backoff_max=3600,
-    max_retries=10,
-    soft_time_limit=120,
-    time_limit=180,
-)
+@shared_task(**MAIL_TASK)
 def share_notify_added(self: Task, share_id: int) -> str:
     """Tell the recipients of a notified share that images were added. Safe to run twice: the
     count told is claimed before sending, so a second run finds nothing new."""

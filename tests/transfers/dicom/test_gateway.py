@@ -15,7 +15,7 @@ import pytest
 from django.core.files.storage import storages
 
 from portal.models import AuditAction, AuditEvent, Facility
-from tests.helpers import dicom_bytes, gateway_allow, require_peer
+from tests.helpers import dicom_bytes, gateway_allow, gateway_running, require_peer
 from transfers.dicom.gateway import Gateway
 from transfers.models import Instance, Study, StudyStatus
 
@@ -42,12 +42,8 @@ def _free_port() -> int:
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[int]:
     gateway_allow(krmc, "PACS1 PACS2 ECHOSCU")
-    port = _free_port()
-    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
-    try:
+    with gateway_running() as port:
         yield port
-    finally:
-        server.shutdown()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

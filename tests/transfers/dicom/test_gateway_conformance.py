@@ -21,9 +21,8 @@ from pynetdicom import AE
 
 from bench.servers import OrthancServer
 from portal.models import Facility
-from tests.helpers import dicom_bytes, gateway_allow, require_peer
-from tests.transfers.dicom.test_gateway import _free_port, _run
-from transfers.dicom.gateway import Gateway
+from tests.helpers import dicom_bytes, gateway_allow, gateway_running, require_peer
+from tests.transfers.dicom.test_gateway import _run
 from transfers.models import Instance
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer]
@@ -43,12 +42,8 @@ OLD_AND_PRIVATE = [
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[int]:
     gateway_allow(krmc, "PACS1 PYNETDICOM ORTHANC")
-    port = _free_port()
-    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
-    try:
+    with gateway_running() as port:
         yield port
-    finally:
-        server.shutdown()
 
 
 def _orthanc_sends(port: int, files: list[bytes]) -> dict[str, object]:
@@ -81,12 +76,8 @@ def test_extra_private_classes_come_from_settings(krmc: Facility, settings: Any)
     private = "1.2.840.113619.4.27"  # a GE private storage class
     settings.DICOM_GATEWAY_EXTRA_SOP_CLASSES = [private]
     gateway_allow(krmc, "ORTHANC")
-    port = _free_port()
-    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
-    try:
+    with gateway_running() as port:
         sent = _orthanc_sends(port, [dicom_bytes("CT_small.dcm", SOPClassUID=private)])
-    finally:
-        server.shutdown()
     assert sent["status"] == 200, sent
     assert Instance.objects.get().sop_class_uid == private
 

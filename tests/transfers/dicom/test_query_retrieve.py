@@ -21,9 +21,8 @@ from pydicom.uid import generate_uid
 
 from bench.servers import OrthancServer
 from portal.models import AuditAction, AuditEvent, Facility, User
-from tests.helpers import dicom_bytes, gateway_allow, require_peer
+from tests.helpers import dicom_bytes, gateway_allow, gateway_running, require_peer
 from tests.transfers.dicom.test_gateway import _free_port, _run
-from transfers.dicom.gateway import Gateway
 from transfers.ingest import STORED, instance_ingest
 from transfers.models import Instance, PacsDestination, Share, ShareEvent, ShareEventKind, ShareKind
 
@@ -113,12 +112,8 @@ def studies(krmc: Facility, gfc: Facility) -> Studies:
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[int]:
     gateway_allow(krmc, CALLERS)
-    port = _free_port()
-    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
-    try:
+    with gateway_running() as port:
         yield port
-    finally:
-        server.shutdown()
 
 
 def findscu(port: int, out: Path, *keys: str, model: str = "-S") -> list[pydicom.Dataset]:

@@ -17,11 +17,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from portal.models import AuditAction, AuditEvent, Facility
-from tests.helpers import dicom_bytes, gateway_allow
+from tests.helpers import dicom_bytes, gateway_allow, gateway_running
 from tests.transfers.dicom.test_gateway import _free_port
 from tests.transfers.dicom.test_query_retrieve import ingest
 from transfers.dicom.commitment import STORAGE_COMMITMENT_INSTANCE
-from transfers.dicom.gateway import Gateway
 from transfers.models import PacsDestination
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer]
@@ -32,12 +31,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 @pytest.fixture
 def gateway(krmc: Facility) -> Iterator[int]:
     gateway_allow(krmc, "PYNETDICOM")
-    port = _free_port()
-    server = Gateway(ae_title="RELAY").start(host="127.0.0.1", port=port)
-    try:
+    with gateway_running() as port:
         yield port
-    finally:
-        server.shutdown()
 
 
 class Reports:
