@@ -40,4 +40,9 @@ class RedactingGunicornLogger(Logger):  # type: ignore[misc]
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms = super().atoms(resp, req, environ, request_time)
+        # %(q)s is the bare query string (no "?" for redact() to find): QIDO-RS searches carry
+        # patient names and IDs there.
+        for key in ("q", "{query_string}e"):
+            if atoms.get(key):
+                atoms[key] = REDACTED
         return {k: redact(v) if isinstance(v, str) else v for k, v in atoms.items()}

@@ -32,4 +32,5 @@ urlpatterns = [
     path("", include("transfers.media.urls")),
     path("", include("transfers.dicom.urls")),
     path("", include("transfers.reconcile.urls")),
+    path("", include("transfers.dicomweb.urls")),
 ]
