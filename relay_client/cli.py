@@ -1,5 +1,8 @@
 """The `relay` command: `relay send FOLDER` uploads a DICOM folder or a patient's CD to Relay.
 
+FOLDER may also be a ZIP or an ISO 9660 disc image: its members are read straight out of it
+(archives.py), and the run is otherwise the same; one that cannot be read stops with exit 2.
+
 One run, top to bottom:
 1. ask the server which facilities the token may upload to: a bad token or a wrong --facility
    stops here, before minutes of reading a CD;
@@ -39,7 +42,9 @@ from typing import TextIO
 from tqdm import tqdm
 
 from . import __version__
+from .archives import ArchiveError, list_archive, open_archive
 from .files import (
+    ARCHIVE_INSIDE,
     EMPTY,
     NOT_DICOM,
     Listing,
@@ -47,7 +52,7 @@ from .files import (
     examine,
     list_files,
     relative_name,
-    stored_sha256,
+    stored_sha256_of,
 )
 from .server import (
     MAX_KNOWN_UIDS,
@@ -72,7 +77,8 @@ EXIT_CODES = {
         "command again"
     ),
     EXIT_USAGE: (
-        "usage error: a missing or wrong option, no such FOLDER, several\n"
+        "usage error: a missing or wrong option, no such FOLDER, a ZIP or disc\n"
+        "image that cannot be read (damaged, not one, encrypted), several\n"
         "facilities and no --facility, or --server is not a Relay server"
     ),
     EXIT_UNAVAILABLE: (
@@ -102,6 +108,7 @@ class Tally:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # archive members left unread
     dicomdirs: list[str] = field(default_factory=list)
     unsent: list[str] = field(default_factory=list)  # the run stopped before they went
     announced: bool = False  # the server was told what this run sends: its studies wait
@@ -126,14 +133,14 @@ class Tally:
             set(self.stored)
             | set(self.known)
             | set(self.duplicate)
-            | {name for name, _ in self.conflict + self.rejected + self.failed}
+            | {name for name, _ in self.conflict + self.rejected + self.failed + self.refused}
         )
 
     @property
     def all_stored(self) -> bool:
         # A conflict means the server kept a different file under the same UID: this one is
         # not on the server, so it counts against the run like a rejection.
-        return not (self.conflict or self.rejected or self.failed or self.unsent)
+        return not (self.conflict or self.rejected or self.failed or self.refused or self.unsent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Upload every DICOM file under FOLDER (or, when FOLDER holds a DICOMDIR, every\n"
-            "file it lists) to a Relay server. Files that are not DICOM are skipped; files\n"
-            "the server already has are not sent again, so running the same command twice\n"
-            "resumes an interrupted upload. Every file is announced before any is sent, so a\n"
-            "study is complete (and its recipients told) only once all of its files arrived."
+            "file it lists) to a Relay server. FOLDER may also be a ZIP or an ISO disc\n"
+            "image: the files inside are read from it directly, nothing is extracted.\n"
+            "Files that are not DICOM are skipped; files the server already has are not\n"
+            "sent again, so running the same command twice resumes an interrupted upload.\n"
+            "Every file is announced before any is sent, so a study is complete (and its\n"
+            "recipients told) only once all of its files arrived."
         ),
         epilog=(
             "exit codes:\n"
@@ -169,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.set_defaults(command_parser=send)
     send.add_argument(
-        "folder", type=Path, metavar="FOLDER", help="a folder, a mounted CD, or a DICOMDIR"
+        "folder",
+        type=Path,
+        metavar="FOLDER",
+        help="a folder, a mounted CD, a DICOMDIR, a ZIP or an ISO disc image",
     )
     send.add_argument(
         "--server",
@@ -260,23 +272,38 @@ def send(args: argparse.Namespace) -> int:
         except RelayError as exc:
             return _stop(exc)
 
-        listing = list_files(args.folder)
-        for warning in listing.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        tally = Tally(skipped=list(listing.skipped), dicomdirs=list(listing.dicomdirs))
-        files = _examine_all(listing, tally, quiet=quiet)
-        if not files and not tally.failed:
-            print(f"No DICOM files found in {args.folder}.", file=sys.stderr)
         try:
-            to_send = _leave_out_known(server, slug, files, tally)
-            to_send = _announce(server, slug, to_send, tally)
-            _upload_all(server, slug, to_send, tally, jobs=args.jobs, quiet=quiet)
-            _send_manifest(server, slug, files, tally)
-        except RelayError as exc:
-            done = tally.accounted()
-            tally.unsent = [f.name for f in files if f.name not in done]
-            print_summary(tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout)
-            return _stop(exc)
+            listing = _list(args.folder)
+        except ArchiveError as exc:
+            print(f"relay: {exc}", file=sys.stderr)
+            print("relay: nothing was sent.", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            for warning in listing.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            tally = Tally(
+                skipped=list(listing.skipped),
+                refused=list(listing.refused),
+                dicomdirs=list(listing.dicomdirs),
+            )
+            files = _examine_all(listing, tally, quiet=quiet)
+            if not files and not tally.failed:
+                print(f"No DICOM files found in {args.folder}.", file=sys.stderr)
+            try:
+                to_send = _leave_out_known(server, slug, files, tally)
+                to_send = _announce(server, slug, to_send, tally)
+                _upload_all(server, slug, to_send, tally, jobs=args.jobs, quiet=quiet)
+                _send_manifest(server, slug, files, tally)
+            except RelayError as exc:
+                done = tally.accounted()
+                tally.unsent = [f.name for f in files if f.name not in done]
+                print_summary(
+                    tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout
+                )
+                return _stop(exc)
+        finally:
+            if listing.archive is not None:
+                listing.archive.close()
     print_summary(tally, folder=args.folder, facility=f"{slug} ({name})", out=sys.stdout)
     return EXIT_OK if tally.all_stored else EXIT_NOT_ALL_STORED
 
@@ -306,22 +333,32 @@ def choose_facility(server: RelayServer, wanted: str | None) -> tuple[str, str]:
     return slug, names.get(slug, "")
 
 
+def _list(folder: Path) -> Listing:
+    """What to consider sending: a ZIP's or a disc image's members, or files on disk.
+    Raises ArchiveError when FOLDER is an archive that cannot be read."""
+    archive = open_archive(folder)
+    return list_files(folder) if archive is None else list_archive(archive)
+
+
 def _examine_all(listing: Listing, tally: Tally, *, quiet: bool | None) -> list[LocalFile]:
+    where = "in the archive" if listing.archive is not None else "on the disc"
     for missing in listing.missing:
-        tally.add(missing, "failed", "Listed in the DICOMDIR but not on the disc.")
+        tally.add(missing, "failed", f"Listed in the DICOMDIR but not {where}.")
     found: list[LocalFile] = []
-    for path in tqdm(listing.paths, desc="Reading", unit=" files", disable=quiet):
+    items = listing.members if listing.archive is not None else listing.paths
+    for item in tqdm(items, desc="Reading", unit=" files", disable=quiet):
         try:
-            local = examine(path, listing.root)
+            if listing.archive is not None:
+                local = listing.archive.examine(item)
+            else:
+                local = examine(item, listing.root)
         except OSError as exc:
-            tally.add(
-                relative_name(path, listing.root),
-                "failed",
-                f"The file could not be read: {exc.strerror or exc}.",
-            )
+            label = item.name if listing.archive is not None else relative_name(item, listing.root)
+            tally.add(label, "failed", f"The file could not be read: {exc.strerror or exc}.")
             continue
         if not local.is_dicom:
-            tally.skipped.append((local.name, EMPTY if local.size == 0 else NOT_DICOM))
+            why = local.skip_reason or (EMPTY if local.size == 0 else NOT_DICOM)
+            tally.skipped.append((local.name, why))
         elif local.is_dicomdir:  # an index of a disc under another name; the server refuses it
             tally.dicomdirs.append(local.name)
         else:
@@ -363,7 +400,8 @@ def _hash(local: LocalFile, tally: Tally) -> bool:
     """Fill in `local.sha256`; False (and the file counted as failed) if it cannot be read."""
     if local.sha256 is None:
         try:
-            local.sha256 = stored_sha256(local.path)
+            with local.open() as fp:
+                local.sha256 = stored_sha256_of(fp)
         except OSError as exc:
             tally.add(local.name, "failed", f"The file could not be read: {exc.strerror or exc}.")
             return False
@@ -486,6 +524,8 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         ("skipped", len(tally.skipped)),
         ("failed", len(tally.failed)),
     ]
+    if tally.refused:
+        rows.append(("refused (not read)", len(tally.refused)))
     if tally.unsent:
         rows.append(("not sent", len(tally.unsent)))
     if tally.dicomdirs:
@@ -501,6 +541,7 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         ("Conflict", tally.conflict),
         ("Rejected", tally.rejected),
         ("Failed", tally.failed),
+        ("Refused, not read from the archive", tally.refused),
         ("Skipped", tally.skipped),
         ("Not sent (the run stopped)", [(name, "") for name in tally.unsent]),
         (
@@ -509,7 +550,15 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
         ),
     ):
         _print_names(title, items, out=out)
-    if tally.all_stored:
+    archives = sum(1 for _, why in tally.skipped if why == ARCHIVE_INSIDE)
+    if tally.all_stored and archives:
+        print(
+            f"Every DICOM file of the folder is on the server; {archives} archive"
+            f"{'s' if archives > 1 else ''} in it (named above) were not read: send each on its "
+            "own with relay send FILE.",
+            file=out,
+        )
+    elif tally.all_stored:
         print("Every DICOM file is on the server.", file=out)
     elif tally.unsent:
         files = "file" if len(tally.unsent) == 1 else "files"
@@ -531,6 +580,13 @@ def print_summary(tally: Tally, *, folder: Path, facility: str, out: TextIO) -> 
     elif tally.failed:
         print(
             "Run the same command again to retry the failed files; stored ones are not sent twice.",
+            file=out,
+        )
+    elif tally.refused:
+        files = "file" if len(tally.refused) == 1 else "files"
+        print(
+            f"{len(tally.refused)} {files} in the archive were refused unread (named above, with "
+            "the reason); everything else is on the server.",
             file=out,
         )
 

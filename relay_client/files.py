@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import pydicom
 
@@ -26,6 +28,9 @@ MAGIC = b"DICM"
 OUTSIDE = "a link to a file outside the folder"
 NOT_DICOM = "not a DICOM file (no DICM marker)"
 EMPTY = "an empty file"
+ARCHIVE_INSIDE = "archive, not read: send it on its own (relay send FILE)"
+ARCHIVE_SUFFIXES = frozenset({".zip", ".iso"})
+ISO_MAGIC_AT = 16 * 2048 + 1  # "CD001" of the first volume descriptor (ISO 9660, 8.1)
 
 
 @dataclass
@@ -37,6 +42,11 @@ class Listing:
     warnings: list[str] = field(default_factory=list)
     dicomdirs: list[str] = field(default_factory=list)  # names of the indexes found, never sent
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why) left out unread
+    # Sending a ZIP or a disc image (archives.py): its members to consider, instead of paths,
+    # and the members refused unread (encrypted, a zip bomb), which count against the run.
+    archive: Any = None  # an archives.Archive (typed loosely: archives imports this module)
+    members: list[Any] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -49,6 +59,13 @@ class LocalFile:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     sha256: str | None = None  # stored_sha256(path), once computed
+    # For a file inside a ZIP or a disc image: opens the member for reading (`path` is then
+    # only a label, the archive's path and the member's name, never opened).
+    opener: Callable[[], IO[bytes]] | None = None
+    skip_reason: str | None = None  # why a file that is not DICOM is left out, if not NOT_DICOM
+
+    def open(self) -> IO[bytes]:
+        return self.path.open("rb") if self.opener is None else self.opener()
 
 
 def list_files(folder: Path) -> Listing:
@@ -88,29 +105,47 @@ def examine(path: Path, root: Path) -> LocalFile:
     name = relative_name(path, root)
     with path.open("rb") as fp:
         size = os.fstat(fp.fileno()).st_size
-        head = fp.read(PREAMBLE + len(MAGIC))
-        if head[PREAMBLE:] != MAGIC:
-            return LocalFile(path, name, size, is_dicom=False)
-        fp.seek(0)
-        # pydicom warns about every oddity of every file, and converts values lazily, so the
-        # values are read inside the filter too; the server is the judge of those oddities.
-        # catch_warnings restores the filters after this read, and the uploader reads headers
-        # before any upload thread starts, so nothing else in the process is silenced.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ds = pydicom.dcmread(
-                    fp,
-                    stop_before_pixels=True,
-                    specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
-                )
-                meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
-                sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
-                uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
-                study_uid = str(ds.get("StudyInstanceUID") or "")
-            except Exception:
-                # Unparsable: send it anyway and let the server say what is wrong with it.
-                return LocalFile(path, name, size, is_dicom=True)
+        local = examine_stream(fp, path=path, name=name, size=size)
+        if not local.is_dicom and size and _looks_like_archive(fp, path):
+            # A ZIP or a disc image in the folder: its images are not sent with the folder.
+            local.skip_reason = ARCHIVE_INSIDE
+        return local
+
+
+def examine_stream(
+    fp: IO[bytes],
+    *,
+    path: Path,
+    name: str,
+    size: int,
+    opener: Callable[[], IO[bytes]] | None = None,
+) -> LocalFile:
+    """`examine` for an open file (on disk, or a member of an archive) positioned at its start."""
+    head = fp.read(PREAMBLE + len(MAGIC))
+    if head[PREAMBLE:] != MAGIC:
+        return LocalFile(path, name, size, is_dicom=False, opener=opener)
+    fp.seek(0)
+    # pydicom warns about every oddity of every file, and converts values lazily, so the
+    # values are read inside the filter too; the server is the judge of those oddities.
+    # catch_warnings restores the filters after this read, and the uploader reads headers
+    # before any upload thread starts, so nothing else in the process is silenced.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(
+                fp,
+                stop_before_pixels=True,
+                specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
+            )
+            meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+            sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+            uid = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+            study_uid = str(ds.get("StudyInstanceUID") or "")
+        except OSError:
+            raise  # the file (or the archive member) could not be read
+        except Exception:
+            # Unparsable: send it anyway and let the server say what is wrong with it.
+            return LocalFile(path, name, size, is_dicom=True, opener=opener)
     return LocalFile(
         path,
         name,
@@ -119,7 +154,18 @@ def examine(path: Path, root: Path) -> LocalFile:
         is_dicomdir=sop_class == MEDIA_STORAGE_DIRECTORY,
         sop_instance_uid=uid.strip("\x00 ") or None,
         study_instance_uid=study_uid.strip("\x00 ") or None,
+        opener=opener,
     )
+
+
+def _looks_like_archive(fp: IO[bytes], path: Path) -> bool:
+    if path.suffix.lower() in ARCHIVE_SUFFIXES:
+        return True
+    fp.seek(0)
+    if fp.read(4) == b"PK\x03\x04":
+        return True
+    fp.seek(ISO_MAGIC_AT)
+    return fp.read(5) == b"CD001"
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -221,12 +267,17 @@ class _Tree:
 
 def stored_sha256(path: Path) -> str:
     """SHA-256 of the file as the server stores it: with a DICOM preamble zeroed."""
-    digest = hashlib.sha256()
     with path.open("rb") as fp:
-        head = fp.read(132)
-        if head[128:132] == b"DICM":
-            head = bytes(128) + head[128:]
-        digest.update(head)
-        while chunk := fp.read(1024 * 1024):
-            digest.update(chunk)
+        return stored_sha256_of(fp)
+
+
+def stored_sha256_of(fp: IO[bytes]) -> str:
+    """`stored_sha256` of an open file (on disk, or a member of an archive), read in chunks."""
+    digest = hashlib.sha256()
+    head = fp.read(132)
+    if head[128:132] == b"DICM":
+        head = bytes(128) + head[128:]
+    digest.update(head)
+    while chunk := fp.read(1024 * 1024):
+        digest.update(chunk)
     return digest.hexdigest()

@@ -308,8 +308,10 @@ class RelayServer:
             # A retry sends the file from the start; take back what the failed attempt counted.
             progress(-sent)
             sent = 0
-            with file.path.open("rb") as fp:
-                size = os.fstat(fp.fileno()).st_size
+            with file.open() as fp:
+                # A member of a ZIP or disc image: the size it declares, which is exactly what
+                # its reader yields (archives.py); a file on disk: its size now.
+                size = os.fstat(fp.fileno()).st_size if file.opener is None else file.size
                 return self._client.post(
                     "/api/v1/instances",
                     params={"facility": facility},
