@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+	@# The advanced viewer (OHIF) comes from the npm registry; without npm Relay runs without it.
+	@if [ "$$RELAY_OHIF" = 0 ]; then echo "RELAY_OHIF=0: OHIF viewer not installed"; \
+	elif command -v npm >/dev/null 2>&1; then $(BIN)/python manage.py ohif_install; \
+	else echo "npm not found: the advanced viewer (OHIF) is left out. To add it, install Node.js" \
+	  "with npm (Debian: apt-get install nodejs npm) and run 'make install' again."; fi
 
 run: install
 	$(BIN)/python manage.py migrate --noinput

@@ -4,7 +4,8 @@ Nearly every answer Relay gives carries PHI or a secret: worklists, studies, rep
 thumbnails, ZIPs, audit logs, invoices, the profile page showing a new API token, a patient
 link's handout, even a sign-in form's CSRF token. So `Cache-Control: no-store` is the rule
 and the exceptions are listed (static assets, by path prefix), not the other way round: a new
-view cannot forget it. A view's own, weaker caching (the viewer's `private, max-age` frames) is
+view cannot forget it (a view that serves files without PHI, OHIF's, marks its answers with
+`CACHEABLE_ATTRIBUTE`). A view's own, weaker caching (the viewer's `private, max-age` frames) is
 replaced, so a browser on a shared computer keeps no copy of a patient's images on disk; the
 viewer holds what it fetched in memory for the page's lifetime anyway.
 
@@ -51,6 +52,11 @@ PERMISSIONS_POLICY = ", ".join(
 )
 
 
+# Set to True on a response that holds no PHI and keeps its own caching: the files of the OHIF
+# build under /ohif/ (transfers/ohif/views.py), the same code for every user.
+CACHEABLE_ATTRIBUTE = "relay_cacheable"
+
+
 def cacheable_prefixes() -> tuple[str, ...]:
     """Path prefixes whose answers keep their own caching: static assets (no PHI, fingerprinted
     names) and whatever the operator adds in RELAY_CACHEABLE_PATH_PREFIXES."""
@@ -82,7 +88,9 @@ class SecurityHeadersMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
-        if not request.path.startswith(self.cacheable):
+        if not request.path.startswith(self.cacheable) and not getattr(
+            response, CACHEABLE_ATTRIBUTE, False
+        ):
             no_store(response)
         if self.permissions_policy:
             response.setdefault("Permissions-Policy", self.permissions_policy)

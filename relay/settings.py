@@ -115,6 +115,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "portal.context_processors.relay",
+                "transfers.ohif.context_processors.ohif",
             ],
         },
     },
@@ -247,6 +248,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"  # made by relay.embedded.var_prepare (or collectstatic)
+# The OHIF viewer installed by `manage.py ohif_install` (make install with npm): site/ below it.
+RELAY_OHIF_DIR = Path(env_str("RELAY_OHIF_DIR", str(VAR_DIR / "ohif")))
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
 # Declared by the operator once MEDIA_ROOT sits on an encrypted volume (check --deploy warns until).
 RELAY_STORAGE_ENCRYPTED = env_bool("RELAY_STORAGE_ENCRYPTED", False)

@@ -32,6 +32,13 @@ def _private_storage(settings: Any, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_ohif(settings: Any, tmp_path: Path) -> None:
+    """Tests see no OHIF install (make install may have put one under var/); the OHIF tests
+    point RELAY_OHIF_DIR at theirs."""
+    settings.RELAY_OHIF_DIR = tmp_path / "ohif"
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings: Any) -> None:
     # A PBKDF2 hash costs seconds on a loaded CI machine and every persona has a password; the
     # hasher's strength is Django's business, not what these tests check.

@@ -175,7 +175,16 @@ def test_models_import_only_models(graph: dict[str, set[str]]) -> None:
     assert not wrong, "models import only models:\n" + "\n".join(wrong)
 
 
-FEATURES = ("sharing", "patient_links", "viewer", "dicom", "media", "reconcile", "dicomweb")
+FEATURES = (
+    "sharing",
+    "patient_links",
+    "viewer",
+    "dicom",
+    "media",
+    "reconcile",
+    "dicomweb",
+    "ohif",
+)
 # The study core's modules that sit above the features and compose them: the app's registry of
 # tasks, its URLs, completion (a complete study is rendered, routed and its shares notified) and
 # the beat tasks that call it, and the management commands.

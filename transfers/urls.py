@@ -33,4 +33,5 @@ urlpatterns = [
     path("", include("transfers.dicom.urls")),
     path("", include("transfers.reconcile.urls")),
     path("", include("transfers.dicomweb.urls")),
+    path("", include("transfers.ohif.urls")),
 ]
