@@ -10,8 +10,9 @@ Two middlewares, at two places in MIDDLEWARE:
   someone not signed in that declares a body larger than RELAY_ANONYMOUS_BODY_BYTES gets 413
   before a byte of it is read. Without it, the CSRF check of an anonymous 200 MB multipart POST
   to the sign-in page spools the whole body to a temporary file before answering 403. The upload
-  API with a bearer token is exempt: `transfers.api.api_view` checks the token before the view
-  reads the body. Patient-link pages are not exempt: their forms (PIN, birth date) are small.
+  API and DICOMweb (STOW-RS) with a bearer token are exempt: `transfers.api.api_view` checks the
+  token before the view reads the body. Patient-link pages are not exempt: their forms (PIN,
+  birth date) are small.
 
 Each refusal is an `access_denied` audit event (the path with any NUL removed, no query string:
 a query may hold what a patient typed).
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 ANONYMOUS_BODY_BYTES = 64 * 1024
 MAX_URL_CHARS = 8192
 # Paths whose views authenticate a bearer token before they read the body.
-TOKEN_PATHS = ("/api/",)
+TOKEN_PATHS = ("/api/", "/dicom-web/")
 
 
 def _refuse(request: HttpRequest, reason: str, status: int) -> HttpResponse:

@@ -15,7 +15,8 @@ For each file, on its own:
    the first copy is kept and the conflict reported);
 4. write the object to storage under a key nobody else can pick (the storage writes it whole or
    not at all: relay/storage.py), then commit the rows; if the rows cannot be committed, the
-   object is removed again.
+   object is removed again. With an `IngestBatch` (STOW-RS), the rows of up to 50 objects of
+   one request are committed in one transaction (see the class).
 
 A fault on our side (the database, the image store or the temporary disk unavailable or full)
 is not the file's: it is answered 503 with a reason, and the sender tries again later.
@@ -49,8 +50,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from portal.audit import audit_record
-from portal.models import AuditAction, Facility, Outcome, User
+from portal.access import acting_facility
+from portal.audit import audit_record, client_ip
+from portal.models import AuditAction, AuditEvent, Facility, Outcome, User
 
 from .dicomio import InflateTooLarge, Malformed, dataset_open, inflate_limits
 from .models import Instance, Series, Study, StudyStatus
@@ -76,10 +78,12 @@ UNAVAILABLE = "unavailable"
 class Rejected(Exception):
     """The file is refused; `reason` is shown to the person who sent it."""
 
-    def __init__(self, reason: str, http_status: int = 400) -> None:
+    def __init__(self, reason: str, http_status: int = 400, header: Header | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.http_status = http_status
+        # Set when the file was identified before it was refused (not in the study asked for).
+        self.header = header
 
 
 @dataclass
@@ -95,11 +99,14 @@ class IngestResult:
     preamble_zeroed: bool = False
     http_status: int = 200
     extra: dict[str, Any] = field(default_factory=dict)
+    # For answers that reference the instance (STOW-RS); not in the upload API's JSON.
+    sop_class_uid: str = ""
+    series_instance_uid: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("http_status")
-        data.pop("extra")
+        for name in ("http_status", "extra", "sop_class_uid", "series_instance_uid"):
+            data.pop(name)
         data.update(self.extra)
         return data
 
@@ -534,11 +541,16 @@ def instance_ingest(
     expected_size: int | None = None,
     source: str = "api",
     request: HttpRequest | None = None,
+    batch: IngestBatch | None = None,
+    only_study: str | None = None,
 ) -> IngestResult:
     """Store one incoming file. Never raises for bad input: the result says what happened.
 
     A stored file is audited in the same transaction as its rows; every other outcome is
-    audited afterwards.
+    audited afterwards. With a `batch` (of the same facility, user and request), a stored
+    object's rows wait for the batch's transaction: the result says STORED only provisionally,
+    and is final (the same object, updated) once `batch.flush()` has run. With `only_study`,
+    a file of another study is refused (STOW-RS on /studies/{S}).
     """
 
     def audit(result: IngestResult) -> None:
@@ -547,23 +559,23 @@ def instance_ingest(
             request=request,
             actor=user,
             facility=facility,
+            actor_facility=batch.actor_facility() if batch is not None else None,
             study_instance_uid=result.study_instance_uid,
             patient_id=result.extra.get("patient_id", ""),
             outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
-            detail={
-                "status": result.status,
-                "source": source,
-                "filename": filename[:200],
-                "sop_instance_uid": result.sop_instance_uid,
-                "size": result.size,
-                "reason": result.reason,
-            },
+            detail=upload_detail(result, source=source, filename=filename),
         )
 
     try:
         with spool(chunks, expected_size=expected_size) as spooled:
             result = _ingest_spooled(
-                facility=facility, user=user, spooled=spooled, filename=filename, audit=audit
+                facility=facility,
+                user=user,
+                spooled=spooled,
+                filename=filename,
+                audit=audit,
+                batch=batch,
+                only_study=only_study,
             )
     except Rejected as exc:
         if exc.reason == PURGING:
@@ -572,6 +584,15 @@ def instance_ingest(
         result = IngestResult(
             status, filename=filename, reason=exc.reason, http_status=exc.http_status
         )
+        if exc.header is not None:
+            result.sop_instance_uid = exc.header.sop_uid
+            result.study_instance_uid = exc.header.study_uid
+            result.sop_class_uid = exc.header.sop_class
+            result.series_instance_uid = exc.header.series_uid
+    if batch is not None and batch.holds(result):
+        # Its rows (and its audit event) are the batch's to commit.
+        batch.flush_if_full()
+        return result
     if result.status != STORED:
         try:
             audit(result)
@@ -584,6 +605,7 @@ def instance_ingest(
     return result
 
 
+NOT_IN_STUDY = "This instance belongs to another study than the one the request names; not stored."
 DATABASE_DOWN = "The database is unavailable; nothing was stored. Try again shortly."
 PURGING = (
     "An earlier copy of this study is being deleted (its shares ended); nothing was stored. "
@@ -605,6 +627,8 @@ def _ingest_spooled(
     spooled: Spooled,
     filename: str,
     audit: Callable[[IngestResult], None],
+    batch: IngestBatch | None = None,
+    only_study: str | None = None,
 ) -> IngestResult:
     with _parsed(spooled) as (ds, data_fp, data_size):
         try:
@@ -629,6 +653,8 @@ def _ingest_spooled(
         except Exception as exc:
             raise Rejected(f"The DICOM header could not be read: {_short(exc)}") from None
 
+    if only_study is not None and header.study_uid != only_study:
+        raise Rejected(NOT_IN_STUDY, 409, header=header)
     result = IngestResult(
         STORED,
         filename=filename,
@@ -638,7 +664,12 @@ def _ingest_spooled(
         sha256=spooled.sha256,
         preamble_zeroed=spooled.preamble_zeroed,
         extra={"patient_id": study_fields["patient_id"]},
+        sop_class_uid=header.sop_class,
+        series_instance_uid=header.series_uid,
     )
+    if batch is not None and batch.pending_uid(header.sop_uid):
+        # A second copy in one request: the first is committed, then compared as usual.
+        batch.flush()
     try:
         existing = _existing(facility, header.sop_uid)
     except DatabaseError as exc:
@@ -659,6 +690,55 @@ def _ingest_spooled(
     except Exception as exc:  # disk full, bucket unreachable: the sender should retry
         log.exception("storage write failed for %s", header.sop_uid)
         raise Rejected(STORAGE_DOWN, 503) from exc
+    pending = _Pending(
+        result=result,
+        header=Header(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class=header.sop_class,
+            transfer_syntax=header.transfer_syntax,
+            ds=Dataset(),  # the parsed header is not kept while the object waits for its rows
+        ),
+        key=key,
+        study_fields=study_fields,
+        series_fields=series_fields,
+        instance_fields={
+            "instance_number": instance_number,
+            "rows": rows,
+            "columns": columns,
+            "number_of_frames": max(frames, 1),
+        },
+    )
+    if batch is not None:
+        batch.add(pending)
+        return result
+    return _commit_one(facility=facility, user=user, pending=pending, audit=audit)
+
+
+@dataclass
+class _Pending:
+    """A stored object whose rows are not committed yet."""
+
+    result: IngestResult
+    header: Header
+    key: str
+    study_fields: dict[str, Any]
+    series_fields: dict[str, Any]
+    instance_fields: dict[str, Any]
+
+
+def _commit_one(
+    *,
+    facility: Facility,
+    user: User | None,
+    pending: _Pending,
+    audit: Callable[[IngestResult], None],
+) -> IngestResult:
+    """The rows of one stored object in their own transaction; if they cannot be committed,
+    the object is removed again (Rejected for a fault of ours, or the dedup result of a race)."""
+    storage = storages["default"]
+    result, header, key = pending.result, pending.header, pending.key
     try:
         with transaction.atomic():
             study, series, series_created = _index(
@@ -666,23 +746,18 @@ def _ingest_spooled(
                 user=user,
                 header=header,
                 key=key,
-                size=spooled.size,
-                sha256=spooled.sha256,
-                study_fields=study_fields,
-                series_fields=series_fields,
-                instance_fields={
-                    "instance_number": instance_number,
-                    "rows": rows,
-                    "columns": columns,
-                    "number_of_frames": max(frames, 1),
-                },
+                size=result.size,
+                sha256=result.sha256,
+                study_fields=pending.study_fields,
+                series_fields=pending.series_fields,
+                instance_fields=pending.instance_fields,
             )
             result.study_uuid = str(study.uuid)
             result.http_status = 201
             audit(result)
             # Last, so that the study's row is locked (by concurrent uploads into the same
             # study) for as short a time as possible before the commit.
-            _count(study=study, series=series, size=spooled.size, series_created=series_created)
+            _count(study=study, series=series, size=result.size, series_created=series_created)
     except BaseException as exc:
         # Whatever stopped it (a lost race, the database, a purge, an interrupt), the rows were
         # not committed, so the object must not stay behind either.
@@ -693,7 +768,7 @@ def _ingest_spooled(
             if existing is not None:
                 if existing[2]:
                     raise Rejected(PURGING, 503) from None
-                return _dedup_result(result, existing, spooled.sha256)
+                return _dedup_result(result, existing, result.sha256)
         if isinstance(exc, DatabaseError):
             log.exception("rows for %s not committed", header.sop_uid)
             raise Rejected(DATABASE_DOWN, 503) from exc
@@ -850,3 +925,261 @@ def _dedup_result(
         )
         result.http_status = 409
     return result
+
+
+def upload_detail(result: IngestResult, *, source: str, filename: str) -> dict[str, Any]:
+    """The detail of an upload's audit event, one per file whatever the path."""
+    return {
+        "status": result.status,
+        "source": source,
+        "filename": filename[:200],
+        "sop_instance_uid": result.sop_instance_uid,
+        "size": result.size,
+        "reason": result.reason,
+    }
+
+
+# --- batches: the index writes of one request together ------------------------------------------
+
+# Objects stored and waiting for their rows: at most this many, then one transaction for all.
+BATCH_INSTANCES = 50
+
+
+class _Fallback(Exception):
+    """The batch cannot be written as one (a purged study to revive): each on its own."""
+
+
+class IngestBatch:
+    """The rows of several stored objects of one request (one facility, one sender) committed in
+    one transaction: each study and series looked up once, the instances and their audit events
+    inserted together, the counters of each series and study updated once.
+
+    Nothing changes in what is acknowledged: an object's rows are committed before its result
+    is final (the caller answers after `flush()`), a stored file's audit event commits with
+    its rows, and an object whose rows are not committed is removed again. When the batch
+    cannot be committed as one (a lost race on a UID, a study purged or being purged, the
+    database), it is rolled back and each object's rows are committed on their own as
+    `instance_ingest` does without a batch, with the same outcomes and audit.
+
+    Use as a context manager: what is still pending is committed on the way out (removed
+    instead when the process is being stopped).
+    """
+
+    def __init__(
+        self,
+        *,
+        facility: Facility,
+        user: User | None,
+        source: str,
+        request: HttpRequest | None = None,
+        size: int = BATCH_INSTANCES,
+    ) -> None:
+        self.facility = facility
+        self.user = user
+        self.source = source
+        self.request = request
+        self.size = size
+        self._pending: list[_Pending] = []
+        self._filenames: dict[int, str] = {}
+        self._actor_facility: tuple[Facility | None] | None = None
+
+    def __enter__(self) -> IngestBatch:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if kind is None or issubclass(kind, Exception):
+            self.flush()
+        else:
+            # Stopped (an interrupt, a worker timeout): nothing more is written; what has no
+            # rows goes again.
+            for pending in self._pending:
+                _delete_quietly(storages["default"], pending.key)
+            self._pending.clear()
+
+    def actor_facility(self) -> Facility | None:
+        """The facility the sender acts for, looked up once per batch."""
+        if self._actor_facility is None:
+            self._actor_facility = (acting_facility(self._actor(), self.facility),)
+        return self._actor_facility[0]
+
+    def _actor(self) -> User | None:
+        if self.user is not None:
+            return self.user
+        request_user = getattr(self.request, "user", None)
+        return request_user if getattr(request_user, "is_authenticated", False) else None  # type: ignore[return-value]
+
+    def holds(self, result: IngestResult) -> bool:
+        return any(pending.result is result for pending in self._pending)
+
+    def pending_uid(self, sop_uid: str) -> bool:
+        return any(pending.header.sop_uid == sop_uid for pending in self._pending)
+
+    def add(self, pending: _Pending) -> None:
+        pending.result.study_uuid = ""
+        self._pending.append(pending)
+
+    def flush_if_full(self) -> None:
+        if len(self._pending) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the rows of every pending object; afterwards each result is final."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            with transaction.atomic():
+                self._write(pending)
+            for item in pending:
+                item.result.extra.pop("patient_id", None)
+        except (DatabaseError, Rejected, _Fallback) as exc:
+            if not isinstance(exc, _Fallback):
+                log.info("batch of %d rolled back (%s); committing one by one", len(pending), exc)
+            for item in pending:
+                self._commit_alone(item)
+        except BaseException:
+            for item in pending:
+                _delete_quietly(storages["default"], item.key)
+            raise
+
+    def _audit(self, result: IngestResult, patient_id: str) -> AuditEvent:
+        """The event `audit_record` writes for an upload, to be inserted with others."""
+        request = self.request
+        actor = self._actor()
+        return AuditEvent(
+            action=AuditAction.UPLOAD.value,
+            outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
+            actor=actor,
+            actor_email=actor.email if actor is not None else "",
+            facility=self.facility,
+            actor_facility=self.actor_facility(),
+            study_instance_uid=result.study_instance_uid,
+            patient_id=patient_id[:64],
+            client_ip=client_ip(request),
+            user_agent=request.META.get("HTTP_USER_AGENT", "")[:300] if request is not None else "",
+            detail=upload_detail(result, source=self.source, filename=result.filename),
+        )
+
+    def _write(self, items: list[_Pending]) -> None:
+        """All rows of `items`, inside the caller's transaction."""
+        facility, user = self.facility, self.user
+        studies = {
+            study.study_instance_uid: study
+            for study in Study.objects.filter(
+                facility=facility, study_instance_uid__in={p.header.study_uid for p in items}
+            )
+        }
+        if any(study.purged_at is not None for study in studies.values()):
+            raise _Fallback  # a tombstone to revive (or a purge running): _index does it
+        for item in items:
+            if item.header.study_uid not in studies:
+                studies[item.header.study_uid] = Study.objects.create(
+                    facility=facility,
+                    study_instance_uid=item.header.study_uid,
+                    uploaded_by=user,
+                    **item.study_fields,
+                )
+        by_pk = {study.pk: study for study in studies.values()}
+        series_of: dict[tuple[int, str], Series] = {
+            (series.study_id, series.series_instance_uid): series
+            for series in Series.objects.filter(
+                study_id__in=list(by_pk),
+                series_instance_uid__in={p.header.series_uid for p in items},
+            )
+        }
+        new_series: dict[int, int] = {}  # study pk -> series created
+        for item in items:
+            study = studies[item.header.study_uid]
+            where = (study.pk, item.header.series_uid)
+            if where not in series_of:
+                series_of[where] = Series.objects.create(
+                    study=study, series_instance_uid=item.header.series_uid, **item.series_fields
+                )
+                new_series[study.pk] = new_series.get(study.pk, 0) + 1
+        instances = []
+        added: dict[int, list[int]] = {}  # series pk -> [instances, bytes]
+        for item in items:
+            study = studies[item.header.study_uid]
+            series = series_of[(study.pk, item.header.series_uid)]
+            instances.append(
+                Instance(
+                    facility=facility,
+                    series=series,
+                    sop_instance_uid=item.header.sop_uid,
+                    sop_class_uid=item.header.sop_class,
+                    transfer_syntax_uid=item.header.transfer_syntax,
+                    size_bytes=item.result.size,
+                    sha256=item.result.sha256,
+                    storage_key=item.key,
+                    uploaded_by=user,
+                    **item.instance_fields,
+                )
+            )
+            item.result.study_uuid = str(study.uuid)
+            item.result.http_status = 201
+            counts = added.setdefault(series.pk, [0, 0])
+            counts[0] += 1
+            counts[1] += item.result.size
+        Instance.objects.bulk_create(instances)
+        AuditEvent.objects.bulk_create(
+            [self._audit(item.result, item.result.extra.get("patient_id", "")) for item in items]
+        )
+        for series_pk, (count, nbytes) in sorted(added.items()):
+            Series.objects.filter(pk=series_pk).update(
+                num_instances=F("num_instances") + count, size_bytes=F("size_bytes") + nbytes
+            )
+        # Last, in the order of their keys (two batches never wait on each other in a circle).
+        study_added: dict[int, list[int]] = {}
+        for series in series_of.values():
+            if series.pk in added:
+                counts = study_added.setdefault(series.study_id, [0, 0])
+                counts[0] += added[series.pk][0]
+                counts[1] += added[series.pk][1]
+        for study_pk, (count, nbytes) in sorted(study_added.items()):
+            study_update: dict[str, Any] = {
+                "num_instances": F("num_instances") + count,
+                "size_bytes": F("size_bytes") + nbytes,
+                "last_received_at": timezone.now(),
+                "status": StudyStatus.RECEIVING,
+                "completed_at": None,
+            }
+            if study_pk in new_series:
+                # As _count: the study row locked before the modality list is read and written.
+                Study.objects.select_for_update().filter(pk=study_pk).values_list("pk").first()
+                modalities = sorted(
+                    {m for m in by_pk[study_pk].series.values_list("modality", flat=True) if m}
+                )
+                study_update["num_series"] = F("num_series") + new_series[study_pk]
+                study_update["modalities"] = (
+                    ("," + ",".join(modalities) + ",") if modalities else ""
+                )
+            if not Study.objects.filter(pk=study_pk, purged_at__isnull=True).update(**study_update):
+                raise Rejected(PURGING, 503)
+
+    def _commit_alone(self, item: _Pending) -> None:
+        """One object's rows on their own, as without a batch; its result and audit final."""
+        result = item.result
+        result.study_uuid = ""
+        patient_id = result.extra.get("patient_id", "")
+
+        def audit(outcome: IngestResult) -> None:
+            self._audit(outcome, patient_id).save()
+
+        try:
+            _commit_one(facility=self.facility, user=self.user, pending=item, audit=audit)
+        except Rejected as exc:
+            if exc.reason == PURGING:
+                _purge_finish_soon()
+            result.status = UNAVAILABLE if exc.http_status == 503 else REJECTED
+            result.reason = exc.reason
+            result.http_status = exc.http_status
+        if result.status != STORED:
+            try:
+                audit(result)
+            except DatabaseError:
+                log.exception(
+                    "could not audit a %s upload of %s", result.status, result.sop_instance_uid
+                )
+        result.extra.pop("patient_id", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import views
+from . import rendered, views
 
 S = "dicom-web/studies/<str:study>"
 SE = S + "/series/<str:series>"
@@ -30,4 +30,19 @@ urlpatterns = [
     path(I + "/metadata", views.metadata_instance, name="dicomweb_instance_metadata"),
     path(I + "/frames/<str:numbers>", views.frames, name="dicomweb_frames"),
     path(I + "/bulk/<str:tag>", views.bulk, name="dicomweb_bulk"),
+    # Rendered and thumbnail resources (rendered.py)
+    path(S + "/thumbnail", rendered.study_thumbnail, name="dicomweb_study_thumbnail"),
+    path(SE + "/thumbnail", rendered.series_thumbnail, name="dicomweb_series_thumbnail"),
+    path(I + "/rendered", rendered.instance_rendered, name="dicomweb_instance_rendered"),
+    path(I + "/thumbnail", rendered.instance_thumbnail, name="dicomweb_instance_thumbnail"),
+    path(
+        I + "/frames/<str:numbers>/rendered",
+        rendered.frame_rendered,
+        name="dicomweb_frame_rendered",
+    ),
+    path(
+        I + "/frames/<str:numbers>/thumbnail",
+        rendered.frame_thumbnail,
+        name="dicomweb_frame_thumbnail",
+    ),
 ]

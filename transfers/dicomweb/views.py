@@ -1,4 +1,4 @@
-"""DICOMweb resources under /dicom-web/ (PS3.18): QIDO-RS searches and WADO-RS retrievals.
+"""DICOMweb resources under /dicom-web/ (PS3.18): QIDO-RS searches, WADO-RS retrievals, STOW-RS.
 
 Authentication is the upload API's (`transfers.api.api_view`): an API token
 (`Authorization: Bearer`, a read-only token is enough) or the signed-in session. What a request
@@ -9,8 +9,9 @@ and bulk data are parts of that view, as the viewer's frames are: not audited on
 metered once per request.
 
 Methods: each resource answers GET here; searches HEAD too (a retrieval's HEAD would be
-audited and metered as the whole answer, so it is refused). `/studies` and `/studies/{S}` take POST too in STOW-RS;
-its view joins `_METHODS` below rather than adding URLs.
+audited and metered as the whole answer, so it is refused). `/studies` and `/studies/{S}` take
+POST too: STOW-RS (`stow`), with the upload API's writing authentication (a token that may
+upload, or the session with its CSRF token).
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_safe
 
 from portal.audit import audit_record
-from portal.models import AuditAction, User
+from portal.models import AuditAction
 
 from .. import integrity
 from ..access import StudyAccess
 from ..api import api_view as _api_view
-from ..deliveries import DeliveryKind, delivery_announce, receiving_facility_of
-from ..ingest import is_valid_uid
+from ..deliveries import receiving_facility_of
 from ..models import Instance
 from ..sharing.services import share_downloaded
-from . import retrieve, search
+from . import retrieve, search, stow
 from .accept import AcceptError, accept_parse
+from .answers import delivery_meter, text_answer, uids_refused
 from .scope import DownloadRefused, Need, studies_visible, study_for
 
 log = logging.getLogger(__name__)
@@ -61,26 +62,11 @@ def api_view(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpRespons
     return cast(Callable[..., HttpResponseBase], _api_view(cast(Callable[..., HttpResponse], view)))
 
 
-def _text(reason: str, status: int) -> HttpResponse:
-    return HttpResponse(reason, status=status, content_type="text/plain; charset=utf-8")
-
-
 def _base_url(request: HttpRequest) -> str:
     """The absolute URL of /dicom-web/, ending in a slash, on SITE_URL: never built from the
     Host header, which a client may set to anything (dicomweb-client sends it without the
     port), so RetrieveURLs and BulkDataURIs always point at Relay itself."""
     return settings.SITE_URL + reverse("dicomweb_studies").removesuffix("studies")
-
-
-def _user(request: HttpRequest) -> User | None:
-    return request.user if request.user.is_authenticated else None  # type: ignore[return-value]
-
-
-def _uids(*values: str) -> HttpResponse | None:
-    for value in values:
-        if not is_valid_uid(value):
-            return _text(f"Not a DICOM UID: {value[:70]!r}.", 400)
-    return None
 
 
 def _accepts_json(request: HttpRequest) -> bool:
@@ -107,7 +93,9 @@ def _damaged(
     reason = exc.reason if isinstance(exc, integrity.IntegrityError) else "missing from storage"
     key = exc.key if isinstance(exc, integrity.IntegrityError) else ""
     integrity.integrity_failure(instance, where, request, key=key, reason=reason)
-    return _text("A stored copy of this image is damaged or missing; staff have been told.", 500)
+    return text_answer(
+        "A stored copy of this image is damaged or missing; staff have been told.", 500
+    )
 
 
 def _by_method(**views: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
@@ -131,14 +119,14 @@ def _search(
     request: HttpRequest, level: search.Level, fixed: dict[str, str] | None = None
 ) -> HttpResponse:
     if not _accepts_json(request):
-        return _text(f"Search results are sent as {DICOM_JSON}.", 406)
-    if fixed and (bad := _uids(*fixed.values())):
+        return text_answer(f"Search results are sent as {DICOM_JSON}.", 406)
+    if fixed and (bad := uids_refused(*fixed.values())):
         return bad
     params = [(key, value) for key, values in request.GET.lists() for value in values]
     try:
         query = search.search_parse(level, params, fixed=fixed)
     except search.QueryError as exc:
-        return _text(str(exc), 400)
+        return text_answer(str(exc), 400)
     answers, more = search.search_run(
         query, studies_visible(request), retrieve_base=_base_url(request)
     )
@@ -210,18 +198,18 @@ def _resolve(
     request: HttpRequest, need: Need, study: str, series: str | None, instance: str | None
 ) -> tuple[StudyAccess, list[Instance]] | HttpResponse:
     """The access and the instances a retrieval names, or the answer that refuses it."""
-    if bad := _uids(*(uid for uid in (study, series, instance) if uid is not None)):
+    if bad := uids_refused(*(uid for uid in (study, series, instance) if uid is not None)):
         return bad
     try:
         access = study_for(request, study, need=need)
     except DownloadRefused:
-        return _text(
+        return text_answer(
             "This share lets you view the study but not download it. Ask the sender for a copy.",
             403,
         )
     instances = _instances(access, series, instance)
     if not instances:
-        return _text("No such series or instance in this study.", 404)
+        return text_answer("No such series or instance in this study.", 404)
     return access, instances
 
 
@@ -254,20 +242,11 @@ def _receipt(
         raise
     if access.share is None:
         return
-    user = _user(request)
     with transaction.atomic():
         if download:
             # Whole instances taken: the sender's "downloaded" receipt, as for a ZIP.
             share_downloaded(share=access.share, who=access.who, what=download)
-        delivery_announce(
-            kind=DeliveryKind.DICOMWEB,
-            share=access.share,
-            study=access.study,
-            user=user,
-            nbytes=nbytes,
-            images=images,
-            key_parts=(access.share.uuid, user.pk if user else "patient", *key_parts),
-        )
+        delivery_meter(request, access, images=images, nbytes=nbytes, key_parts=key_parts)
 
 
 def _audit(request: HttpRequest, access: StudyAccess, action: str, **detail: Any) -> None:
@@ -291,7 +270,7 @@ def _retrieve(
     try:
         ranges = accept_parse(request.headers.get("Accept"))
     except AcceptError as exc:
-        return _text(f"The Accept header cannot be read: {exc}.", 400)
+        return text_answer(f"The Accept header cannot be read: {exc}.", 400)
     resolved = _resolve(request, Need.DOWNLOAD, study, series, instance)
     if isinstance(resolved, HttpResponse):
         return resolved
@@ -299,7 +278,7 @@ def _retrieve(
     try:
         syntax = retrieve.instances_syntax(ranges, {i.transfer_syntax_uid for i in instances})
     except retrieve.NotAcceptable as exc:
-        return _text(str(exc), 406)
+        return text_answer(str(exc), 406)
     nbytes = sum(i.size_bytes for i in instances)
     level = "instance" if instance else "series" if series else "study"
     _audit(
@@ -353,7 +332,7 @@ def _metadata(
     request: HttpRequest, study: str, series: str | None = None, instance: str | None = None
 ) -> HttpResponseBase:
     if not _accepts_json(request):
-        return _text(f"Metadata is sent as {DICOM_JSON}.", 406)
+        return text_answer(f"Metadata is sent as {DICOM_JSON}.", 406)
     resolved = _resolve(request, Need.VIEW, study, series, instance)
     if isinstance(resolved, HttpResponse):
         return resolved
@@ -424,7 +403,7 @@ def _pixels_answer(
     try:
         ranges = accept_parse(request.headers.get("Accept"))
     except AcceptError as exc:
-        return _text(f"The Accept header cannot be read: {exc}.", 400)
+        return text_answer(f"The Accept header cannot be read: {exc}.", 400)
     resolved = _resolve(request, Need.VIEW, study, series, instance)
     if isinstance(resolved, HttpResponse):
         return resolved
@@ -432,9 +411,9 @@ def _pixels_answer(
     try:
         parts = build(stored, ranges)
     except retrieve.NotAcceptable as exc:
-        return _text(str(exc), 406)
+        return text_answer(str(exc), 406)
     except retrieve.FrameMissing as exc:
-        return _text(str(exc), 404)
+        return text_answer(str(exc), 404)
     except (integrity.IntegrityError, FileNotFoundError) as exc:
         return _damaged(request, stored, exc, f"dicomweb {what}")
     boundary = retrieve.boundary_new()
@@ -461,7 +440,7 @@ def frames(
     try:
         wanted = retrieve.frame_numbers(numbers)
     except ValueError as exc:
-        return _text(f"Not a frame list: {exc}.", 400)
+        return text_answer(f"Not a frame list: {exc}.", 400)
 
     def build(stored: Instance, ranges: list[Any]) -> retrieve.Parts:
         syntax = retrieve.pixels_syntax(ranges, stored.transfer_syntax_uid)
@@ -486,7 +465,7 @@ def bulk(
 ) -> HttpResponseBase:
     tag = tag.upper()
     if len(tag) != 8 or any(c not in "0123456789ABCDEF" for c in tag):
-        return _text("A bulk data path ends in a tag of 8 hexadecimal digits.", 400)
+        return text_answer("A bulk data path ends in a tag of 8 hexadecimal digits.", 400)
 
     def build(stored: Instance, ranges: list[Any]) -> retrieve.Parts:
         syntax = None
@@ -507,7 +486,22 @@ def bulk(
     )
 
 
+# --- STOW-RS ----------------------------------------------------------------------------------------
+
+
+@_api_view(writes=True)
+def stow_studies(request: HttpRequest) -> HttpResponse:
+    return stow.stow(request, _base_url(request))
+
+
+@_api_view(writes=True)
+def stow_study(request: HttpRequest, study: str) -> HttpResponse:
+    if bad := uids_refused(study):
+        return bad
+    return stow.stow(request, _base_url(request), study)
+
+
 # --- the resources, by method --------------------------------------------------------------------
 
-studies = _by_method(GET=qido_studies, HEAD=qido_studies)
-study = _by_method(GET=wado_study)
+studies = _by_method(GET=qido_studies, HEAD=qido_studies, POST=stow_studies)
+study = _by_method(GET=wado_study, POST=stow_study)
