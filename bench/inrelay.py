@@ -236,7 +236,22 @@ def viewer(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def facility_token(args: dict[str, Any]) -> dict[str, Any]:
+    """A second facility for the benchmark user, with an upload token of its own: STOW-RS of
+    the same series there stores it anew (instances are deduplicated per facility)."""
+    from portal.models import ApiToken, Facility, Membership, User
+
+    user = User.objects.get(email=args["email"])
+    facility, _ = Facility.objects.get_or_create(
+        slug=args["slug"], defaults={"name": f"Benchmark {args['slug']}"}
+    )
+    Membership.objects.get_or_create(user=user, facility=facility, defaults={"role": "sender"})
+    _, raw = ApiToken.issue(user=user, name=f"benchmark {args['slug']}", facility=facility)
+    return {"token": raw, "facility": facility.slug}
+
+
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "facility_token": facility_token,
     "study_info": study_info,
     "push": push,
     "export": export,

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import psutil
 from dicom import Workbench, cd_section, gateway_section, push_section, zip_section
+from dicomweb import dicomweb_section
 from invoicing import billing_section, billing_table
 from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
 from series import SIZE, Series, ensure_series
@@ -217,8 +218,9 @@ SECTIONS: dict[str, tuple[str, Callable[[Workbench], Section]]] = {
     "push": ("2. push to PACS vs storescu", push_section),
     "zip": ("3. ZIP export vs reading the files", zip_section),
     "cd": ("4. CD image build", cd_section),
+    "dicomweb": ("8. DICOMweb STOW-RS and WADO-RS vs Orthanc's plugin", dicomweb_section),
 }
-PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser")
+PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser", "dicomweb")
 CHOICES = ("ingest", *PRINT_ORDER, "billing")
 
 
