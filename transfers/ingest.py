@@ -543,6 +543,7 @@ def instance_ingest(
     request: HttpRequest | None = None,
     batch: IngestBatch | None = None,
     only_study: str | None = None,
+    meta_may_differ: bool = False,
 ) -> IngestResult:
     """Store one incoming file. Never raises for bad input: the result says what happened.
 
@@ -550,7 +551,9 @@ def instance_ingest(
     audited afterwards. With a `batch` (of the same facility, user and request), a stored
     object's rows wait for the batch's transaction: the result says STORED only provisionally,
     and is final (the same object, updated) once `batch.flush()` has run. With `only_study`,
-    a file of another study is refused (STOW-RS on /studies/{S}).
+    a file of another study is refused (STOW-RS on /studies/{S}). With `meta_may_differ` (the
+    gateway, which writes the file meta itself, naming the sender), a copy whose data set is
+    the stored one's byte for byte is a duplicate even when its file meta differs.
     """
 
     def audit(result: IngestResult) -> None:
@@ -576,6 +579,7 @@ def instance_ingest(
                 audit=audit,
                 batch=batch,
                 only_study=only_study,
+                meta_may_differ=meta_may_differ,
             )
     except Rejected as exc:
         if exc.reason == PURGING:
@@ -629,6 +633,7 @@ def _ingest_spooled(
     audit: Callable[[IngestResult], None],
     batch: IngestBatch | None = None,
     only_study: str | None = None,
+    meta_may_differ: bool = False,
 ) -> IngestResult:
     with _parsed(spooled) as (ds, data_fp, data_size):
         try:
@@ -679,7 +684,10 @@ def _ingest_spooled(
         if existing[2]:
             # Its row is in a study a purge has claimed: it is about to go, so it is not stored.
             raise Rejected(PURGING, 503)
-        return _dedup_result(result, existing, spooled.sha256)
+        result = _dedup_result(result, existing, spooled.sha256)
+        if result.status == CONFLICT and meta_may_differ:
+            _same_data_set_check(result, facility, spooled)
+        return result
 
     storage = storages["default"]
     try:
@@ -925,6 +933,44 @@ def _dedup_result(
         )
         result.http_status = 409
     return result
+
+
+def _data_set_digest(fp: IO[bytes]) -> str | None:
+    """SHA-256 of a Part 10 file's data set, after its preamble and file meta group; None when
+    the group does not start with its length (then only the whole file can be compared)."""
+    fp.seek(128 + 4)
+    head = fp.read(12)
+    if len(head) < 12 or head[:6] != b"\x02\x00\x00\x00UL":
+        return None
+    (group_length,) = struct.unpack("<I", head[8:12])
+    fp.seek(128 + 4 + 12 + group_length)
+    digest = hashlib.sha256()
+    while chunk := fp.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_data_set_check(result: IngestResult, facility: Facility, spooled: Spooled) -> None:
+    """A conflict that is only the file meta (the same instance sent again by another calling
+    AE title, whose name the gateway writes into the meta) is a duplicate."""
+    key = (
+        Instance.objects.filter(facility=facility, sop_instance_uid=result.sop_instance_uid)
+        .values_list("storage_key", flat=True)
+        .first()
+    )
+    if key is None:
+        return
+    try:
+        with storages["default"].open(key) as stored:
+            theirs = _data_set_digest(stored)
+    except OSError:
+        return
+    ours = _data_set_digest(spooled.file)
+    spooled.file.seek(0)
+    if theirs is not None and theirs == ours:
+        result.status = DUPLICATE
+        result.reason = "Already stored with the same data set (sent before by another AE title)."
+        result.http_status = 200
 
 
 def upload_detail(result: IngestResult, *, source: str, filename: str) -> dict[str, Any]:

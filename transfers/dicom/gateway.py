@@ -51,6 +51,9 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, connections
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID_dictionary
 from pynetdicom import (
     AE,
@@ -396,17 +399,20 @@ class Gateway:
         close_old_connections()
         try:
             path = Path(event.dataset_path)
-            size = path.stat().st_size
+            meta, offset = _file_meta(path, source_ae=caller.calling_ae)
+            size = len(meta) + path.stat().st_size - offset
         except Exception as exc:
             log.exception("gateway: could not take an instance from %s", caller.source)
             return _status(OUT_OF_RESOURCES, f"{type(exc).__name__}")
         result = instance_ingest(
             facility=caller.facility,
             user=None,
-            chunks=_file_chunks(path),
+            chunks=_file_chunks(path, meta, offset),
             expected_size=size,
             filename=f"C-STORE from {caller.calling_ae}",
             source=caller.source,
+            # The meta names the sender: the same data set from another AE title is no conflict.
+            meta_may_differ=True,
         )
         if result.status in (STORED, DUPLICATE):
             self._mark_source(event.assoc, caller, result.study_uuid)
@@ -467,9 +473,25 @@ class Gateway:
         connections.close_all()
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    """The spool file pynetdicom wrote (file meta and the dataset as sent), read in chunks."""
+def _file_meta(path: Path, *, source_ae: str) -> tuple[bytes, int]:
+    """The preamble, prefix and file meta of the instance as Relay stores it: pynetdicom's, with
+    the Source Application Entity Title (0002,0016) of the sender (PS3.10 7.1); and where the
+    data set starts in pynetdicom's spool file."""
+    meta = read_file_meta_info(path)
+    offset = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    meta.SourceApplicationEntityTitle = source_ae[:16]
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue(), offset
+
+
+def _file_chunks(path: Path, meta: bytes, offset: int) -> Iterator[bytes]:
+    """Relay's file meta, then the data set as the sender sent it (pynetdicom's spool file from
+    `offset`), in chunks."""
+    yield meta
     with path.open("rb") as f:
+        f.seek(offset)
         while chunk := f.read(CHUNK):
             yield chunk
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
+from django.core.files.storage import storages
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -20,9 +21,9 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from bench.servers import OrthancServer
-from portal.models import Facility
+from portal.models import AuditAction, AuditEvent, Facility
 from tests.helpers import dicom_bytes, gateway_allow, gateway_running, require_peer
-from tests.transfers.dicom.test_gateway import _run
+from tests.transfers.dicom.test_gateway import _run, _storescu
 from transfers.models import Instance
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer]
@@ -124,3 +125,38 @@ def test_storescu_combining_syntaxes_keeps_jpeg_2000_as_sent(gateway: int, tmp_p
     instance = Instance.objects.get()
     assert instance.transfer_syntax_uid == JPEG2000Lossless
     assert instance.sop_instance_uid == pydicom.dcmread(path).SOPInstanceUID
+
+
+def test_the_stored_file_meta_names_the_sender_and_a_resend_by_another_title_is_no_conflict(
+    gateway: int, tmp_path: Path, krmc: Facility
+) -> None:
+    """PS3.10 7.1: Source Application Entity Title (0002,0016) is the AE title of the sender.
+    Written by the gateway, it must not turn the same instance sent again by another of the
+    facility's AE titles into a conflict; other data under the same UID still is one."""
+    gateway_allow(krmc, "PACS1 ROUTER")
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(dicom_bytes("CT_small.dcm"))
+
+    first = _storescu(gateway, [path], calling="PACS1")
+    again = _storescu(gateway, [path], calling="ROUTER")
+
+    assert first.returncode == again.returncode == 0, again.stdout + again.stderr
+    instance = Instance.objects.get()
+    with storages["default"].open(instance.storage_key) as f:
+        stored = pydicom.dcmread(f)
+    assert stored.file_meta.SourceApplicationEntityTitle == "PACS1"
+    # dcmtk reads the stored copy and its meta.
+    (tmp_path / "stored.dcm").write_bytes(storages["default"].open(instance.storage_key).read())
+    dump = _run(require_peer("dcmdump"), "-M", str(tmp_path / "stored.dcm"))
+    assert dump.returncode == 0 and "SourceApplicationEntityTitle" in dump.stdout, dump.stderr
+    duplicate = AuditEvent.objects.filter(action=AuditAction.UPLOAD).order_by("id").last()
+    assert duplicate is not None and duplicate.detail["status"] == "duplicate"
+    # Another data set under the same UID is still refused.
+    other = tmp_path / "other.dcm"
+    other.write_bytes(
+        dicom_bytes("CT_small.dcm", SOPInstanceUID=stored.SOPInstanceUID, PatientID="OTHER")
+    )
+    refused = _storescu(gateway, [other], calling="ROUTER")
+    output = refused.stdout + refused.stderr
+    assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in output, output
+    assert Instance.objects.count() == 1
