@@ -1,6 +1,6 @@
 """ "Open in advanced viewer" on the study page and in the inbox: shown to signed-in users who
-may view the study, when OHIF is installed, beside Relay's own "View images"; never on a
-patient's pages."""
+may view the study, when OHIF is installed, beside Relay's own "View images" (when it is not,
+the study page's button says how to add it); never on a patient's pages."""
 
 from __future__ import annotations
 
@@ -56,11 +56,17 @@ def test_the_owner_and_a_recipient_get_it_when_installed(
     assert BUTTON in inbox and _link(study) in inbox
 
 
-def test_nobody_gets_it_when_ohif_is_not_installed(
+def test_without_ohif_the_button_says_how_to_add_it(
     study: Study, bob: User, dana: User, gfc: Facility
 ) -> None:
     _share(study, bob, gfc, can_view=True)
-    assert BUTTON not in client_for(bob).get(f"/studies/{study.uuid}/").content.decode()
+    client = client_for(bob)
+    page = client.get(f"/studies/{study.uuid}/").content.decode()
+    assert BUTTON not in page and "StudyInstanceUIDs" not in page
+    assert 'href="/ohif/viewer"' in page and "Advanced viewer: how to add it" in page
+    how = client.get("/ohif/viewer").content.decode()
+    assert "The advanced viewer (OHIF) is not installed" in how
+    assert "manage.py ohif_install" in how and "apt-get install nodejs npm" in how
     inbox = client_for(dana).get("/inbox/").content.decode()
     assert "View images" in inbox and BUTTON not in inbox
 
