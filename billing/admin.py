@@ -12,6 +12,7 @@ from django.http import HttpRequest
 
 from .invoicing import credit_note_issue, invoice_credited, invoice_mark_paid
 from .models import CreditNote, Invoice, InvoiceLine, Plan, PlanAssignment, UsageRecord
+from .money import format_money
 
 
 @admin.register(Plan)
@@ -123,7 +124,8 @@ class CreditNoteForm(forms.ModelForm):
             left = invoice.total - invoice_credited(invoice)
             if amount > left:
                 raise forms.ValidationError(
-                    f"At most {left} {invoice.currency} of this invoice can still be credited."
+                    f"At most {format_money(left, invoice.currency)} of this invoice can still"
+                    " be credited."
                 )
         return data
 

@@ -42,3 +42,24 @@ def courier_cd_price() -> Decimal:
 def default_price_per_gb() -> Decimal:
     """The per-GB price of the default plan when billing creates it (staff change it later)."""
     return Decimal(str(getattr(settings, "RELAY_DEFAULT_PRICE_PER_GB", "1.00")))
+
+
+def seller_name() -> str:
+    """Who issues the invoices."""
+    return str(getattr(settings, "RELAY_SELLER_NAME", "Relay"))
+
+
+def seller_address_lines() -> list[str]:
+    """The seller's postal address, one string per line. A literal backslash-n counts as a line
+    break too, because a .env file cannot easily hold a real one."""
+    value = str(getattr(settings, "RELAY_SELLER_ADDRESS", "")).replace("\\n", "\n")
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
+def seller_tax_id() -> str:
+    return str(getattr(settings, "RELAY_SELLER_TAX_ID", ""))
+
+
+def payment_terms_days() -> int:
+    """Days from an invoice's issue date to its due date."""
+    return int(getattr(settings, "RELAY_PAYMENT_TERMS_DAYS", 30))

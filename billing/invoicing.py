@@ -43,6 +43,7 @@ from portal.models import Facility, Membership, Role, User
 
 from .conf import billing_tz
 from .models import CreditNote, Invoice, InvoiceLine
+from .money import format_money
 from .plans import ZERO, Bill, BillingError, bills_for_month, money, next_month
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,8 @@ def credit_note_issue(
         credited = invoice_credited(locked)
         if credited + amount > locked.total:
             raise BillingError(
-                f"At most {locked.total - credited} {locked.currency} can still be credited."
+                f"At most {format_money(locked.total - credited, locked.currency)} can still be"
+                " credited."
             )
         count = locked.credit_notes.count()
         return CreditNote.objects.create(

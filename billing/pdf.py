@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from django.template.defaultfilters import pluralize
+
+from .documents import quantity_text
+from .money import format_money, format_price
+
 if TYPE_CHECKING:
+    from .documents import InvoiceParties
     from .models import CreditNote, Invoice, InvoiceLine
 
 PAGE_WIDTH = 595  # A4 in points; fits Letter's width too (612)
@@ -149,60 +156,81 @@ def invoice_pdf(
     invoice: Invoice,
     lines: list[InvoiceLine],
     credit_notes: list[CreditNote],
-    issued_local: str,
+    parties: InvoiceParties,
 ) -> bytes:
-    """The invoice as a PDF: the same figures as its HTML page."""
+    """The invoice as a PDF: the same figures and parties as its HTML page."""
     doc = Document()
     right = PAGE_WIDTH - MARGIN
-    doc.text("Relay", size=18, bold=True)
+    currency = invoice.currency
+    doc.text(parties.seller_name, size=16, bold=True)
+    for address_line in parties.seller_address:
+        doc.text(address_line, size=9)
+    if parties.seller_tax_id:
+        doc.text(f"Tax ID: {parties.seller_tax_id}", size=9)
+    doc.space()
     doc.text(f"Invoice {invoice.number}", size=14, bold=True)
-    doc.text(f"Billed to: {invoice.facility_name}")
-    doc.text(f"Period: {invoice.period:%B %Y}")
-    doc.text(f"Issued: {issued_local}")
+    doc.text(f"Invoice number: {invoice.number}")
+    doc.text(f"Invoice date: {_day(parties.issued_on)}")
+    doc.text(f"Due date: {_day(parties.due_on)}", bold=True)
+    doc.text(f"Payment terms: {parties.terms}")
+    doc.text(f"Billing period: {invoice.period:%B %Y}")
     doc.text("Paid" if invoice.paid_at else "Unpaid", bold=True)
+    doc.space()
+    doc.text("Bill to", bold=True)
+    doc.text(parties.bill_to_name)
+    for address_line in parties.bill_to_address:
+        doc.text(address_line)
     doc.space()
     doc.row(
         [
             ("Description", MARGIN, "l"),
             ("Quantity", 370, "r"),
             ("Unit price", 455, "r"),
-            (f"Amount ({invoice.currency})", right, "r"),
+            ("Amount", right, "r"),
         ]
     )
     doc.rule()
     for line in lines:
-        wrapped = textwrap.wrap(line.description, 60) or [""]
+        wrapped = textwrap.wrap(line.description, 55) or [""]
         doc.row(
             [
                 (wrapped[0], MARGIN, "l"),
-                (f"{line.quantity.normalize():f} {line.unit}", 370, "r"),
-                (f"{line.unit_price:,.4f}", 455, "r"),
-                (f"{line.amount:,.2f}", right, "r"),
+                (quantity_text(line.quantity, line.unit), 370, "r"),
+                (format_price(line.unit_price, currency), 455, "r"),
+                (format_money(line.amount, currency), right, "r"),
             ]
         )
         for more in wrapped[1:]:
             doc.row([(more, MARGIN + 10, "l")])
     doc.rule()
-    doc.row([("Total", MARGIN, "l"), (f"{invoice.currency} {invoice.total:,.2f}", right, "r")])
+    doc.row([("Total", MARGIN, "l"), (format_money(invoice.total, currency), right, "r")])
     credited = sum((note.amount for note in credit_notes), Decimal("0"))
     for note in credit_notes:
         doc.row(
             [
-                (f"Credit note {note.number}: {note.reason}"[:90], MARGIN, "l"),
-                (f"-{note.amount:,.2f}", right, "r"),
+                (f"Credit note {note.number}: {note.reason}"[:80], MARGIN, "l"),
+                (format_money(-note.amount, note.currency), right, "r"),
             ]
         )
     if credit_notes:
         doc.row(
             [
                 ("Balance", MARGIN, "l"),
-                (f"{invoice.currency} {invoice.total - credited:,.2f}", right, "r"),
+                (format_money(invoice.total - credited, currency), right, "r"),
             ]
         )
     doc.space()
-    doc.text(
-        f"Studies delivered: {invoice.studies}. By courier CD they would have cost "
-        f"{invoice.courier_cost:,.2f}; you paid {invoice.total:,.2f}.",
-        size=9,
-    )
+    studies = f"{invoice.studies} stud{pluralize(invoice.studies, 'y,ies')}"
+    summary = f"{studies} delivered."
+    if invoice.courier_cost:
+        summary += (
+            f" By courier CD they would have cost {format_money(invoice.courier_cost, currency)};"
+            f" you paid {format_money(invoice.total - credited, currency)}."
+        )
+    doc.text(summary, size=9)
+    doc.text(f"Please quote the invoice number {invoice.number} with your payment.", size=9)
     return doc.render()
+
+
+def _day(day: date) -> str:
+    return f"{day:%B} {day.day}, {day.year}"

@@ -31,6 +31,7 @@ from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
 
 from django.db import transaction
 from django.db.models import Count, Q
+from django.template.defaultfilters import pluralize
 
 from portal.models import Facility
 
@@ -453,7 +454,8 @@ def _bill(
         lines.append(
             Line(
                 LineKind.DELIVERIES,
-                f"Studies delivered ({usage.records} transfers, {usage.images} images,"
+                f"Studies delivered ({usage.records} transfer{pluralize(usage.records)},"
+                f" {usage.images} image{pluralize(usage.images)},"
                 f" {gb(usage.bytes).normalize():f} GB)",
                 Decimal(studies),
                 "studies",

@@ -34,7 +34,9 @@ from .dashboard import (
     usage_csv_rows,
     with_credited,
 )
+from .documents import invoice_parties
 from .models import Invoice, UsageKind, UsageRecord
+from .money import format_money
 from .pdf import invoice_pdf
 from .plans import ZERO, bill_for, next_month
 
@@ -46,7 +48,11 @@ def _require_staff(request: HttpRequest) -> None:
 
 def _get_invoice_for_user(request: AuthedRequest, slug: str, invoice_uuid: str) -> Invoice:
     """An invoice of facility `slug` that the user may read (its admins, staff); else 404."""
-    invoice = Invoice.objects.filter(uuid=invoice_uuid, facility__slug=slug).first()
+    invoice = (
+        Invoice.objects.select_related("facility")
+        .filter(uuid=invoice_uuid, facility__slug=slug)
+        .first()
+    )
     if invoice is None:
         raise Http404("No such invoice.")
     if not request.user.is_staff:
@@ -148,6 +154,7 @@ def invoice_detail(request: AuthedRequest, slug: str, invoice_uuid: str) -> Http
             "credited": credited,
             "balance": invoice.total - credited,
             "saved": invoice.courier_cost - invoice.total + credited,
+            "parties": invoice_parties(invoice=invoice),
             "slug": slug,
         },
     )
@@ -157,12 +164,11 @@ def invoice_detail(request: AuthedRequest, slug: str, invoice_uuid: str) -> Http
 @login_required
 def invoice_pdf_download(request: AuthedRequest, slug: str, invoice_uuid: str) -> HttpResponse:
     invoice = _get_invoice_for_user(request, slug, invoice_uuid)
-    issued = invoice.issued_at.astimezone(billing_tz())
     body = invoice_pdf(
         invoice=invoice,
         lines=list(invoice.lines.all()),
         credit_notes=list(invoice.credit_notes.all()),
-        issued_local=f"{issued:%Y-%m-%d %H:%M} ({billing_tz()})",
+        parties=invoice_parties(invoice=invoice),
     )
     response = HttpResponse(body, content_type="application/pdf")
     response["Content-Disposition"] = f'attachment; filename="invoice-{invoice.number}.pdf"'
@@ -179,14 +185,20 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     _require_staff(request)
     month_form = MonthForm(request.GET or None)
     data = dashboard_data(month=month_form.period())
+    currency = data.currency
     revenue_chart = bar_chart(
-        title=f"Revenue per month ({data.currency})",
+        title=f"Revenue per month ({currency})",
+        category_axis="Month",
+        value_axis=f"Revenue ({currency}): invoices less credit notes",
+        tick=lambda value: format_money(value, currency),
         bars=[
             Bar(
-                label=f"{m.period:%b}",
+                label=f"{m.period:%b %Y}",
                 value=m.revenue,
-                title=f"{m.period:%B %Y}: {m.revenue:,.2f} {data.currency}"
+                title=f"{m.period:%B %Y}: {format_money(m.revenue, currency)}"
                 + (" (estimate so far)" if m.estimate is not None else ""),
+                value_text=format_money(m.revenue, currency)
+                + (" (est.)" if m.estimate is not None else ""),
                 estimate=m.estimate is not None,
             )
             for m in data.months
@@ -194,8 +206,16 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
     gb_chart = bar_chart(
         title="GB delivered per month",
+        category_axis="Month",
+        value_axis="GB delivered (10⁹ bytes)",
+        tick=lambda value: f"{value.normalize():f} GB",
         bars=[
-            Bar(label=f"{m.period:%b}", value=m.gb, title=f"{m.period:%B %Y}: {m.gb:,.3f} GB")
+            Bar(
+                label=f"{m.period:%b %Y}",
+                value=m.gb,
+                title=f"{m.period:%B %Y}: {m.gb:,.3f} GB",
+                value_text=f"{m.gb:,.3f} GB",
+            )
             for m in data.months
         ],
     )

@@ -87,6 +87,11 @@ class Facility(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=60, unique=True)
     city = models.CharField(max_length=100, blank=True)
+    # Printed on the facility's invoices under "Bill to" (billing reads it; portal owns the
+    # facility's own details).
+    billing_address = models.TextField(
+        blank=True, help_text="Postal address for invoices, one line per line."
+    )
     ae_title = models.CharField(
         "DICOM AE title",
         max_length=16,

@@ -325,6 +325,13 @@ RELAY_BILL_PATIENT_LINKS_TO = env_str("RELAY_BILL_PATIENT_LINKS_TO", "sender")
 RELAY_BILLING_CURRENCY = env_str("RELAY_BILLING_CURRENCY", "USD")
 RELAY_COURIER_CD_PRICE = env_str("RELAY_COURIER_CD_PRICE", "11.00")
 RELAY_DEFAULT_PRICE_PER_GB = env_str("RELAY_DEFAULT_PRICE_PER_GB", "1.00")
+# Who issues the invoices (printed at their top, as an accounts-payable clerk needs): the
+# seller's name, postal address (lines separated by newlines, or by a literal "\n" in a .env
+# file), tax id (VAT/EIN), and the days from issue to due date.
+RELAY_SELLER_NAME = env_str("RELAY_SELLER_NAME", "Relay")
+RELAY_SELLER_ADDRESS = env_str("RELAY_SELLER_ADDRESS", "")
+RELAY_SELLER_TAX_ID = env_str("RELAY_SELLER_TAX_ID", "")
+RELAY_PAYMENT_TERMS_DAYS = env_int("RELAY_PAYMENT_TERMS_DAYS", 30)
 
 # Address-space cap of each render worker process, in MiB (0: none). A file that makes a decoder
 # ask for more gets a MemoryError for that frame instead of the OOM killer taking the worker.

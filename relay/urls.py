@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.http import HttpRequest, HttpResponseRedirect
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.decorators.http import require_safe
 
 from portal.reauth import reauthentication_required
 from portal.views import admin_login
@@ -22,8 +25,21 @@ def _admin_view_reauthenticated(view: Any, cacheable: bool = False) -> Any:
 
 
 admin.site.admin_view = _admin_view_reauthenticated  # type: ignore[method-assign]
+admin.site.site_header = "Relay administration"
+admin.site.site_title = "Relay administration"
+admin.site.index_title = "Relay: facilities, people, plans and invoices"
+
+
+@require_safe
+def favicon(request: HttpRequest) -> HttpResponseRedirect:
+    """/favicon.ico, which browsers ask for on pages without an icon link (the viewer, a PDF,
+    an error page of a proxy): the SVG icon, by its static URL so WhiteNoise serves and caches it.
+    Resolved per request, as the manifest's hashed name exists only after collectstatic."""
+    return HttpResponseRedirect(static("favicon.svg"))
+
 
 urlpatterns = [
+    path("favicon.ico", favicon),
     path("", include("portal.urls")),
     path("", include("billing.urls")),
     path("", include("transfers.urls")),

@@ -85,5 +85,5 @@ def test_it_adds_a_credit_note_and_refuses_more_than_is_left(
         {"invoice": invoice.pk, "amount": "1.76", "reason": "Too much"},
     )
     assert refused.status_code == 200
-    assert "At most 1.75 USD" in refused.content.decode()
+    assert "At most USD 1.75" in refused.content.decode()
     assert CreditNote.objects.count() == 1

@@ -118,9 +118,9 @@ def test_it_shows_the_plan_usage_against_the_allowance_and_the_estimate(
     assert 'id="allowance" min="0" max="100" value="30"' in html  # 12 of 40 GB
     assert "12.000 of 40.000 GB" in html
     assert bill.total == Decimal("31.00")
-    assert "<strong>31.00 USD</strong>" in html
+    assert "<strong>USD 31.00</strong>" in html
     # Two studies by courier: 22.00; the estimate is the subscription fee.
-    assert "22.00 USD (2 discs at 11.00)" in html
+    assert "USD 22.00 (2 discs at USD 11.00)" in html
     assert "you save" not in html  # this month a courier would have been cheaper: no boast
 
 
@@ -130,8 +130,8 @@ def test_it_shows_what_a_courier_would_have_cost_next_to_each_invoice(
     credit_note_issue(invoice=invoice, amount=Decimal("1.00"), reason="Goodwill", by=None)
     html = client_for(gfc_admin).get("/facilities/gfc/billing/").content.decode()
     assert invoice.number in html
-    assert "3.00 USD" in html and "11.00" in html
-    assert "saved 9.00" in html  # 11.00 by courier, 2.00 paid after the credit note
+    assert "USD 3.00" in html and "USD 11.00" in html
+    assert "saved USD 9.00" in html  # 11.00 by courier, 2.00 paid after the credit note
 
 
 # --- the invoice ----------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def test_it_shows_the_invoice_lines_and_credit_notes(gfc_admin: User, invoice: I
     )
     for line in invoice.lines.all():
         assert line.description in html
-    assert 'id="total">3.00 USD' in html
-    assert 'id="balance">2.50 USD' in html
+    assert 'id="total">USD 3.00' in html
+    assert 'id="balance">USD 2.50' in html
     assert "Late delivery" in html
 
 
@@ -289,7 +289,7 @@ def test_the_dashboard_page_draws_the_charts_and_tables(
 def test_the_dashboard_estimates_the_month_still_running(operator: User, gfc: Facility) -> None:
     deliver(gfc, nbytes=4 * GB, at=local(this_month()))
     html = client_for(operator).get("/billing/").content.decode()
-    assert f"{this_month():%B %Y}: 4.00 USD (estimate so far)" in html
+    assert f"{this_month():%B %Y}: USD 4.00 (estimate so far)" in html
 
 
 def test_the_dashboard_makes_the_same_number_of_queries_for_any_number_of_facilities(

@@ -68,8 +68,8 @@ def test_it_meters_bills_and_invoices_a_shared_study_once(
     # The Great Falls admin sees the usage and the estimated bill (default plan: 1.00 per GB).
     html = client_for(admin).get("/facilities/gfc/billing/").content.decode()
     assert f"{Decimal(total_bytes) / 10**9:.3f} GB, 24 images, 1 study" in html
-    assert "<strong>0.21 USD</strong>" in html
-    assert "you save 10.79" in html  # one courier CD would have cost 11.00
+    assert "<strong>USD 0.21</strong>" in html
+    assert "you save USD 10.79" in html  # one courier CD would have cost 11.00
 
     # invoice_month for the current month issues Great Falls' invoice; a second run none.
     out = io.StringIO()

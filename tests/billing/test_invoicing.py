@@ -192,7 +192,7 @@ def test_it_emails_the_facility_admins_once(
     message = mail.outbox[0]
     invoice = Invoice.objects.get()
     assert "March 2025" in message.subject
-    assert "1.00 USD" in message.body
+    assert "USD 1.00" in message.body
     assert f"/facilities/krmc/billing/invoices/{invoice.uuid}/" in message.body
     with django_capture_on_commit_callbacks(execute=True):
         invoice_month(year=2025, month=3)
@@ -222,7 +222,7 @@ def test_it_corrects_with_credit_notes_never_more_than_the_total(
     invoice = Invoice.objects.get()
     note = credit_note_issue(invoice=invoice, amount=Decimal("1.004"), reason="Test", by=operator)
     assert (note.number, note.amount, note.currency) == ("CN-2025-03-GFC-1", Decimal("1.00"), "USD")
-    with pytest.raises(BillingError, match="At most 2.00"):
+    with pytest.raises(BillingError, match="At most USD 2.00"):
         credit_note_issue(invoice=invoice, amount=Decimal("2.01"), reason="Too much", by=operator)
     with pytest.raises(BillingError, match="why"):
         credit_note_issue(invoice=invoice, amount=Decimal("1"), reason=" ", by=operator)
