@@ -21,9 +21,8 @@ from typing import Any
 
 import httpx
 from measure import MiB, Row, RssSampler, Section, UploadFailed
-from servers import BENCH_EMAIL, OrthancServer, ServerError
+from servers import BENCH_EMAIL, DICOMWEB_PLUGIN, OrthancServer, ServerError, dicomweb_config
 
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 BATCH = 50
 THREADS = 4
 TIMEOUT_S = 600
@@ -106,8 +105,8 @@ def dicomweb_section(wb: Any) -> Section:
         relay_label="Relay",
         peer_label="Orthanc + DICOMweb plugin",
     )
-    if not PLUGIN.exists():
-        raise ServerError(f"{PLUGIN} is missing: install Debian's orthanc-dicomweb")
+    if not DICOMWEB_PLUGIN.exists():
+        raise ServerError(f"{DICOMWEB_PLUGIN} is missing: install Debian's orthanc-dicomweb")
     bodies = _bodies(files)
     second = relay.task("facility_token", email=BENCH_EMAIL, slug="benchweb")
     relay_stow = _stow(
@@ -116,8 +115,7 @@ def dicomweb_section(wb: Any) -> Section:
         bodies,
         relay.pid,
     )
-    config = {"Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    with OrthancServer(extra_config=config) as orthanc:
+    with OrthancServer(extra_config=dicomweb_config()) as orthanc:
         peer_stow = _stow(f"{orthanc.base_url}/dicom-web/studies", {}, bodies, orthanc.pid)
         uid = wb.study_instance_uid
         relay_wado = _wado(

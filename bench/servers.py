@@ -427,6 +427,25 @@ class RelayServer(_Server):
 # --- Orthanc ------------------------------------------------------------------------------------
 
 
+# Orthanc's DICOMweb plugin (Debian's orthanc-dicomweb): the benchmark's and the tests' peer.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_config(relay_url: str = "", token: str = "") -> dict[str, object]:
+    """Orthanc settings that load the DICOMweb plugin under /dicom-web/ and, given Relay's
+    /dicom-web/ URL and an API token, know Relay as the DICOMweb server "relay"."""
+    web: dict[str, object] = {"Enable": True, "Root": "/dicom-web/"}
+    if relay_url:
+        web["Servers"] = {
+            "relay": {
+                "Url": relay_url,
+                "HttpHeaders": {"Authorization": f"Bearer {token}"},
+                "HasDelete": False,
+            }
+        }
+    return {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": web}
+
+
 class OrthancServer(_Server):
     """Orthanc with its default settings except where it stores and who may connect."""
 

@@ -5,6 +5,7 @@ the API as a sender would, and its source files kept for comparison."""
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +15,9 @@ from django.test import Client
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from bench.servers import DICOMWEB_PLUGIN
 from portal.models import ApiToken, Facility, TokenAccess, User
-from tests.helpers import upload
+from tests.helpers import require_peer, upload
 from transfers.models import Study
 
 SOURCES = (
@@ -102,3 +104,13 @@ def _site_url(request: Any, settings: Any) -> None:
 
 def bearer(token: str) -> dict[str, Any]:
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+
+
+def orthanc_dicomweb_required() -> None:
+    """Orthanc and its DICOMweb plugin, or the test fails in CI (skips elsewhere, saying why)."""
+    require_peer("Orthanc")
+    if not DICOMWEB_PLUGIN.exists():
+        reason = "Orthanc's DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)

@@ -4,52 +4,25 @@ holds the same instances, byte for byte as Relay stores them."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from django.core.files.storage import storages
 
-from bench.servers import OrthancServer
-from tests.helpers import require_peer
+from bench.servers import OrthancServer, dicomweb_config
 from transfers.models import Instance
 
-from .conftest import UploadedStudy
+from .conftest import UploadedStudy, orthanc_dicomweb_required
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.peer]
-
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _plugin() -> None:
-    require_peer("Orthanc")
-    if not DICOMWEB_PLUGIN.exists():
-        reason = "Orthanc's DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def test_orthanc_retrieves_a_study_from_relay(
     live_server: Any, read_token: str, ct_study: UploadedStudy
 ) -> None:
-    _plugin()
-    config: dict[str, object] = {
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {
-            "Enable": True,
-            "Root": "/dicom-web/",
-            "Servers": {
-                "relay": {
-                    "Url": f"{live_server.url}/dicom-web/",
-                    "HttpHeaders": {"Authorization": f"Bearer {read_token}"},
-                    "HasDelete": False,
-                }
-            },
-        },
-    }
+    orthanc_dicomweb_required()
+    config = dicomweb_config(f"{live_server.url}/dicom-web/", read_token)
     with OrthancServer(extra_config=config) as orthanc:
         base = orthanc.base_url
         found = httpx.post(

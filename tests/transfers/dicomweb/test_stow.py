@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,16 +32,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from bench.servers import OrthancServer
+from bench.servers import OrthancServer, dicomweb_config
 from portal.models import AuditAction, AuditEvent, Facility, Outcome, User
-from tests.helpers import client_for, require_peer, upload
+from tests.helpers import client_for, upload
 from transfers.models import Instance, Study
 
-from .conftest import bearer
+from .conftest import bearer, orthanc_dicomweb_required
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 BOUNDARY = "relay-test-boundary"
 
 
@@ -435,35 +433,13 @@ def test_batch_falls_back_when_a_study_is_purged(
 # --- Orthanc's DICOMweb plugin ---------------------------------------------------------------------------
 
 
-def _plugin() -> None:
-    require_peer("Orthanc")
-    if not DICOMWEB_PLUGIN.exists():
-        reason = "Orthanc's DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
 @pytest.mark.peer
 def test_orthanc_stows_a_study_into_relay(
     live_server: Any, bob_token: str, krmc: Facility, chunked_seen: list[str]
 ) -> None:
-    _plugin()
+    orthanc_dicomweb_required()
     datasets = _series(4)
-    config: dict[str, object] = {
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {
-            "Enable": True,
-            "Root": "/dicom-web/",
-            "Servers": {
-                "relay": {
-                    "Url": f"{live_server.url}/dicom-web/",
-                    "HttpHeaders": {"Authorization": f"Bearer {bob_token}"},
-                    "HasDelete": False,
-                }
-            },
-        },
-    }
+    config = dicomweb_config(f"{live_server.url}/dicom-web/", bob_token)
     with OrthancServer(extra_config=config) as orthanc:
         base = orthanc.base_url
         for ds in datasets:
