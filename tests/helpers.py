@@ -97,6 +97,11 @@ def totp_code(secret: str, *, offset: int = 0) -> str:
     import struct
     import time
 
+    # Near the end of a 30-second step the code could expire before the server checks it
+    # (allauth allows no drift by default): wait for the next step rather than race it.
+    left = 30 - time.time() % 30
+    if left < 3:
+        time.sleep(left + 0.05)
     key = base64.b32decode(secret.upper() + "=" * (-len(secret) % 8))
     counter = int(time.time()) // 30 + offset
     digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
