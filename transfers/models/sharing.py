@@ -33,6 +33,7 @@ class NotifyStatus(models.TextChoices):
 class SecondFactor(models.TextChoices):
     BIRTH_DATE = "birth_date", "Patient's birth date"
     PIN = "pin", "PIN set by the sender"
+    EMAIL_CODE = "email_code", "One-time code e-mailed to the recipient"
 
 
 # Patient links lock in rounds. A round is PATIENT_LINK_TRIES wrong answers to the second factor;
@@ -166,6 +167,16 @@ class Share(models.Model):
     failed_attempts = models.PositiveIntegerField(default=0)
     locked_until = models.DateTimeField(null=True, blank=True)
     lock_rounds = models.PositiveSmallIntegerField(default=0)
+    # Guest links (a physician without an account): the link's token, encrypted with the
+    # secrets key so the notification task can put it in the e-mail (a copy of the database
+    # alone does not give it), and the one-time code e-mailed on request: its hash, its end,
+    # and the sends counted since `code_sends_since` (a mailbox is not flooded).
+    link_token_encrypted = models.TextField(blank=True)
+    code_hash = models.CharField(max_length=128, blank=True)
+    code_expires_at = models.DateTimeField(null=True, blank=True)
+    code_sent_at = models.DateTimeField(null=True, blank=True)
+    code_sends = models.PositiveSmallIntegerField(default=0)
+    code_sends_since = models.DateTimeField(null=True, blank=True)
 
     objects = ShareQuerySet.as_manager()
 
@@ -266,6 +277,7 @@ class ShareEventKind(models.TextChoices):
     LOCKED = "locked", "Patient link locked"
     UNLOCKED = "unlocked", "Patient link unlocked"
     REISSUED = "reissued", "Patient link re-issued"
+    CODE_SENT = "code_sent", "Code e-mailed"
 
 
 class ShareEvent(models.Model):
