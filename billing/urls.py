@@ -11,6 +11,7 @@ from . import views
 
 urlpatterns = [
     path("billing/", views.dashboard, name="billing_dashboard"),
+    path("billing/invoices/issue/", views.invoices_issue, name="billing_invoices_issue"),
     path("billing/usage.csv", views.usage_csv, name="billing_usage_csv"),
     path("billing/invoices.csv", views.invoices_csv, name="billing_invoices_csv"),
     path("facilities/<slug:slug>/billing/", views.facility_billing, name="facility_billing"),

@@ -15,15 +15,18 @@ from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 
 from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count, Sum
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
 from portal.access import AuthedRequest, get_membership_for_user
+from portal.reauth import reauthentication_required
 
 from .charts import Bar, bar_chart
 from .conf import billing_currency, billing_tz
@@ -35,10 +38,11 @@ from .dashboard import (
     with_credited,
 )
 from .documents import invoice_parties
+from .invoicing import invoice_month, month_is_over, previous_month
 from .models import Invoice, UsageKind, UsageRecord
 from .money import format_money
 from .pdf import invoice_pdf
-from .plans import ZERO, bill_for, next_month
+from .plans import ZERO, BillingError, bill_for, next_month
 
 
 def _require_staff(request: HttpRequest) -> None:
@@ -221,6 +225,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
     first = data.month
     period_form = PeriodForm(initial={"start": first, "end": next_month(first) - timedelta(days=1)})
+    issue_month = first if month_is_over(first) else previous_month()
     return render(
         request,
         "billing/dashboard.html",
@@ -232,8 +237,42 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "gb_chart": gb_chart,
             "previous": (first - timedelta(days=1)).replace(day=1),
             "following": next_month(first),
+            # The month the "Issue invoices" button offers: the one shown if it has ended,
+            # else the last one; and how many of its invoices exist already.
+            "issue_month": issue_month,
+            "issue_done": Invoice.objects.filter(period=issue_month).count(),
         },
     )
+
+
+class IssueForm(forms.Form):
+    month = forms.DateField(input_formats=["%Y-%m", "%Y-%m-%d"])
+
+
+@require_POST
+@login_required
+@reauthentication_required
+def invoices_issue(request: HttpRequest) -> HttpResponse:
+    """The operator issues a month's invoices (what beat does on the 1st, and
+    `manage.py invoice_month`): safe to press twice, facilities already invoiced are skipped."""
+    _require_staff(request)
+    form = IssueForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose a month to invoice (YYYY-MM).")
+        return redirect("billing_dashboard")
+    period = form.cleaned_data["month"].replace(day=1)
+    try:
+        run = invoice_month(year=period.year, month=period.month)
+    except BillingError as exc:
+        messages.error(request, f"No invoices issued: {exc}.")
+    else:
+        messages.success(
+            request,
+            f"{run.period:%B %Y}: {run.issued} invoice{'s' if run.issued != 1 else ''} issued, "
+            f"{run.already} already issued, {run.empty} facilit{'y' if run.empty == 1 else 'ies'} "
+            f"with nothing to invoice; {run.notified} e-mailed to the facilities' admins.",
+        )
+    return redirect(f"{reverse('billing_dashboard')}?month={period:%Y-%m}")
 
 
 @require_GET

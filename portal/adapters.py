@@ -4,20 +4,17 @@ the facility whose identity provider vouched for the e-mail address."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from typing import Any
 
 from allauth.account.adapter import DefaultAccountAdapter
 from allauth.mfa.adapter import DefaultMFAAdapter
 from allauth.mfa.models import Authenticator
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
-from cryptography.fernet import Fernet
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 from django.utils.html import escape
 
+from .crypto import secret_decrypt, secret_encrypt
 from .second_factor import mfa_required
 
 
@@ -104,21 +101,15 @@ class SocialAccountAdapter(DefaultSocialAccountAdapter):
         )
 
 
-def _fernet() -> Fernet:
-    key = getattr(settings, "RELAY_MFA_KEY", "") or settings.SECRET_KEY
-    digest = hashlib.sha256(b"relay-mfa-secrets:" + key.encode()).digest()
-    return Fernet(base64.urlsafe_b64encode(digest))
-
-
 class MFAAdapter(DefaultMFAAdapter):
     """Authenticator-app secrets are encrypted in the database (Fernet, a key derived from
     RELAY_MFA_KEY or SECRET_KEY): a copy of the database alone does not give the codes."""
 
     def encrypt(self, text: str) -> str:
-        return _fernet().encrypt(text.encode()).decode()
+        return secret_encrypt(text)
 
     def decrypt(self, encrypted_text: str) -> str:
-        return _fernet().decrypt(encrypted_text.encode()).decode()
+        return secret_decrypt(encrypted_text)
 
     def can_delete_authenticator(self, authenticator: Authenticator) -> bool:
         # Someone who must have a second factor keeps at least one (besides recovery codes).

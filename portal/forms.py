@@ -69,6 +69,17 @@ class FacilitySecurityForm(forms.ModelForm):
         fields = ("require_mfa",)
 
 
+class FacilityHelpDeskForm(forms.ModelForm):
+    class Meta:
+        model = Facility
+        fields = ("help_desk_phone",)
+        widgets = {
+            "help_desk_phone": forms.TextInput(
+                attrs={"autocomplete": "tel", "placeholder": "e.g. +1 406 555 0142"}
+            )
+        }
+
+
 class AuditFilterForm(forms.Form):
     action = forms.ChoiceField(choices=[("", "Any action"), *AuditAction.choices], required=False)
     outcome = forms.ChoiceField(

@@ -79,6 +79,13 @@ ae_title_validator = RegexValidator(
     "An AE title is 1 to 16 printable ASCII characters, no backslash, no leading or trailing space.",
 )
 
+# Printed on patient handouts; loose on purpose (extensions, international forms), tight enough
+# that a note ("call the front desk") is not mistaken for a number.
+help_desk_phone_validator = RegexValidator(
+    r"^[0-9+() .x-]{7,30}$",
+    "Enter a phone number of 7 to 30 characters: digits, spaces and + ( ) - . x",
+)
+
 
 class Facility(models.Model):
     """A hospital, clinic or practice that sends and receives studies."""
@@ -128,6 +135,14 @@ class Facility(models.Model):
         help_text="other facilities find it when they share a study",
     )
     is_practice = models.BooleanField("a physician's own practice", default=False, editable=False)
+    # Printed on the facility's patient handouts: "Questions? Call <facility> at <phone>".
+    help_desk_phone = models.CharField(
+        "help-desk phone",
+        max_length=30,
+        blank=True,
+        validators=[help_desk_phone_validator],
+        help_text="printed on patient handouts for questions",
+    )
     # Admins always need a second factor; this asks it of every member.
     require_mfa = models.BooleanField("every member needs a second factor", default=False)
     created_at = models.DateTimeField(default=timezone.now)
@@ -341,17 +356,22 @@ class AuditAction(models.TextChoices):
     PASSWORD_RESET = "password_reset", "Reset the password"
     ACCESS_DENIED = "access_denied", "Refused access"
     SHARE_CREATE = "share_create", "Shared a study"
+    DEIDENTIFY = "deidentify", "Made a de-identified copy of a study"
     SHARE_OPEN = "share_open", "Opened a shared study"
     SHARE_REVOKE = "share_revoke", "Revoked a share"
     SHARE_EXTEND = "share_extend", "Extended a share"
     PATIENT_FACTOR = "patient_factor", "Patient link second factor"
+    GUEST_CODE = "guest_code", "Guest link code"
+    GUEST_CODE_SEND = "guest_code_send", "E-mailed a guest link code"
     PURGE = "purge", "Purged a study's images"
     REPORT_ATTACH = "report_attach", "Attached a report"
     REPORT_VIEW = "report_view", "Read a report"
     STUDY_DOWNLOAD = "study_download", "Downloaded a study"
     STUDY_PUSH = "study_push", "Sent a study to a PACS"
+    PUSH_CANCEL = "push_cancel", "Cancelled a push to PACS"
     PATIENT_RECONCILE = "patient_reconcile", "Reconciled a study's patient"
     FACILITY_CHANGE = "facility_change", "Changed the facility's settings"
+    FACILITY_SWITCH = "facility_switch", "Switched the current facility"
     GATEWAY_CHANGE = "gateway_change", "Changed DICOM gateway access"
     DESTINATION_ADD = "destination_add", "Added a PACS destination"
     DESTINATION_REMOVE = "destination_remove", "Removed a PACS destination"

@@ -42,6 +42,7 @@ _OPEN_PREFIXES = (
     "/accounts/login/",
     "/accounts/reauthenticate/",
     "/accounts/session/",
+    "/favicon.ico",
     "/static/",
 )
 _RECHECK_SECONDS = 60

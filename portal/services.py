@@ -37,6 +37,44 @@ def invitation_create(
     email_template: str = "invitation",
     extra_context: dict[str, Any] | None = None,
 ) -> Invitation:
+    invitation, _ = _invitation_make(
+        facility=facility,
+        email=email,
+        role=role,
+        invited_by=invited_by,
+        request=request,
+        email_template=email_template,
+        extra_context=extra_context,
+    )
+    return invitation
+
+
+def invitation_create_unsent(
+    *, facility: Facility, email: str, role: str, invited_by: User, request: HttpRequest | None
+) -> str:
+    """An invitation for someone who proved the address in this very browser (a guest who
+    entered the code e-mailed there): no e-mail, the raw token goes straight to its page."""
+    _, raw = _invitation_make(
+        facility=facility,
+        email=email,
+        role=role,
+        invited_by=invited_by,
+        request=request,
+        email_template=None,
+    )
+    return raw
+
+
+def _invitation_make(
+    *,
+    facility: Facility,
+    email: str,
+    role: str,
+    invited_by: User,
+    request: HttpRequest | None,
+    email_template: str | None,
+    extra_context: dict[str, Any] | None = None,
+) -> tuple[Invitation, str]:
     email = email.strip().lower()
     if Membership.objects.filter(facility=facility, user__email__iexact=email).exists():
         raise ServiceError(f"{email} is already a member of {facility.name}.")
@@ -64,18 +102,19 @@ def invitation_create(
             facility=facility,
             detail={"email": email, "role": role},
         )
-        email_queue(
-            name=email_template,
-            to=email,
-            context={
-                **(extra_context or {}),
-                "invitation": invitation,
-                "facility": facility,
-                "inviter": invited_by,
-                "token": raw,
-            },
-        )
-    return invitation
+        if email_template is not None:
+            email_queue(
+                name=email_template,
+                to=email,
+                context={
+                    **(extra_context or {}),
+                    "invitation": invitation,
+                    "facility": facility,
+                    "inviter": invited_by,
+                    "token": raw,
+                },
+            )
+    return invitation, raw
 
 
 def practice_create(*, email: str) -> Facility:

@@ -107,10 +107,15 @@ KINDS: dict[str, Kind] = {
     A.MFA_FAILED: _login(),
     A.TOKEN_REFUSED: _login(),
     A.PATIENT_FACTOR: _login(),
+    # A guest link's e-mailed code: asked for, and entered (right, wrong or refused).
+    A.GUEST_CODE_SEND: _login(),
+    A.GUEST_CODE: _login(),
     # Locked out after too many attempts: PS3.15's own example of a serious failure (8).
     A.LOCKOUT: _login(failure="8"),
     A.UPLOAD: Kind(INSTANCES_TRANSFERRED, "C", None, ROLE_SOURCE, ROLE_DESTINATION),
     A.STUDY_PUSH: Kind(INSTANCES_TRANSFERRED, "R", None, None, ROLE_SOURCE),
+    # A push stopped before it sent anything more: the transfer that was asked for, withdrawn.
+    A.PUSH_CANCEL: Kind(INSTANCES_TRANSFERRED, "U", None, None, ROLE_SOURCE),
     A.DICOM_RETRIEVE: Kind(INSTANCES_TRANSFERRED, "R", None, None, ROLE_SOURCE),
     A.DICOM_QUERY: Kind(QUERY, "E"),  # A.5.3.15: EventActionCode E
     A.DICOM_COMMIT: Kind(INSTANCES_ACCESSED, "R"),
@@ -124,6 +129,8 @@ KINDS: dict[str, Kind] = {
     A.PATIENT_RECONCILE: Kind(PATIENT_RECORD, "U"),
     A.STUDY_COMPLETE: Kind(PATIENT_RECORD, "U"),
     A.STUDY_DOWNLOAD: Kind(EXPORT, "R", None, ROLE_DESTINATION, ROLE_SOURCE),  # A.5.3.4
+    # The original is read to write a de-identified copy for a share: an export of its data.
+    A.DEIDENTIFY: Kind(EXPORT, "R", None, ROLE_DESTINATION, ROLE_SOURCE),
     A.PURGE: Kind(STUDY_DELETED, "D"),  # A.5.3.8
     A.AUDIT_EXPORT: Kind(AUDIT_LOG_USED, "R"),  # A.5.3.2
     # Who may open a study: a share, its end, its extension, a patient link's lock.
@@ -149,6 +156,8 @@ KINDS: dict[str, Kind] = {
     A.UNLOCK: _security(USER_SECURITY_CHANGED),
     # The facility's security and network configuration.
     A.FACILITY_CHANGE: _security(SECURITY_CONFIGURATION),
+    # A session starts working for another of its facilities: as a sign-in into that facility.
+    A.FACILITY_SWITCH: _login(),
     A.SSO_CHANGE: _security(SECURITY_CONFIGURATION),
     A.GATEWAY_CHANGE: _security(SECURITY_CONFIGURATION),
     A.DESTINATION_ADD: _security(NETWORK_CONFIGURATION),

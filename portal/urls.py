@@ -11,7 +11,7 @@ from django.views.generic import RedirectView
 from . import views
 
 urlpatterns = [
-    path("", views.home, name="home"),
+    path("facility/", views.facility_switch, name="facility_switch"),
     # allauth's sign-in (password, passkey, single sign-on; then the second factor), under the
     # name the rest of Relay uses. allauth's own URLs (relay/urls.py) come after these.
     path("accounts/login/", allauth_views.login, name="login"),

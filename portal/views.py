@@ -10,10 +10,12 @@ from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from .access import AuthedRequest, get_membership_for_user, home_facility, memberships_of
@@ -27,11 +29,13 @@ from .audit import (
     audit_search_load,
     audit_search_save,
 )
+from .context_processors import current_membership_set
 from .emails import email_render
 from .forms import (
     AcceptInvitationForm,
     ApiTokenForm,
     AuditFilterForm,
+    FacilityHelpDeskForm,
     FacilitySecurityForm,
     InviteForm,
     RoleForm,
@@ -41,6 +45,7 @@ from .models import (
     ApiToken,
     AuditAction,
     AuditEvent,
+    Facility,
     Invitation,
     Membership,
     Outcome,
@@ -131,11 +136,6 @@ def _queue_reset_mail(
 
 
 @require_GET
-def home(request: HttpRequest) -> HttpResponse:
-    return redirect("studies" if request.user.is_authenticated else "login")
-
-
-@require_GET
 def admin_login(request: HttpRequest) -> HttpResponse:
     """The admin site's sign-in is Relay's (second factor included); a signed-in member who is not
     staff gets a plain 404, as for any page that is not theirs."""
@@ -144,6 +144,41 @@ def admin_login(request: HttpRequest) -> HttpResponse:
     if not request.user.is_staff:
         raise Http404("No such page.")
     return redirect("admin:index")
+
+
+@require_POST
+@login_required
+def facility_switch(request: AuthedRequest) -> HttpResponse:
+    """Make another of the user's facilities the current one (the top bar's switcher), then go
+    back to the page it was asked from. A facility they are not a member of is refused: 404,
+    audited, and the current facility stays."""
+    slug = request.POST.get("facility", "")[:50]
+    membership = (
+        Membership.objects.filter(user=request.user, facility__slug=slug)
+        .select_related("facility")
+        .first()
+    )
+    if membership is None:
+        audit_record(
+            action=AuditAction.ACCESS_DENIED,
+            request=request,
+            outcome=Outcome.FAILURE,
+            detail={"page": "facility switch", "facility": slug, "reason": "not a member"},
+        )
+        raise Http404("No such facility.")
+    current_membership_set(request, membership)
+    audit_record(
+        action=AuditAction.FACILITY_SWITCH,
+        request=request,
+        facility=membership.facility,
+        detail={"current_facility": slug},
+    )
+    next_url = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(
+        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        next_url = reverse("home")
+    return redirect(next_url)
 
 
 # --- profile and API tokens ---------------------------------------------------------------------
@@ -310,6 +345,7 @@ def facility_members(request: AuthedRequest, slug: str) -> HttpResponse:
             "roles": Role.choices,
             "locked": locked_emails([m.user.email for m in members]),
             "security_form": FacilitySecurityForm(instance=facility),
+            "help_desk_form": FacilityHelpDeskForm(instance=facility),
         },  # type: ignore[attr-defined]
     )
 
@@ -328,8 +364,11 @@ def member_unlock(request: AuthedRequest, slug: str, member_id: int) -> HttpResp
 @login_required
 @reauthentication_required
 def facility_security(request: AuthedRequest, slug: str) -> HttpResponse:
-    """Whether every member (not only admins) needs a second factor."""
+    """Whether every member (not only admins) needs a second factor; or, from its own form on
+    the same page, the help-desk phone printed on patient handouts."""
     facility = get_membership_for_user(request, slug, manage=True).facility
+    if "help_desk_phone" in request.POST:
+        return _help_desk_phone_save(request, facility)
     form = FacilitySecurityForm(request.POST)
     if form.is_valid():
         facility_require_mfa_set(
@@ -340,6 +379,30 @@ def facility_security(request: AuthedRequest, slug: str) -> HttpResponse:
         )
         messages.success(request, "Security settings saved.")
     return redirect("facility_members", slug=slug)
+
+
+def _help_desk_phone_save(request: AuthedRequest, facility: Facility) -> HttpResponse:
+    """Set the facility's help-desk phone, audited with before and after; refused in words."""
+    form = FacilityHelpDeskForm(request.POST)
+    if not form.is_valid():
+        why = " ".join(str(error) for error in form.errors.get("help_desk_phone", []))
+        messages.error(request, f"The help-desk phone was not saved. {why}")
+        return redirect("facility_members", slug=facility.slug)
+    phone = form.cleaned_data["help_desk_phone"]
+    with transaction.atomic():
+        locked = Facility.objects.select_for_update().get(pk=facility.pk)
+        before = locked.help_desk_phone
+        if before != phone:
+            Facility.objects.filter(pk=facility.pk).update(help_desk_phone=phone)
+            audit_record(
+                action=AuditAction.FACILITY_CHANGE,
+                request=request,
+                actor=request.user,
+                facility=facility,
+                detail={"before": {"help_desk_phone": before}, "after": {"help_desk_phone": phone}},
+            )
+    messages.success(request, "Help-desk phone saved." if phone else "Help-desk phone removed.")
+    return redirect("facility_members", slug=facility.slug)
 
 
 def _get_member_for_admin(request: AuthedRequest, slug: str, member_id: int) -> Membership:

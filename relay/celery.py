@@ -41,6 +41,7 @@ app.conf.update(
         "transfers.dicom.tasks.*": {"queue": "slow"},
         "transfers.media.tasks.*": {"queue": "slow"},
         "transfers.reconcile.tasks.*": {"queue": "slow"},
+        "transfers.deidentify.tasks.*": {"queue": "slow"},
         "transfers.viewer.tasks.*": {"queue": "render"},
         "transfers.*": {"queue": "quick"},
     },

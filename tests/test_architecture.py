@@ -178,12 +178,14 @@ def test_models_import_only_models(graph: dict[str, set[str]]) -> None:
 FEATURES = (
     "sharing",
     "patient_links",
+    "guest_links",
     "viewer",
     "dicom",
     "media",
     "reconcile",
     "dicomweb",
     "ohif",
+    "deidentify",
 )
 # The study core's modules that sit above the features and compose them: the app's registry of
 # tasks, its URLs, completion (a complete study is rendered, routed and its shares notified) and

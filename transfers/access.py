@@ -6,8 +6,9 @@ Every page and download that touches a study's images (study page, viewer, frame
 - a member of the facility that holds the study (uploader, colleague): everything;
 - a recipient of an active share (a member of the recipient facility, or the physician it was
   addressed to): what the share allows;
-- a patient whose browser session verified the second factor of an active patient link: what
-  the share allows, through the /p/<token>/ URLs only.
+- a patient whose browser session verified the second factor of an active patient link, or a
+  physician without an account who entered the code e-mailed for an active guest link: what the
+  share allows, through the /p/<token>/ URLs only.
 
 Anything else is a 404 (or the login page, by the views' decorators), never the data. The
 share is looked up afresh on every request, so a revoked or expired share stops at once.
@@ -27,8 +28,8 @@ from portal.models import COPY_ROLES, AuditAction, Membership, Outcome, Role
 
 from .models import Share, ShareKind, Study
 
-# The session key listing the patient shares this browser session answered the second factor of
-# (written by transfers.patient_links when the answer is right).
+# The session key listing the link shares (patient and guest links) this browser session answered
+# the second factor of (written by transfers.patient_links when the answer is right).
 PATIENT_SESSION_KEY = "patient_shares"
 # Which link (a prefix of its token's hash) each verified share was answered through: a link the
 # sender re-issued is a new link, and a browser verified under the old one must answer again.
@@ -148,9 +149,9 @@ def study_access(
 
 
 def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) -> StudyAccess:
-    share = Share.objects.patient_link(token)
+    share = Share.objects.link(token)
     if share is None or not patient_session_has(request=request, share=share):
-        study_access_refused(request, None, "patient link not active or not verified", study_uuid)
+        study_access_refused(request, None, "link not active or not verified", study_uuid)
     study = (
         share.studies.filter(uuid=study_uuid, purged_at__isnull=True)
         .select_related("facility")
@@ -164,6 +165,6 @@ def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) ->
         can_view=share.can_view,
         can_download=share.can_download,
         can_import=False,
-        who="patient link",
+        who=share.link_label,
         share_ids=frozenset({share.pk}),
     )

@@ -58,12 +58,26 @@ from .ingest import (
     is_valid_uid,
     read_chunks,
 )
-from .models import Instance
+from .models import Instance, Share, ShareKind, Study
 
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_UIDS = 10_000
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# The ingest's reason for a file that is not DICOM cites the standard; whoever sent a README
+# along with the images needs only to know that it was skipped and nothing else was affected.
+_NOT_DICOM = "Not a DICOM file"
+_NOT_DICOM_PLAIN = (
+    "Not a DICOM file, skipped: DICOM files carry the marker 'DICM' after their first 128 bytes."
+)
+
+
+def _worded(result: IngestResult) -> IngestResult:
+    if result.status == REJECTED and result.reason.startswith(_NOT_DICOM):
+        result.reason = _NOT_DICOM_PLAIN
+    return result
 
 
 def _error(reason: str, status: int) -> JsonResponse:
@@ -282,13 +296,15 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
         if not files:
             return _error("No file fields named 'file' in the form.", 400)
         results = [
-            instance_ingest(
-                facility=facility,
-                user=request.user,
-                chunks=upload.chunks(),
-                filename=upload.name or "",
-                source="api",
-                request=request,
+            _worded(
+                instance_ingest(
+                    facility=facility,
+                    user=request.user,
+                    chunks=upload.chunks(),
+                    filename=upload.name or "",
+                    source="api",
+                    request=request,
+                )
             )
             for upload in files
         ]
@@ -311,14 +327,16 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
             http_status=413,
         )
         return JsonResponse(result.as_dict(), status=413)
-    result = instance_ingest(
-        facility=facility,
-        user=request.user,
-        chunks=read_chunks(request),
-        filename=filename,
-        expected_size=length,
-        source="browser" if bearer_token(request) is None else "api",
-        request=request,
+    result = _worded(
+        instance_ingest(
+            facility=facility,
+            user=request.user,
+            chunks=read_chunks(request),
+            filename=filename,
+            expected_size=length,
+            source="browser" if bearer_token(request) is None else "api",
+            request=request,
+        )
     )
     response = JsonResponse(result.as_dict(), status=result.http_status)
     return _retry_later(response) if result.status == UNAVAILABLE else response
@@ -403,4 +421,16 @@ def manifest(request: AuthedRequest) -> JsonResponse:
         result = manifest_apply(facility=facility, entries=entries, withdraw=withdraw)
     except ManifestError as exc:
         return _error(str(exc), 400)
-    return JsonResponse(result.as_dict())
+    body = result.as_dict()
+    # Of the studies now complete, those with a live share whose recipients are e-mailed: the
+    # upload page says "recipients are notified" only when there are some.
+    shares = Share.objects.active().exclude(kind=ShareKind.PATIENT)
+    body["shared"] = sorted(
+        str(uuid)
+        for uuid in Study.objects.filter(
+            facility=facility, uuid__in=result.complete, shares__in=shares
+        )
+        .values_list("uuid", flat=True)
+        .distinct()
+    )
+    return JsonResponse(body)

@@ -13,6 +13,7 @@ class TransfersConfig(AppConfig):
         # queue them by name (transfers.queue), so every process registers all of them here:
         # Celery's autodiscovery looks only for each app's top-level tasks module.
         from . import tasks  # noqa: F401
+        from .deidentify import tasks as deidentify_tasks  # noqa: F401
         from .dicom import tasks as dicom_tasks  # noqa: F401
         from .media import tasks as media_tasks  # noqa: F401
         from .reconcile import tasks as reconcile_tasks  # noqa: F401

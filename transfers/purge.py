@@ -52,6 +52,7 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Facility
 
 from .models import (
+    ORIGINALS,
     Instance,
     MediaExport,
     Report,
@@ -121,9 +122,12 @@ def studies_purgeable(*, now: datetime) -> QuerySet[Study]:
     ]
     if not past_retention:
         return Study.objects.none()
+    # A de-identified copy belongs to its share: it goes when the share lapses, whatever the
+    # retention (transfers.models.deidentify).
+    copy = ~ORIGINALS
     # A study being reconciled is rewritten copy by copy: it waits for the next run.
     return Study.objects.filter(
-        reduce(or_, past_retention), purged_at__isnull=True, reconcile_running=False
+        reduce(or_, past_retention) | copy, purged_at__isnull=True, reconcile_running=False
     ).exclude(Exists(live_share))
 
 

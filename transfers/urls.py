@@ -1,4 +1,4 @@
-"""URLs of transfers: the study core (worklist, study page, reports, upload page and API) and
+"""URLs of transfers: the study core (home, worklist, study page, reports, upload page and API) and
 each feature package's own."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from django.urls import include, path
 from . import api, views
 
 urlpatterns = [
+    path("", views.home, name="home"),
     path("studies/", views.study_list, name="studies"),
     path("studies/<uuid:study_uuid>/", views.study_detail, name="study_detail"),
     path("studies/<uuid:study_uuid>/reports/", views.report_add, name="report_add"),
@@ -28,6 +29,7 @@ urlpatterns = [
     path("api/v1/manifests", api.manifest, name="api_manifest"),
     path("", include("transfers.sharing.urls")),
     path("", include("transfers.patient_links.urls")),
+    path("", include("transfers.guest_links.urls")),
     path("", include("transfers.viewer.urls")),
     path("", include("transfers.media.urls")),
     path("", include("transfers.dicom.urls")),

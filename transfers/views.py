@@ -1,27 +1,29 @@
-"""Worklist, study page and the browser upload page."""
+"""Home, worklist, study page and the browser upload page."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.http import Http404, HttpResponse, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
+from portal.context_processors import current_membership
 from portal.models import AuditAction, Outcome
 
 from .access import study_access, study_access_refused
 from .completion import expectations_give_up, expected_count
 from .deliveries import receiving_facility_of
-from .models import Share, Study, StudyStatus
+from .models import ORIGINALS, Push, PushStatus, Share, Study, StudyStatus
 from .reports import ReportError, report_attach, report_response, reports_visible
 
 PAGE_SIZE = 25
@@ -33,6 +35,11 @@ SORTS = {
     "received": ("-created_at", "-id"),
     "-received": ("created_at", "id"),
 }
+# How many rows each section of the home page shows; the Inbox, Sent and the worklist show all.
+HOME_ROWS = 10
+# A share expiring this soon needs action on the home page: the days before expiry on which
+# transfers.sharing.tasks warns the share's creator by e-mail (shares_warn_expiring(days=3)).
+EXPIRY_WARNING = timedelta(days=3)
 COMMON_MODALITIES = ["CR", "CT", "DX", "MG", "MR", "NM", "OT", "PT", "RF", "SR", "US", "XA"]
 
 
@@ -56,6 +63,109 @@ def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
             study_uuid,
         )
     return study
+
+
+def _received_studies(request: AuthedRequest) -> QuerySet[Study]:
+    """Studies shared with the user by an active share (as _get_study_for_user admits them)."""
+    return Study.objects.filter(
+        shares__in=Share.objects.received_by(request.user), purged_at__isnull=True
+    ).distinct()
+
+
+@require_GET
+def home(request: AuthedRequest) -> HttpResponse:
+    """What is new and what needs doing, for the current facility: studies received (new
+    first), and for its senders and admins what they sent and how it fares, uploads still
+    arriving, and failed pushes, shares about to expire and studies being reconciled."""
+    if not request.user.is_authenticated:
+        # As before the home page existed: straight to the sign-in page, with no `next`.
+        return redirect("login")
+    membership = current_membership(request)
+    facility = membership.facility if membership is not None else None
+
+    received_shares = Share.objects.received_by(request.user)
+    if facility is not None:
+        # Shares to the person themselves, and to the current facility (not their others).
+        received_shares = received_shares.filter(
+            Q(recipient_facility__isnull=True) | Q(recipient_facility=facility)
+        )
+    received = list(
+        received_shares.select_related("facility")
+        .prefetch_related("studies")
+        .order_by("-created_at")[:HOME_ROWS]
+    )
+    context: dict[str, object] = {
+        "membership": membership,
+        "received": received,
+        "can_upload": membership is not None and membership.can_upload,
+    }
+    shown = [share.uuid for share in received]
+    studies_shown: list[Study] = []
+    if facility is not None and membership is not None and membership.can_upload:
+        now = timezone.now()
+        sent = list(
+            Share.objects.filter(facility=facility)
+            .select_related("recipient_facility")
+            .prefetch_related("studies")
+            .order_by("-created_at")[:HOME_ROWS]
+        )
+        arriving = list(
+            Study.objects.filter(
+                ORIGINALS, facility=facility, status=StudyStatus.RECEIVING, purged_at__isnull=True
+            ).order_by("-last_received_at")[:HOME_ROWS]
+        )
+        # A push needs action when its last try for that study and destination failed.
+        tried_again = Push.objects.filter(
+            study=OuterRef("study"),
+            destination=OuterRef("destination"),
+            created_at__gt=OuterRef("created_at"),
+        )
+        pushes = list(
+            Push.objects.filter(
+                study__facility=facility,
+                study__purged_at__isnull=True,
+                status__in=(PushStatus.FAILED, PushStatus.PARTIAL),
+            )
+            .exclude(Exists(tried_again))
+            .select_related("study", "destination")
+            .order_by("-created_at")[:HOME_ROWS]
+        )
+        expiring = list(
+            Share.objects.filter(facility=facility, expires_at__lte=now + EXPIRY_WARNING)
+            .active()
+            .select_related("recipient_facility")
+            .prefetch_related("studies")
+            .order_by("expires_at")[:HOME_ROWS]
+        )
+        reconciling = list(
+            Study.objects.filter(
+                facility=facility, reconcile_running=True, purged_at__isnull=True
+            ).order_by("-last_received_at")[:HOME_ROWS]
+        )
+        context.update(
+            sent=sent,
+            arriving=arriving,
+            pushes=pushes,
+            expiring=expiring,
+            reconciling=reconciling,
+            needs_action=bool(pushes or expiring or reconciling),
+            now=now,
+        )
+        shown += [share.uuid for share in sent + expiring]
+        studies_shown += arriving + reconciling + [push.study for push in pushes]
+    # The page shows patients' names: one event per page shown, naming what it listed.
+    audit_record(
+        action=AuditAction.STUDY_LIST,
+        request=request,
+        facility=facility,
+        actor_facility=facility,
+        detail={
+            "page": "home",
+            "shares": sorted({str(uuid) for uuid in shown}),
+            "studies": sorted({str(study.uuid) for study in studies_shown}),
+        },
+    )
+    return render(request, "transfers/home.html", context)
 
 
 def _parse_date(value: str) -> date | None:
@@ -87,7 +197,11 @@ def study_list(request: AuthedRequest) -> HttpResponse:
     if sort not in SORTS:
         sort = "date"
 
-    studies = _visible_studies(request).select_related("facility")
+    received = params.get("show") == "received"
+    studies = (
+        _received_studies(request) if received else _visible_studies(request).filter(ORIGINALS)
+    ).select_related("facility")
+    searched = bool(q or modality or date_from or date_to)
     if q:
         # The worklist's one search box: patient name (any part), patient ID or accession.
         name_q = q.replace(",", " ").replace("^", " ")
@@ -109,7 +223,13 @@ def study_list(request: AuthedRequest) -> HttpResponse:
     audit_record(
         action=AuditAction.STUDY_LIST,
         request=request,
-        detail={"q": q, "modality": modality, "page": page.number, "count": len(page.object_list)},
+        detail={
+            "q": q,
+            "modality": modality,
+            "page": page.number,
+            "count": len(page.object_list),
+            "show": "received" if received else "ours",
+        },
     )
     query = params.copy()
     query.pop("page", None)
@@ -126,6 +246,8 @@ def study_list(request: AuthedRequest) -> HttpResponse:
             "modalities": COMMON_MODALITIES,
             "query": query.urlencode(),
             "can_upload": upload_facilities(request.user).exists(),
+            "received": received,
+            "searched": searched,
         },
     )
 
@@ -146,7 +268,11 @@ def study_detail(request: AuthedRequest, study_uuid: str) -> HttpResponse:
         ),
     )
     is_sender = upload_facilities(request.user).filter(pk=study.facility_id).exists()
-    can_share = study.purged_at is None and is_sender and not study.reconcile_running
+    # A de-identified copy belongs to its share: shared once, never again.
+    is_copy = hasattr(study, "deidentified_copy")
+    can_share = (
+        study.purged_at is None and is_sender and not study.reconcile_running and not is_copy
+    )
     return render(
         request,
         "transfers/study_detail.html",
@@ -218,8 +344,14 @@ def upload_page(request: AuthedRequest) -> HttpResponse:
     facilities = list(upload_facilities(request.user))
     if not facilities:
         raise Http404("You are not a sender at any facility.")
+    membership = current_membership(request)
     return render(
         request,
         "transfers/upload.html",
-        {"facilities": facilities, "max_upload_bytes": settings.RELAY_MAX_UPLOAD_BYTES},
+        {
+            "facilities": facilities,
+            # The current facility is chosen to start with, when the user may upload there.
+            "current_facility": membership.facility if membership is not None else None,
+            "max_upload_bytes": settings.RELAY_MAX_UPLOAD_BYTES,
+        },
     )

@@ -14,10 +14,15 @@ const overallBar = document.getElementById("overall-bar");
 const overallText = document.getElementById("overall-text");
 const summary = document.getElementById("summary");
 const completion = document.getElementById("completion");
+const studyUrl = root.dataset.studyUrl; // ends in a placeholder UUID, replaced per study
+const shareUrl = root.dataset.shareUrl;
+const PLACEHOLDER = "00000000-0000-0000-0000-000000000000";
+const SHARE_LIMIT = 100; // the share form takes at most this many studies
 const CONCURRENCY = 4;
+const NOT_DICOM = "Not a DICOM image, skipped";
 
 const queue = [];
-const counts = { stored: 0, duplicate: 0, conflict: 0, rejected: 0, unavailable: 0 };
+const counts = { stored: 0, duplicate: 0, skipped: 0, conflict: 0, rejected: 0, unavailable: 0 };
 let totalBytes = 0;
 let doneBytes = 0;
 let active = 0;
@@ -27,6 +32,7 @@ let total = 0;
 const labels = {
   stored: "Stored",
   duplicate: "Already stored",
+  skipped: "Skipped (not DICOM)",
   conflict: "Conflict",
   rejected: "Rejected",
   unavailable: "Not stored",
@@ -44,12 +50,18 @@ function addFiles(files) {
   const facility = facilitySelect.value;
   for (const { file, path } of files) {
     const row = tbody.insertRow();
-    row.insertCell().textContent = path;
+    // data-label: the column's name, shown beside the value when a phone lays rows out as cards.
+    const name = row.insertCell();
+    name.textContent = path;
+    name.dataset.label = "File";
     const bar = document.createElement("progress");
     bar.max = file.size || 1;
     bar.value = 0;
-    row.insertCell().append(bar);
+    const progress = row.insertCell();
+    progress.append(bar);
+    progress.dataset.label = "Progress";
     const result = row.insertCell();
+    result.dataset.label = "Result";
     result.textContent = "Waiting";
     queue.push({ file, path, facility, row, bar, result, sent: 0 });
     totalBytes += file.size;
@@ -71,7 +83,7 @@ function render() {
   overallBar.value = doneBytes;
   overallText.textContent = `${finished} of ${total} files, ${size(doneBytes)} of ${size(totalBytes)}`;
   facilitySelect.disabled = finished < total;
-  const parts = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k].toLowerCase()}`);
+  const parts = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k][0].toLowerCase()}${labels[k].slice(1)}`);
   summary.hidden = parts.length === 0;
   summary.textContent = (finished === total ? "Done: " : "So far: ") + parts.join(", ");
 }
@@ -79,13 +91,21 @@ function render() {
 function settle(item, status, reason) {
   counts[status] = (counts[status] || 0) + 1;
   item.row.className = status;
-  item.result.textContent = status === "stored" || status === "duplicate" || !reason ? labels[status] : `${labels[status]}: ${reason}`;
+  if (status === "skipped") item.result.textContent = reason;
+  else item.result.textContent = status === "stored" || status === "duplicate" || !reason ? labels[status] : `${labels[status]}: ${reason}`;
   doneBytes += item.file.size - item.sent;
   item.sent = item.file.size;
   item.bar.value = item.bar.max;
   finished += 1;
   active -= 1;
-  if (status === "stored" || status === "duplicate") done.push(item);
+  if (status === "stored" || status === "duplicate") {
+    done.push(item);
+    if (item.studyUuid) {
+      const study = studies.get(item.studyUuid) || { uuid: item.studyUuid, facility: item.facility, paths: [] };
+      study.paths.push(item.path);
+      studies.set(item.studyUuid, study);
+    }
+  }
   render();
   pump();
   if (finished === total && active === 0) sendManifest();
@@ -95,6 +115,8 @@ function settle(item, status, reason) {
 // server keeps, whose 128-byte preamble is zeroed), so that it can mark the studies complete
 // and tell their recipients.
 const done = [];
+// The studies this page's files went into, in the order they first appeared: {uuid, facility, paths}.
+const studies = new Map();
 async function storedSha256(file) {
   const bytes = new Uint8Array(await file.arrayBuffer());
   if (bytes.length >= 132 && String.fromCharCode(...bytes.slice(128, 132)) === "DICM") bytes.fill(0, 0, 128);
@@ -104,28 +126,107 @@ async function storedSha256(file) {
 
 async function sendManifest() {
   const batch = done.splice(0).filter((item) => item.sopInstanceUid && item.file.size <= HASH_LIMIT);
-  if (!batch.length || !crypto.subtle) return;
+  if (!batch.length || !crypto.subtle) {
+    showNext(null, new Set(), new Set());
+    return;
+  }
   const byFacility = new Map();
   for (const item of batch) {
     const entry = { sop_instance_uid: item.sopInstanceUid, sha256: await storedSha256(item.file) };
     byFacility.set(item.facility, [...(byFacility.get(item.facility) || []), entry]);
   }
-  let complete = 0;
+  const complete = new Set();
+  const shared = new Set();
   for (const [facility, instances] of byFacility) {
     const response = await fetch(manifestEndpoint, {
       method: "POST",
       headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
       body: JSON.stringify({ facility, instances }),
     });
-    if (response.ok) complete += (await response.json()).complete.length;
+    if (!response.ok) continue;
+    const answer = await response.json();
+    for (const uuid of answer.complete || []) complete.add(uuid);
+    for (const uuid of answer.shared || []) shared.add(uuid);
   }
-  completion.hidden = false;
-  completion.textContent = `${complete} stud${complete === 1 ? "y is" : "ies are"} complete; recipients of shares are notified.`;
+  showNext([...complete], complete, shared);
 }
 
-function send(item) {
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+// What next, once the upload is done: how many studies are complete, whether anyone is told
+// (only when a study has a share), a link to each study and "Share these studies".
+function showNext(completeList, complete, shared) {
+  completion.replaceChildren();
+  completion.hidden = false;
+  const line = document.createElement("p");
+  if (completeList !== null && (completeList.length || studies.size)) {
+    line.textContent = `${plural(completeList.length, "study is", "studies are")} complete.`;
+    if (shared.size) {
+      line.textContent += shared.size === 1
+        ? " Recipients of its share are notified."
+        : ` Recipients of the shares of ${plural(shared.size, "study", "studies")} are notified.`;
+    }
+    completion.append(line);
+  }
+  if (!studies.size) {
+    if (!line.textContent) completion.hidden = true;
+    return;
+  }
+  const list = document.createElement("ul");
+  for (const study of studies.values()) {
+    const item = document.createElement("li");
+    const link = document.createElement("a");
+    link.href = studyUrl.replace(PLACEHOLDER, study.uuid);
+    const more = study.paths.length - 1;
+    link.textContent = more ? `Study of ${study.paths[0]} and ${plural(more, "other file", "other files")}` : `Study of ${study.paths[0]}`;
+    item.append(link);
+    if (completeList !== null && !complete.has(study.uuid)) item.append(" (still receiving images)");
+    list.append(item);
+  }
+  completion.append(list);
+  // The share form takes the studies of one facility at a time.
+  const byFacility = new Map();
+  for (const study of studies.values()) byFacility.set(study.facility, [...(byFacility.get(study.facility) || []), study.uuid]);
+  for (const [facility, uuids] of byFacility) {
+    const p = document.createElement("p");
+    if (uuids.length > SHARE_LIMIT) {
+      p.textContent = `To share more than ${SHARE_LIMIT} studies at once, choose them on the Studies page.`;
+    } else {
+      const share = document.createElement("a");
+      share.className = "button primary";
+      share.href = `${shareUrl}?${uuids.map((uuid) => `study=${encodeURIComponent(uuid)}`).join("&")}`;
+      share.textContent = uuids.length === 1 ? "Share this study" : "Share these studies";
+      p.append(share);
+      if (byFacility.size > 1) p.append(` (${facilityName(facility)})`);
+    }
+    completion.append(p);
+  }
+}
+
+function facilityName(slug) {
+  const option = [...facilitySelect.options].find((o) => o.value === slug);
+  return option ? option.textContent : slug;
+}
+
+// A file that does not carry the DICOM marker ("DICM" after a 128-byte preamble) is not sent:
+// the server would refuse it, and a README or a disc's viewer program is no cause for alarm.
+async function isDicom(file) {
+  if (file.size < 132) return false;
+  const marker = new Uint8Array(await file.slice(128, 132).arrayBuffer());
+  return String.fromCharCode(...marker) === "DICM";
+}
+
+async function send(item) {
   active += 1;
   item.result.textContent = "Sending";
+  let dicom = true;
+  try { dicom = await isDicom(item.file); } catch { dicom = true; } // unreadable here: let the server say
+  if (!dicom) {
+    settle(item, "skipped", NOT_DICOM);
+    return;
+  }
   if (item.file.size > maxBytes) {
     settle(item, "rejected", "larger than the upload limit");
     return;
@@ -148,6 +249,7 @@ function send(item) {
     // "unavailable" (503) means the server could not store it now: shown as not stored.
     const status = labels[body.status] ? body.status : "rejected";
     item.sopInstanceUid = body.sop_instance_uid;
+    item.studyUuid = body.study_uuid;
     settle(item, status, body.status === "stored" ? "" : body.reason || `server answered ${xhr.status}`);
   };
   xhr.onerror = () => settle(item, "rejected", "the connection failed; try this file again");

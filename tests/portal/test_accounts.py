@@ -95,4 +95,4 @@ def test_the_login_page_signs_in_by_email(bob):
     client = Client()
     response = client.post("/accounts/login/", {"login": "bob@krmc.example", "password": PASSWORD})
     assert response.status_code == 302
-    assert response["Location"] == "/studies/"
+    assert response["Location"] == "/"

@@ -61,15 +61,8 @@ def _contexts() -> dict[str, tuple[dict[str, Any], str | None]]:
             {"invitation": invitation, "facility": SENDER, "inviter": CLERK, "token": "t0k"},
             FACILITY,
         ),
-        "invitation_share": (
-            {
-                "invitation": invitation,
-                "facility": RECIPIENT,
-                "sender_facility": SENDER,
-                "inviter": CLERK,
-                "token": "t0k",
-                "message": HOSTILE,
-            },
+        "guest_code": (
+            {"share": _share(), "code": "042917", "expires_at": EXPIRES, "minutes": 10},
             FACILITY,
         ),
         "invoice_issued": (
@@ -118,7 +111,8 @@ def _contexts() -> dict[str, tuple[dict[str, Any], str | None]]:
 EMAILS = sorted(
     p.name for p in (Path(settings.BASE_DIR) / "templates" / "emails").iterdir() if p.is_dir()
 )
-WITHOUT_LINK = {"integrity_failed", "storage_verify"}  # the operator's alerts: nothing to open
+# The operator's alerts, and the guest's code (typed on the page that asked for it): no link.
+WITHOUT_LINK = {"guest_code", "integrity_failed", "storage_verify"}
 
 
 def test_it_has_a_context_for_every_email_template() -> None:
@@ -171,7 +165,7 @@ def test_it_shows_the_senders_message_as_written_in_text_and_escaped_in_html() -
 
 
 @pytest.mark.parametrize(
-    "name", ["invitation", "invitation_share", "patient_link", "share_images_added", "share_notify"]
+    "name", ["invitation", "patient_link", "share_images_added", "share_notify"]
 )
 def test_it_writes_expiry_dates_in_the_recipients_zone_named(name: str, settings: Any) -> None:
     settings.TIME_ZONE = "America/Denver"

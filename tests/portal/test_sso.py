@@ -119,7 +119,7 @@ def test_it_makes_a_newcomer_a_member(
     response = _sign_in(client, idp, email)
 
     assert response.status_code == 200
-    assert response.redirect_chain[-1] == ("/studies/", 302)
+    assert response.redirect_chain[-1] == ("/", 302)
     user = User.objects.get(email=email)
     assert _signed_in_as(client) == user
     assert not user.has_usable_password()  # SSO only, until they ask for a password
@@ -146,7 +146,7 @@ def test_it_signs_an_existing_member_into_their_own_account(
     sso = _set_up(idp, krmc, role_map={"admin": "admin", "reader": "reader"})
 
     first = Client()
-    assert _sign_in(first, idp, "bob@krmc.example").redirect_chain[-1] == ("/studies/", 302)
+    assert _sign_in(first, idp, "bob@krmc.example").redirect_chain[-1] == ("/", 302)
 
     assert _signed_in_as(first) == bob
     assert User.objects.filter(email__iexact="bob@krmc.example").count() == 1
@@ -422,7 +422,7 @@ def test_it_asks_a_facility_admin_with_an_authenticator_for_a_code(
 
     done = client.post("/accounts/2fa/authenticate/", {"code": totp_code(secret)}, follow=True)
 
-    assert done.redirect_chain[-1] == ("/studies/", 302)
+    assert done.redirect_chain[-1] == ("/", 302)
     assert _signed_in_as(client) == alice
     assert client.get("/studies/").status_code == 200
     # The role claim (relay_role "admin") applies once the sign-in is complete.

@@ -254,3 +254,13 @@ def test_when_the_rows_cannot_be_committed_the_object_is_removed(
     assert sorted(p for p in _private_storage.rglob("*") if p.is_file()) == files_before
     assert Study.objects.count() == 1
     assert Instance.objects.count() == 1
+
+
+def test_a_file_that_is_not_dicom_is_skipped_with_a_plain_reason(client, bob_token):
+    response = upload(client, b"# README\nOpen the viewer on the disc.\n", token=bob_token)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["status"] == "rejected"
+    assert body["reason"].startswith("Not a DICOM file, skipped")
+    assert "preamble" not in body["reason"] and "Part 10" not in body["reason"]
+    assert Instance.objects.count() == 0

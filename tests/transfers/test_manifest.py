@@ -92,6 +92,8 @@ def test_a_study_completes_when_every_listed_instance_is_stored(
         "incomplete": [],
         "missing": [],
         "mismatched": [],
+        # Of those, the studies with a share whose recipients are told (the upload page says so).
+        "shared": [str(study.uuid)],
     }
     study.refresh_from_db()
     assert study.status == StudyStatus.COMPLETE
@@ -140,3 +142,11 @@ def test_a_malformed_manifest_is_refused(client, bob_token, body):
     )
     assert response.status_code == 400
     assert response.json()["reason"]
+
+
+def test_a_study_without_a_share_is_not_reported_as_shared(client, bob_token, three_slices):
+    for data in three_slices:
+        assert upload(client, data, token=bob_token).status_code == 201
+    answer = _manifest(client, bob_token, [_entry(d) for d in three_slices]).json()
+    assert answer["complete"] == [str(Study.objects.get().uuid)]
+    assert answer["shared"] == []

@@ -148,3 +148,101 @@ def test_html_in_patient_data_is_shown_escaped(client, bob, bob_token):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
         assert "<img src=x" not in body
         assert "&lt;img src=x" in body
+
+
+# --- "Received": studies shared with me (issue 15, item 2) ------------------------------------
+
+
+def _shared(study: Study, by: User, **recipient: object) -> None:
+    from django.utils import timezone
+
+    from transfers.models import Share
+
+    share = Share.objects.create(
+        facility=study.facility,
+        created_by=by,
+        expires_at=timezone.now() + dt.timedelta(days=10),
+        **recipient,
+    )
+    share.studies.add(study)
+
+
+@pytest.mark.parametrize(
+    ("persona", "expected"),
+    [("charlie", ["SHARED, SAM"]), ("dana", ["SHARED, SAM"]), ("bob", []), ("carol", [])],
+)
+def test_received_lists_studies_shared_with_me_and_no_others(
+    request, persona, expected, bob, krmc, gfc, charlie, dana
+):
+    shared = make_study(krmc, 1, patient_name="SHARED^SAM")
+    make_study(krmc, 2, patient_name="UNSHARED^URSULA")
+    make_study(gfc, 3, patient_name="THEIRS^OWN")
+    _shared(shared, bob, kind="facility", recipient_facility=gfc)
+    response = client_for(request.getfixturevalue(persona)).get("/studies/", {"show": "received"})
+    assert response.status_code == 200
+    assert rows(response) == expected
+    assert "UNSHARED" not in response.content.decode()
+
+
+def test_a_stranger_sees_nothing_received(bob, krmc, gfc):
+    stranger_home = Facility.objects.create(name="St. Luke", slug="stluke")
+    stranger = User.objects.create_user(email="eve@stluke.example", password="x")
+    from portal.models import Membership
+
+    Membership.objects.create(user=stranger, facility=stranger_home, role="reader")
+    _shared(
+        make_study(krmc, 1, patient_name="SECRET^PATIENT"),
+        bob,
+        kind="facility",
+        recipient_facility=gfc,
+    )
+    response = client_for(stranger).get("/studies/", {"show": "received"})
+    assert rows(response) == []
+    assert "SECRET" not in response.content.decode()
+
+
+def test_received_shows_who_sent_it_and_the_default_stays_our_studies(dana, bob, krmc, gfc):
+    _shared(
+        make_study(krmc, 1, patient_name="SHARED^SAM"), bob, kind="facility", recipient_facility=gfc
+    )
+    make_study(gfc, 2, patient_name="OURS^OLGA")
+    browser = client_for(dana)
+    received = browser.get("/studies/", {"show": "received"}).content.decode()
+    assert "<th>From</th>" in received
+    assert "Kalispell Regional Medical Center" in received
+    assert 'href="/studies/">Our studies</a>' in received
+    ours = browser.get("/studies/")
+    assert rows(ours) == ["OURS, OLGA"]
+    assert 'href="/studies/?show=received">Received</a>' in ours.content.decode()
+
+
+def test_a_revoked_share_is_no_longer_received(dana, bob, krmc, gfc):
+    from django.utils import timezone
+
+    from transfers.models import Share
+
+    _shared(
+        make_study(krmc, 1, patient_name="SHARED^SAM"), bob, kind="facility", recipient_facility=gfc
+    )
+    Share.objects.update(revoked_at=timezone.now())
+    assert rows(client_for(dana).get("/studies/", {"show": "received"})) == []
+
+
+def test_the_empty_worklist_says_what_to_do_next(bob, carol, krmc):
+    sender = client_for(bob).get("/studies/").content.decode()
+    assert "No studies match" not in sender
+    assert "No studies yet." in sender
+    assert "Upload studies" in sender
+    reader = client_for(carol).get("/studies/").content.decode()
+    assert "No studies yet." in reader
+    assert "Upload studies" not in reader
+    received = client_for(carol).get("/studies/", {"show": "received"}).content.decode()
+    assert "Nothing received yet. Studies other facilities share with you appear here." in received
+
+
+def test_a_search_that_finds_nothing_says_so_and_how_to_widen_it(bob, krmc):
+    make_study(krmc, 1, patient_name="DOE^JANE")
+    html = client_for(bob).get("/studies/", {"q": "nobody"}).content.decode()
+    assert "No studies match this search." in html
+    assert "Clear the search" in html
+    assert "No studies yet." not in html

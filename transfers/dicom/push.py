@@ -7,7 +7,8 @@ UID: it is the same image, not a new one. Every instance's answer is recorded, s
 sends only what has not arrived yet.
 
 A run that cannot reach the destination, or that is told "out of resources", is retried by the
-Celery task with backoff; refusals that will not change ("data set does not match SOP class")
+Celery task with backoff (`push_retry_delay`), and the push says when the next attempt is until
+then; a push waiting in the queue or for its next attempt can be cancelled. Refusals that will not change ("data set does not match SOP class")
 are recorded and shown, and are not retried on their own.
 """
 
@@ -21,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -68,6 +70,9 @@ UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # pynetdicom (and the standard) allow at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
 TIMEOUT_S = 30
+# Retries after the first attempt of a run; the last failure gives up (pushes_give_up).
+PUSH_RETRIES = 8
+PUSH_ATTEMPTS = PUSH_RETRIES + 1
 
 
 class PushError(Exception):
@@ -194,16 +199,24 @@ def push_create(
 
 
 def _audit_push(
-    push: Push, *, share: Share | None, by: User, request: HttpRequest | None, rerun: bool = False
+    push: Push,
+    *,
+    share: Share | None,
+    by: User,
+    request: HttpRequest | None,
+    rerun: bool = False,
+    cancelled: bool = False,
 ) -> None:
     detail: dict[str, object] = {"destination": str(push.destination), "push": str(push.uuid)}
     if rerun:
         detail["rerun"] = True
+    if cancelled:
+        detail["cancelled"] = True
     if share:
         detail["share"] = str(share.uuid)
     # The facility that owns the PACS is the one the person acted for.
     audit_record(
-        action=AuditAction.STUDY_PUSH,
+        action=AuditAction.PUSH_CANCEL if cancelled else AuditAction.STUDY_PUSH,
         request=request,
         actor=by,
         actor_facility=push.destination.facility,
@@ -263,11 +276,50 @@ def push_queue(push: Push) -> None:
     task_queue_on_commit("transfers.dicom.tasks.push_run", push.pk)
 
 
+def push_cancel(*, push: Push, by: User, request: HttpRequest | None = None) -> bool:
+    """Stop a push that waits in the queue or for its next attempt; False when it is sending
+    or has ended. A retry Celery already scheduled finds it cancelled and does nothing. What
+    the PACS already accepted stays there."""
+    with transaction.atomic():
+        # Claimed like push_send claims it: of the two, only one wins the queued push.
+        claimed = Push.objects.filter(pk=push.pk, status=PushStatus.QUEUED).update(
+            status=PushStatus.CANCELLED,
+            next_attempt_at=None,
+            next_attempt=0,
+            error=f"Cancelled by {by.email}"[:300],
+            finished_at=timezone.now(),
+        )
+        if not claimed:
+            return False
+        _audit_push(push, share=push.share, by=by, request=request, cancelled=True)
+    push.refresh_from_db()
+    return True
+
+
+def push_retry_delay(retries: int) -> int:
+    """Seconds before the next attempt after `retries` retries: 30 s, doubling, at most an hour."""
+    return int(min(3600, 30 * 2**retries))
+
+
+def push_retry_schedule(*, push: Push, retries: int) -> bool:
+    """Record when the retry the task is about to ask for will run; False when the push is no
+    longer waiting for one (cancelled meanwhile), and no retry should be asked for."""
+    return bool(
+        Push.objects.filter(pk=push.pk, status=PushStatus.QUEUED).update(
+            next_attempt_at=timezone.now() + timedelta(seconds=push_retry_delay(retries)),
+            next_attempt=retries + 2,  # the first attempt was 1, the first retry 2
+        )
+    )
+
+
 def push_send(*, push: Push) -> Push:
     """Send the instances of the push not yet accepted; record each answer.
 
     Raises PushTransient when the destination could not be reached or asked to try later.
+    A cancelled push is left alone.
     """
+    if push.status == PushStatus.CANCELLED:
+        return push
     if (
         push.share_id is not None
         and not Share.objects.filter(
@@ -275,16 +327,22 @@ def push_send(*, push: Push) -> Push:
         ).exists()
     ):
         # Revoked or expired while queued or waiting for a retry: nothing more leaves.
-        Push.objects.filter(pk=push.pk).update(
+        Push.objects.filter(pk=push.pk).exclude(status=PushStatus.CANCELLED).update(
             status=PushStatus.FAILED,
             error="The share was revoked or has expired; nothing more was sent.",
+            next_attempt_at=None,
             finished_at=timezone.now(),
         )
         push.refresh_from_db()
         return push
-    claimed = Push.objects.filter(pk=push.pk).exclude(status=PushStatus.RUNNING)
-    if not claimed.update(status=PushStatus.RUNNING, attempts=push.attempts + 1):
-        return push  # another worker is sending it
+    claimed = Push.objects.filter(pk=push.pk).exclude(
+        status__in=[PushStatus.RUNNING, PushStatus.CANCELLED]
+    )
+    if not claimed.update(
+        status=PushStatus.RUNNING, attempts=push.attempts + 1, next_attempt_at=None
+    ):
+        push.refresh_from_db()
+        return push  # another worker is sending it, or it was cancelled
     push.refresh_from_db()
     destination = push.destination
     items = list(
@@ -493,6 +551,10 @@ def _finish(push: Push, *, transient: str) -> None:
 
 def pushes_give_up(*, push: Push, reason: str) -> None:
     """The task ran out of retries: the push is failed, with the last reason, for the user."""
-    Push.objects.filter(pk=push.pk).update(
-        status=PushStatus.FAILED, error=reason[:300], finished_at=timezone.now()
+    Push.objects.filter(pk=push.pk).exclude(status=PushStatus.CANCELLED).update(
+        status=PushStatus.FAILED,
+        error=reason[:300],
+        next_attempt_at=None,
+        next_attempt=0,
+        finished_at=timezone.now(),
     )

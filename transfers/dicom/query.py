@@ -37,7 +37,7 @@ from pydicom.multival import MultiValue
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome
 
-from ..models import Instance, Series, Share, Study
+from ..models import ORIGINALS, Instance, Series, Share, Study
 from .caller import Caller
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def visible_studies(facility: Facility) -> QuerySet[Study]:
     shares it received with the import right; images kept (not purged)."""
     shared = Share.objects.active().filter(recipient_facility=facility, can_import=True)
     return Study.objects.filter(
-        Q(facility=facility) | Q(pk__in=shared.values("studies")), purged_at__isnull=True
+        (Q(facility=facility) & ORIGINALS) | Q(pk__in=shared.values("studies")),
+        purged_at__isnull=True,
     )
 
 

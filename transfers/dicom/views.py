@@ -15,6 +15,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal.access import AuthedRequest, facilities_of, get_membership_for_user
@@ -24,7 +25,7 @@ from portal.reauth import reauthentication_required
 
 from ..access import study_access
 from ..deliveries import receiving_facility_of
-from ..models import PacsDestination, Push
+from ..models import PacsDestination, Push, PushStatus
 from ..sharing.directory import facility_directory
 from .config import (
     ConfigError,
@@ -36,7 +37,7 @@ from .config import (
     routing_rule_add,
     routing_rule_remove,
 )
-from .push import PushError, push_create, push_rerun
+from .push import PUSH_ATTEMPTS, PushError, push_cancel, push_create, push_rerun
 from .tls import CertificateError, ca_certificates_check, fingerprints_parse
 
 
@@ -86,14 +87,27 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
                     messages.success(request, "Sending again what did not arrive.")
                 else:
                     messages.error(request, "Nothing to send again.")
+        elif action == "cancel":
+            push = pushes.filter(uuid=_uuid(request.POST.get("push"))).first()
+            if push is not None and push_cancel(push=push, by=request.user, request=request):
+                messages.success(request, f"Cancelled sending to {push.destination.name}.")
+            else:
+                messages.error(
+                    request, "That push can no longer be cancelled: it is sending or has ended."
+                )
         return redirect("study_pacs", study_uuid=access.study.uuid)
-    audit_record(
-        action=AuditAction.STUDY_VIEW,
-        request=request,
-        study=access.study,
-        actor_facility=receiving_facility_of(share=access.share, user=request.user),
-        detail={"page": "pacs"},
-    )
+    # Every look a person asks for is audited; the page's own reloads (?refresh=1, which it
+    # adds while work is pending) once per ten minutes per session.
+    first = _first_look(request, f"pacs:{access.study.uuid}")
+    if first or request.GET.get("refresh") != "1":
+        audit_record(
+            action=AuditAction.STUDY_VIEW,
+            request=request,
+            study=access.study,
+            actor_facility=receiving_facility_of(share=access.share, user=request.user),
+            detail={"page": "pacs"},
+        )
+    pushes = pushes.all()
     return render(
         request,
         "transfers/study_pacs.html",
@@ -102,8 +116,36 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
             "access": access,
             "destinations": destinations,
             "pushes": pushes,
+            # The page reloads itself while anything is queued, sending or waiting to retry.
+            "pending": any(p.is_pending for p in pushes),
+            # Every 5 s while one is queued or sending; every 30 s while they only wait to retry.
+            "refresh_seconds": 5
+            if any(
+                p.status in (PushStatus.QUEUED, PushStatus.RUNNING) and p.next_attempt_at is None
+                for p in pushes
+            )
+            else 30,
+            "attempts_max": PUSH_ATTEMPTS,
         },
     )
+
+
+AUDIT_AGAIN_AFTER_S = 600
+
+
+def _first_look(request: AuthedRequest, page: str) -> bool:
+    """True unless this browser session opened the page in the last ten minutes: a page that
+    refreshes itself every few seconds is audited as one look, not hundreds. Keyed by the
+    session, not by anything in the address, so a person cannot opt out of the audit."""
+    seen = request.session.get("audited_pages", {})
+    now = int(timezone.now().timestamp())
+    if now - int(seen.get(page, 0)) < AUDIT_AGAIN_AFTER_S:
+        return False
+    # Only pages seen recently are kept, so the session does not grow.
+    seen = {key: at for key, at in seen.items() if now - int(at) < AUDIT_AGAIN_AFTER_S}
+    seen[page] = now
+    request.session["audited_pages"] = seen
+    return True
 
 
 # --- the facility admin's DICOM page ------------------------------------------------------------

@@ -22,7 +22,7 @@ from portal.audit import audit_record
 from portal.models import ApiToken, AuditAction, Membership, Outcome, User
 
 from ..access import StudyAccess, study_access, study_access_refused
-from ..models import Share, Study
+from ..models import ORIGINALS, Share, Study
 
 # A study UID held by more than this many visible copies is looked at in its first few only.
 MAX_COPIES = 5
@@ -53,8 +53,10 @@ def studies_visible(request: HttpRequest) -> QuerySet[Study]:
         memberships = memberships.filter(facility_id=token.facility_id)
         shares = shares.filter(recipient_facility_id=token.facility_id)
     shared = Share.studies.through.objects.filter(share__in=shares.values("pk")).values("study_id")
+    # The facility's own de-identified copies are not among its studies; a recipient finds one
+    # through its share.
     return Study.objects.filter(purged_at__isnull=True).filter(
-        Q(facility_id__in=memberships.values("facility_id")) | Q(pk__in=shared)
+        (Q(facility_id__in=memberships.values("facility_id")) & ORIGINALS) | Q(pk__in=shared)
     )
 
 

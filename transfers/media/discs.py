@@ -25,7 +25,7 @@ from ..access import StudyAccess
 from ..models import ExportStatus, Instance, MediaExport
 from ..queue import task_queue_on_commit
 from ..reports import reports_for
-from .export import ExportError, export_plan, iso_build, iso_size, media_kind_for
+from .export import DVD_BYTES, ExportError, export_plan, iso_build, iso_size, media_kind_for
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ def media_build(*, export: MediaExport) -> MediaExport:
             studies=[study], reports_of=lambda s: reports_for(s, share_ids=share_ids)
         )
         total = iso_size(plan)
+        if total > DVD_BYTES and plan.frames:
+            # The disc viewer's frames would push the images off one DVD: the images come
+            # first, and a DICOM viewer still opens the disc.
+            plan = plan.without_viewer()
+            total = iso_size(plan)
         media = media_kind_for(total)
         # The DICOMDIR's File-set ID (PS3.12 F.1.1): no patient name on the disc's label.
         label = plan.file_set_id

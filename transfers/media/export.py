@@ -7,6 +7,11 @@ DICOMDIR references each with the transfer syntax it was stored in. A directory 
 text is not ASCII says ISO_IR 192 (UTF-8) as its own Specific Character Set; the File-set ID,
 RELAY_ and ten hexadecimal digits, is also the disc's volume label and names no patient.
 
+Beside the DICOM file-set, as the other content IHE PDI allows (8.3 names, outside the DICOM
+folders): INDEX.HTM, the contents page, and VIEWER/, a viewer that runs in any browser from the
+disc or the unzipped folder with no server (`disc_viewer`, where the design is explained). Its
+frames are made from the stored images as they are written, one at a time, last on the media.
+
 Planning reads only the DICOM headers, one object at a time and never the pixel data; the ZIP and
 the ISO read the objects from storage in chunks while they are written, so neither a whole study
 nor a temporary copy of it is ever held in memory or on disk. Both read through
@@ -23,7 +28,7 @@ import json
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -45,6 +50,7 @@ from zipstream import ZIP_STORED, ZipStream
 from .. import dicomio
 from ..integrity import VerifyingReader, verified_open
 from ..models import Instance, Report, Series, Study
+from .disc_viewer import viewer_files
 
 CHUNK = 1024 * 1024
 SECTOR = 2048
@@ -83,6 +89,8 @@ class MediaFile:
     storage_key: str = ""
     data: bytes = b""
     sha256: str = ""  # of a stored DICOM object, as Instance.sha256
+    # Made when it is written (the disc viewer's frames): exactly `size` bytes, one at a time.
+    produce: Callable[[], bytes] | None = None
 
 
 @dataclass
@@ -103,16 +111,30 @@ class ExportPlan:
     total_bytes: int  # every file's content, before ZIP or ISO framing
     image_bytes: int  # the DICOM objects only: what is billed
     images: int
+    # INDEX.HTM and the disc viewer's pages and scripts, and its frames (disc_viewer.py).
+    viewer: list[MediaFile] = field(default_factory=list)
+    frames: list[MediaFile] = field(default_factory=list)
 
     @property
     def files(self) -> list[MediaFile]:
         # README and DICOMDIR first: a reader that stops early still sees what the media hold.
-        files = [self.readme, self.dicomdir]
+        # The viewer's frames come last: made from the images, they are the least needed.
+        files = [self.readme, self.dicomdir, *self.viewer]
         for study in self.studies:
             files.extend(study.instances)
         for study in self.studies:
             files.extend(study.reports)
+        files.extend(self.frames)
         return files
+
+    def without_viewer(self) -> ExportPlan:
+        """The same media without INDEX.HTM and VIEWER/ (a disc they would not fit on)."""
+        data = _readme(self.studies, viewer=False)
+        readme = MediaFile(path=self.readme.path, size=len(data), data=data)
+        extra = sum(f.size for f in (*self.viewer, *self.frames)) + self.readme.size - readme.size
+        return replace(
+            self, readme=readme, viewer=[], frames=[], total_bytes=self.total_bytes - extra
+        )
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -186,14 +208,23 @@ def export_plan(
     dicomdir_file = MediaFile(path="DICOMDIR", size=len(dicomdir), data=dicomdir)
     image_bytes = sum(f.size for m in studies_media for f in m.instances)
     report_bytes = sum(f.size for m in studies_media for f in m.reports)
+    pages, frames = viewer_files(
+        [(media.study, kept) for media, kept in planned],
+        [(media.study, [f.path for f in media.reports]) for media in studies_media],
+    )
+    viewer = [MediaFile(path=f.path, size=f.size, data=f.data) for f in pages]
+    viewer_frames = [MediaFile(path=f.path, size=f.size, produce=f.produce) for f in frames]
+    viewer_bytes = sum(f.size for f in (*viewer, *viewer_frames))
     return ExportPlan(
         studies=studies_media,
         file_set_id=file_set_id,
         dicomdir=dicomdir_file,
         readme=readme,
-        total_bytes=readme.size + dicomdir_file.size + image_bytes + report_bytes,
+        total_bytes=readme.size + dicomdir_file.size + image_bytes + report_bytes + viewer_bytes,
         image_bytes=image_bytes,
         images=sum(len(m.instances) for m in studies_media),
+        viewer=viewer,
+        frames=viewer_frames,
     )
 
 
@@ -546,7 +577,7 @@ def _report_stem(number: int) -> str:
     return f"REPORT{number:02d}" if number < 100 else f"RPT{number:05d}"
 
 
-def _readme(studies: list[StudyMedia]) -> bytes:
+def _readme(studies: list[StudyMedia], *, viewer: bool = True) -> bytes:
     """README.TXT: what the media hold and how to open them, with no more patient data than
     the DICOM files themselves carry (none, in fact: dates and modalities only)."""
     facilities = sorted({m.study.facility.name for m in studies})
@@ -577,6 +608,14 @@ def _readme(studies: list[StudyMedia]) -> bytes:
         "under 8-character names without extensions. Reports, if any, are in REPORT.",
         "",
         "How to open it:",
+        *(
+            [
+                "  - To look at the images: open INDEX.HTM in any web browser (double-click it).",
+                "    Its viewer needs no software and no internet; it is not for diagnosis.",
+            ]
+            if viewer
+            else []
+        ),
         "  - In a hospital: import the DICOMDIR (or the whole folder) into your PACS.",
         "  - On a computer: open the DICOMDIR with a DICOM viewer (for example Weasis,",
         "    RadiAnt, MicroDicom, Horos or OsiriX). Ordinary photo programs cannot open the",
@@ -600,6 +639,8 @@ def _zip(plan: ExportPlan) -> ZipStream:
         if media_file.storage_key:
             # A generator: nothing is opened until zipstream reaches this entry.
             archive.add(_storage_chunks(media_file), media_file.path, size=media_file.size)
+        elif media_file.produce is not None:
+            archive.add(_produced_chunks(media_file), media_file.path, size=media_file.size)
         else:
             archive.add(media_file.data, media_file.path)
     return archive
@@ -639,6 +680,21 @@ def _storage_chunks(media_file: MediaFile) -> Iterator[bytes]:
             held = chunk
         if held:
             yield held
+
+
+def _produced(media_file: MediaFile) -> bytes:
+    assert media_file.produce is not None
+    data = media_file.produce()
+    if len(data) != media_file.size:
+        raise ExportError(
+            f"{media_file.path} came out at {len(data)} bytes, not {media_file.size}."
+        )
+    return data
+
+
+def _produced_chunks(media_file: MediaFile) -> Iterator[bytes]:
+    # A generator too: the frame is made only when zipstream reaches it.
+    yield _produced(media_file)
 
 
 # --- ISO 9660 -----------------------------------------------------------------------------------
@@ -715,6 +771,51 @@ class _StorageReader(io.RawIOBase):
         super().close()
 
 
+class _ProducedReader(io.RawIOBase):
+    """A made file (a disc viewer frame) for pycdlib: made when pycdlib first reads it and let
+    go once its last byte is read, so one frame at a time is in memory."""
+
+    def __init__(self, media_file: MediaFile) -> None:
+        super().__init__()
+        self._file = media_file
+        self._data: bytes | None = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            offset += self._file.size
+        self._pos = offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._file.size - self._pos)
+        if want <= 0:
+            self._data = None
+            return 0
+        if self._data is None:
+            self._data = _produced(self._file)
+        memoryview(buffer)[:want] = self._data[self._pos : self._pos + want]
+        self._pos += want
+        if self._pos >= self._file.size:
+            self._data = None
+        return want
+
+    def close(self) -> None:
+        self._data = None
+        super().close()
+
+
 def _iso_name(path: str) -> str:
     # ISO 9660 wants a dot and a version; readers show "DICOMDIR." as "DICOMDIR".
     name = path if "." in path.rsplit("/", 1)[-1] else f"{path}."
@@ -741,9 +842,13 @@ def _iso(plan: ExportPlan) -> tuple[pycdlib.PyCdlib, list[io.IOBase]]:
             if directory not in directories:
                 iso.add_directory(iso_path=directory, joliet_path=directory)
                 directories.add(directory)
-        source: io.IOBase = (
-            _StorageReader(media_file) if media_file.storage_key else io.BytesIO(media_file.data)
-        )
+        source: io.IOBase
+        if media_file.storage_key:
+            source = _StorageReader(media_file)
+        elif media_file.produce is not None:
+            source = _ProducedReader(media_file)
+        else:
+            source = io.BytesIO(media_file.data)
         sources.append(source)
         iso.add_fp(
             cast(BinaryIO, source),

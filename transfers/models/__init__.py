@@ -6,6 +6,7 @@ names are re-exported so that `from transfers.models import Study` works from an
 
 from __future__ import annotations
 
+from .deidentify import ORIGINALS, CopyStatus, DeidentifiedCopy
 from .dicom import PacsDestination, Push, PushInstance, PushStatus, RoutedStudy, RoutingRule
 from .expected import ExpectedInstance
 from .media import ExportStatus, MediaExport
@@ -22,7 +23,10 @@ from .studies import (
 )
 
 __all__ = [
+    "ORIGINALS",
     "UID_BATCH",
+    "CopyStatus",
+    "DeidentifiedCopy",
     "ExpectedInstance",
     "ExportStatus",
     "Instance",

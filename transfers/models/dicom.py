@@ -106,6 +106,7 @@ class PushStatus(models.TextChoices):
     DONE = "done", "Done"
     PARTIAL = "partial", "Some images failed"
     FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
 
 
 class Push(models.Model):
@@ -127,6 +128,10 @@ class Push(models.Model):
     sent = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     error = models.CharField(max_length=300, blank=True)
+    # While a run that could not reach the PACS waits for Celery's retry: when, and which
+    # attempt of the run it will be. Cleared when an attempt starts or the push ends.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    next_attempt = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -135,6 +140,11 @@ class Push(models.Model):
 
     def __str__(self) -> str:
         return f"Push {self.uuid} -> {self.destination}"
+
+    @property
+    def is_pending(self) -> bool:
+        """Queued, sending, or waiting for its next attempt: its page keeps refreshing."""
+        return self.status in (PushStatus.QUEUED, PushStatus.RUNNING)
 
 
 class PushInstance(models.Model):

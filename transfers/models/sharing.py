@@ -98,6 +98,28 @@ class ShareQuerySet(models.QuerySet["Share"]):
             .distinct()
         )
 
+    def link(self, token: str) -> Share | None:
+        """The active share a link's raw token opens: a patient link, or a guest link (a share
+        to a physician without an account). Same single query and answers as patient_link."""
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            return None
+        return (
+            self.filter(token_hash=hash_token(token))
+            .filter(
+                Q(kind=ShareKind.PATIENT)
+                | Q(kind=ShareKind.PHYSICIAN, second_factor=SecondFactor.EMAIL_CODE)
+            )
+            .active()
+            .select_related("facility")
+            .first()
+        )
+
+    def guest_link(self, token: str) -> Share | None:
+        """The active guest link the raw token opens, or None (unknown, revoked, expired, or a
+        patient link: one answer for all)."""
+        share = self.link(token)
+        return share if share is not None and share.is_guest_link else None
+
     def patient_link(self, token: str) -> Share | None:
         """The active patient share the raw token opens, or None.
 
@@ -172,6 +194,11 @@ class Share(models.Model):
     # alone does not give it), and the one-time code e-mailed on request: its hash, its end,
     # and the sends counted since `code_sends_since` (a mailbox is not flooded).
     link_token_encrypted = models.TextField(blank=True)
+    # A share a patient made from their own patient link, to send their study to a doctor
+    # (a guest link); it never outlives that link, and revoking the link revokes it.
+    forwarded_from = models.ForeignKey(
+        "self", on_delete=models.PROTECT, null=True, blank=True, related_name="forwards"
+    )
     code_hash = models.CharField(max_length=128, blank=True)
     code_expires_at = models.DateTimeField(null=True, blank=True)
     code_sent_at = models.DateTimeField(null=True, blank=True)
@@ -195,6 +222,16 @@ class Share(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None and self.expires_at > timezone.now()
+
+    @property
+    def is_guest_link(self) -> bool:
+        """A share to a physician without an account, opened by its link and an e-mailed code."""
+        return self.kind == ShareKind.PHYSICIAN and self.second_factor == SecondFactor.EMAIL_CODE
+
+    @property
+    def link_label(self) -> str:
+        """Who opens a link, for receipts and audit: the guest's address or "patient link"."""
+        return self.recipient_email if self.is_guest_link else "patient link"
 
     @property
     def state(self) -> str:
@@ -278,6 +315,7 @@ class ShareEventKind(models.TextChoices):
     UNLOCKED = "unlocked", "Patient link unlocked"
     REISSUED = "reissued", "Patient link re-issued"
     CODE_SENT = "code_sent", "Code e-mailed"
+    FORWARDED = "forwarded", "Forwarded by the patient"
 
 
 class ShareEvent(models.Model):

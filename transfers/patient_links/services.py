@@ -67,6 +67,7 @@ def patient_factor_check(
     request: HttpRequest | None,
     birth_date: date | None = None,
     pin: str = "",
+    code: str = "",
 ) -> FactorResult:
     """Check one answer to the share's second factor, counting it against the lock.
 
@@ -81,8 +82,11 @@ def patient_factor_check(
         patient_factor_refused(share=share, request=request, reason="locked")
         return FactorResult(ok=False, lock=claim.refused)
 
-    if _answer_matches(share, birth_date=birth_date, pin=pin):
+    if _answer_matches(share, birth_date=birth_date, pin=pin, code=code):
         share.patient_lock_clear()
+        if share.second_factor == SecondFactor.EMAIL_CODE:
+            # A code opens once: the next browser asks for a new one.
+            Share.objects.filter(pk=share.pk).update(code_hash="", code_expires_at=None)
         _audit_factor(share, request, Outcome.SUCCESS)
         return FactorResult(ok=True)
 
@@ -145,7 +149,7 @@ def _lock_announce(share: Share, lock: LinkLock, request: HttpRequest | None) ->
     ShareEvent.objects.create(
         share=share,
         kind=ShareEventKind.LOCKED,
-        actor_label="patient link",
+        actor_label=share.link_label,
         detail=_lock_text(lock),
     )
     patient_link_locked_notify(share=share, lock=lock)
@@ -157,7 +161,17 @@ def _lock_text(lock: LinkLock) -> str:
     return f"lock {lock.round} of {PATIENT_LINK_ROUNDS}: until {timezone.localtime(lock.until):%Y-%m-%d %H:%M}"
 
 
-def _answer_matches(share: Share, *, birth_date: date | None, pin: str) -> bool:
+def _answer_matches(share: Share, *, birth_date: date | None, pin: str, code: str = "") -> bool:
+    if share.second_factor == SecondFactor.EMAIL_CODE:
+        # Read fresh: the code was set by another request. An expired or used code never matches.
+        fresh = Share.objects.only("code_hash", "code_expires_at").get(pk=share.pk)
+        return (
+            bool(code)
+            and bool(fresh.code_hash)
+            and fresh.code_expires_at is not None
+            and fresh.code_expires_at > timezone.now()
+            and check_password(code, fresh.code_hash)
+        )
     if share.second_factor == SecondFactor.PIN:
         # check_password compares in constant time; an empty hash never matches.
         return bool(pin) and bool(share.pin_hash) and check_password(pin, share.pin_hash)
@@ -177,7 +191,7 @@ def _audit_factor(
     # One event per study: the audit trail is searched by patient and by study.
     for study in share.studies.all():
         audit_record(
-            action=AuditAction.PATIENT_FACTOR,
+            action=AuditAction.GUEST_CODE if share.is_guest_link else AuditAction.PATIENT_FACTOR,
             request=request,
             study=study,
             outcome=outcome,
@@ -194,7 +208,7 @@ def patient_session_grant(*, request: HttpRequest, share: Share) -> None:
     links = dict(request.session.get(PATIENT_SESSION_LINKS_KEY, {}))
     links[str(share.pk)] = patient_link_mark(share)
     request.session[PATIENT_SESSION_LINKS_KEY] = links
-    share_open(share=share, who="patient link", request=request)
+    share_open(share=share, who=share.link_label, request=request)
 
 
 def patient_studies_view(*, share: Share, request: HttpRequest) -> None:
@@ -204,14 +218,17 @@ def patient_studies_view(*, share: Share, request: HttpRequest) -> None:
             action=AuditAction.STUDY_VIEW,
             request=request,
             study=study,
-            detail={"share": str(share.uuid), "via": "patient link"},
+            detail={
+                "share": str(share.uuid),
+                "via": "guest link" if share.is_guest_link else "patient link",
+            },
         )
 
 
 def patient_link_unlock(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
     """The sender lifts the lock and resets the rounds; the link and its answer stay the same."""
-    if share.kind != ShareKind.PATIENT or not share.is_active:
-        raise ShareError("Only an active patient link can be unlocked.")
+    if not (share.kind == ShareKind.PATIENT or share.is_guest_link) or not share.is_active:
+        raise ShareError("Only an active patient or guest link can be unlocked.")
     with transaction.atomic():
         share.patient_lock_clear()
         ShareEvent.objects.create(share=share, kind=ShareEventKind.UNLOCKED, actor_label=by.email)

@@ -30,7 +30,7 @@ from portal.models import AuditAction, Outcome
 from ..access import patient_session_has, study_access
 from ..models import SecondFactor, Share, ShareKind
 from ..reports import report_response, reports_for
-from ..sharing.services import ShareError
+from ..sharing.services import ShareError, share_forward, share_revoke
 from .services import (
     FactorResult,
     patient_factor_check,
@@ -70,7 +70,8 @@ def _get_handout_share_for_user(request: AuthedRequest, share_uuid: str, page: s
     share = Share.objects.filter(uuid=share_uuid).select_related("facility").first()
     if (
         share is None
-        or share.kind != ShareKind.PATIENT
+        # A guest link (a physician's) has no handout and is not re-issued; it can be unlocked.
+        or not (share.kind == ShareKind.PATIENT or (share.is_guest_link and page == "unlock"))
         or not upload_facilities(request.user).filter(pk=share.facility_id).exists()
     ):
         audit_record(
@@ -201,7 +202,123 @@ def patient_studies(request: HttpRequest, token: str) -> HttpResponse:
     for study in studies:
         # Only the reports marked for the patient, of this link or of the study as a whole.
         study.patient_reports = list(reports_for(study, share_ids={share.pk}, patient=True))  # type: ignore[attr-defined]
-    return render(request, "transfers/patient_studies.html", {"share": share, "studies": studies})
+    return render(
+        request,
+        "transfers/patient_studies.html",
+        {
+            "share": share,
+            "studies": studies,
+            "forward_form": ForwardForm(share=share),
+            "forwards": share.forwards.order_by("-created_at"),
+        },
+    )
+
+
+class ForwardForm(forms.Form):
+    email = forms.EmailField(label="Your doctor's e-mail address", max_length=254)
+    days = forms.TypedChoiceField(label="For", coerce=int, choices=())
+
+    def __init__(self, *args: object, share: Share, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        left = max((share.expires_at - timezone.now()).days, 1)
+        options = [d for d in (7, 14, 30) if d < left] + [left]
+        self.fields["days"].choices = [  # type: ignore[attr-defined]
+            (
+                d,
+                f"{d} day{'s' if d != 1 else ''}"
+                + (" (as long as your link)" if d == left else ""),
+            )
+            for d in options
+        ]
+        self.fields["days"].initial = options[0]
+
+
+def _verified_patient_share(request: HttpRequest, token: str) -> Share | None:
+    """The active patient link of this token, if this browser answered its second factor."""
+    share = Share.objects.patient_link(token)
+    if share is None or not patient_session_has(request=request, share=share):
+        return None
+    return share
+
+
+@require_POST
+@never_cache
+def patient_forward(request: HttpRequest, token: str) -> HttpResponse:
+    """The patient sends their study to a doctor by e-mail (a guest link, one e-mail)."""
+    share = _verified_patient_share(request, token)
+    if share is None:
+        return _not_found(request)
+    form = ForwardForm(request.POST, share=share)
+    if form.is_valid():
+        try:
+            forward = share_forward(
+                share=share,
+                recipient_email=form.cleaned_data["email"],
+                days=form.cleaned_data["days"],
+                request=request,
+            )
+        except ShareError as exc:
+            form.add_error("email", str(exc))
+        else:
+            messages.success(
+                request,
+                f"Sent to {forward.recipient_email}: they get one e-mail with a link, and open it "
+                "with a code e-mailed to that address. You can stop sharing at any time below.",
+            )
+            return redirect("patient_studies", token=token)
+    studies = list(share.studies.filter(purged_at__isnull=True))
+    for study in studies:
+        study.patient_reports = list(reports_for(study, share_ids={share.pk}, patient=True))  # type: ignore[attr-defined]
+    return render(
+        request,
+        "transfers/patient_studies.html",
+        {
+            "share": share,
+            "studies": studies,
+            "forward_form": form,
+            "forwards": share.forwards.order_by("-created_at"),
+        },
+        status=400,
+    )
+
+
+@require_POST
+@never_cache
+def patient_forward_revoke(request: HttpRequest, token: str, share_uuid: str) -> HttpResponse:
+    """The patient stops a share they forwarded; another link's forwards answer 404."""
+    share = _verified_patient_share(request, token)
+    forward = share.forwards.filter(uuid=share_uuid).first() if share is not None else None
+    if share is None or forward is None:
+        return _not_found(request)
+    share_revoke(share=forward, by=None, request=request, who="patient link")
+    messages.success(request, f"{forward.recipient_email} can no longer open your study.")
+    return redirect("patient_studies", token=token)
+
+
+@require_GET
+@never_cache
+def patient_summary(request: HttpRequest, token: str, study_uuid: str) -> HttpResponse:
+    """A printable one-page summary of one study for the patient: what it is, when and where it
+    was made, its series, the reports marked for them, and how to reach the sending facility."""
+    access = study_access(request, study_uuid, token=token)
+    study = access.study
+    audit_record(
+        action=AuditAction.STUDY_VIEW,
+        request=request,
+        study=study,
+        detail={"share": str(access.share.uuid) if access.share else None, "page": "summary"},
+    )
+    return render(
+        request,
+        "transfers/patient_summary.html",
+        {
+            "share": access.share,
+            "study": study,
+            "series": study.series.order_by("series_number", "id"),
+            "reports": reports_for(study, share_ids=access.share_ids, patient=access.is_patient),
+            "token": token,
+        },
+    )
 
 
 @require_GET

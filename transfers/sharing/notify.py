@@ -13,6 +13,7 @@ from django.db.models import Sum
 from django.urls import reverse
 from django.utils import timezone
 
+from portal.crypto import secret_decrypt
 from portal.emails import email_render
 from portal.models import Membership
 
@@ -39,11 +40,22 @@ def share_instance_count(share: Share) -> int:
     return share.studies.aggregate(n=Sum("num_instances"))["n"] or 0
 
 
+def guest_link_path(share: Share) -> str:
+    """The path of a share's guest link, its token decrypted for the e-mail."""
+    return reverse("guest_open", kwargs={"token": secret_decrypt(share.link_token_encrypted)})
+
+
 def _send(share: Share, template: str, **context: object) -> list[str]:
     """E-mail every recipient of the share; returns the addresses. Raises OSError when the
     mail server fails, before any was sent (one connection for all)."""
     recipients = share_recipients(share)
-    link = reverse("share_detail", args=[share.uuid])
+    # A physician without an account gets the guest link (opened with an e-mailed code); everyone
+    # else the share's page behind sign-in.
+    link = (
+        guest_link_path(share)
+        if share.is_guest_link
+        else reverse("share_detail", args=[share.uuid])
+    )
     subject, text, html = email_render(template, {"share": share, "link": link, **context})
     messages = []
     for address in recipients:
@@ -89,6 +101,32 @@ def share_notify_send(*, share_id: int) -> str:
     return "sent"
 
 
+def patient_link_email_deliver(*, share_id: int, subject: str, text: str, html: str) -> str:
+    """Send the patient's link e-mail; a receipt on the timeline. Raises OSError when the mail
+    server fails (the task retries)."""
+    share = Share.objects.filter(pk=share_id).first()
+    if share is None or not share.recipient_email or share.notify_status == NotifyStatus.SENT:
+        return "skipped"
+    if not share.is_active:
+        Share.objects.filter(pk=share.pk).update(notify_status=NotifyStatus.NONE)
+        return "inactive"
+    message = EmailMultiAlternatives(subject=subject, body=text, to=[share.recipient_email])
+    message.attach_alternative(html, "text/html")
+    with get_connection() as connection:
+        connection.send_messages([message])
+    with transaction.atomic():
+        Share.objects.filter(pk=share.pk).update(
+            notify_status=NotifyStatus.SENT,
+            notified_at=timezone.now(),
+            notify_error="",
+            notify_attempts=share.notify_attempts + 1,
+        )
+        ShareEvent.objects.create(
+            share=share, kind=ShareEventKind.NOTIFIED, detail="e-mailed the link to the patient"
+        )
+    return "sent"
+
+
 def share_notify_failed(*, share_id: int, error: BaseException, final: bool) -> None:
     text = f"{type(error).__name__}: {error}"[:300]
     with transaction.atomic():
@@ -108,7 +146,7 @@ def share_notify_added_send(*, share_id: int) -> str:
     timeline entry per batch, with the count. Safe to run twice: the count told is claimed
     under the share's row lock before sending, and given back if the mail server fails."""
     share = Share.objects.select_related("facility", "created_by").filter(pk=share_id).first()
-    if share is None or share.notify_status != NotifyStatus.SENT:
+    if share is None or share.notify_status != NotifyStatus.SENT or share.kind == ShareKind.PATIENT:
         # Not told the first time yet (or never by e-mail: patient links): the first notice
         # carries every image.
         return "skipped"

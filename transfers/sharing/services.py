@@ -18,8 +18,8 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from portal.audit import audit_record
+from portal.crypto import secret_encrypt
 from portal.models import AuditAction, Facility, Membership, User, hash_token
-from portal.services import invitation_create, practice_create
 
 from ..deliveries import receiving_facility_of
 from ..models import (
@@ -33,11 +33,8 @@ from ..models import (
     StudyStatus,
 )
 from ..queue import task_queue_on_commit
-
-
-class ShareError(Exception):
-    """A refusal shown to the person who asked."""
-
+from .errors import ShareError
+from .message import share_message_check
 
 PIN_MIN, PIN_MAX = 6, 12
 
@@ -108,10 +105,13 @@ def share_create(
         )
     if not (can_view or can_download or can_import):
         raise ShareError("Allow the recipient at least one thing: view, download or import.")
+    # The message is e-mailed, and e-mail carries no patient information.
+    share_message_check(message=message, studies=studies)
 
     recipient_email = recipient_email.strip().lower()
     recipient_user = None
     raw_token = None
+    guest_token = None
     pin_hash = ""
     if kind == ShareKind.FACILITY:
         if recipient_facility is None:
@@ -130,6 +130,13 @@ def share_create(
             recipient_user = User.objects.filter(
                 email__iexact=recipient_email, is_active=True
             ).first()
+            if recipient_user is None:
+                # No account: a guest link. The physician opens it with a code e-mailed to
+                # this address (transfers.guest_links); no password, no practice, one e-mail.
+                guest_token = secrets.token_urlsafe(24)  # 192 bits
+                second_factor = SecondFactor.EMAIL_CODE
+            else:
+                second_factor = ""
         else:
             raw_token = secrets.token_urlsafe(24)  # 192 bits
             # Whatever the second factor, one patient's link never shows another's images.
@@ -170,8 +177,9 @@ def share_create(
             can_download=can_download,
             can_import=can_import,
             expires_at=expires_at,
-            token_hash=hash_token(raw_token) if raw_token else None,
-            second_factor=second_factor if kind == ShareKind.PATIENT else "",
+            token_hash=hash_token(link_token) if (link_token := raw_token or guest_token) else None,
+            link_token_encrypted=secret_encrypt(guest_token) if guest_token else "",
+            second_factor=second_factor if kind != ShareKind.FACILITY else "",
             pin_hash=pin_hash,
             # A patient's e-mail carries the link's token, which only this request knows: it
             # is sent from here (patient_link_email), never by the notification task.
@@ -181,22 +189,11 @@ def share_create(
         ShareEvent.objects.create(
             share=share, kind=ShareEventKind.CREATED, actor_label=created_by.email
         )
-        if kind == ShareKind.PHYSICIAN and recipient_user is None:
-            # Someone without an account is invited to create one, in a practice of their own;
-            # the share reaches them by their address once they have signed up.
-            invitation_create(
-                facility=practice_create(email=recipient_email),
-                email=recipient_email,
-                role="admin",
-                invited_by=created_by,
-                request=request,
-                email_template="invitation_share",
-                extra_context={"sender_facility": facility, "message": share.message},
-            )
+        if guest_token is not None:
             ShareEvent.objects.create(
                 share=share,
                 kind=ShareEventKind.CREATED,
-                detail=f"invited {recipient_email} to Relay",
+                detail=f"guest link for {recipient_email} (no account): opened with an e-mailed code",
             )
         for study in studies:
             audit_record(
@@ -249,6 +246,8 @@ def shares_notify_added(*, studies: Iterable[Study]) -> int:
     queued = 0
     shares = (
         Share.objects.filter(studies__in=study_ids, notify_status=NotifyStatus.SENT)
+        # A patient's e-mail carried their link once; images added show up behind it.
+        .exclude(kind=ShareKind.PATIENT)
         .active()
         .distinct()
         .only("pk", "notified_instances")
@@ -297,15 +296,98 @@ def share_downloaded(
     )
 
 
-def share_revoke(*, share: Share, by: User, request: HttpRequest | None = None) -> None:
+def share_revoke(
+    *, share: Share, by: User | None, request: HttpRequest | None = None, who: str = ""
+) -> None:
+    """Stop a share at once, and the shares a patient forwarded from it. `by` is the sender, or
+    None for a patient revoking a share they forwarded (`who` then says "patient link")."""
+    label = by.email if by is not None else who
     with transaction.atomic():
         if Share.objects.filter(pk=share.pk, revoked_at__isnull=True).update(
             revoked_at=timezone.now(), revoked_by=by
         ):
-            ShareEvent.objects.create(
-                share=share, kind=ShareEventKind.REVOKED, actor_label=by.email
-            )
+            ShareEvent.objects.create(share=share, kind=ShareEventKind.REVOKED, actor_label=label)
             _audit_share(share, AuditAction.SHARE_REVOKE, request=request, actor=by)
+        for forward in Share.objects.filter(forwarded_from=share, revoked_at__isnull=True):
+            share_revoke(share=forward, by=by, request=request, who=label)
+
+
+# A patient forwards to a handful of doctors, not to a mailing list.
+FORWARDS_MAX = 10
+
+
+def share_forward(
+    *, share: Share, recipient_email: str, days: int, request: HttpRequest | None = None
+) -> Share:
+    """A patient sends their study to a doctor from their own patient link: a new share from the
+    same facility to that address (a guest link when the address has no account, as share_create
+    makes), that views and downloads what the patient's link allows, expires no later than it,
+    and shows on the facility's Sent page and timelines. The patient sees and revokes it on their
+    page; the facility revokes it like any share, and revoking the patient's link revokes it."""
+    if share.kind != ShareKind.PATIENT or not share.is_active:
+        raise ShareError("This link can no longer be forwarded.")
+    if share.forwards.count() >= FORWARDS_MAX:
+        raise ShareError(
+            f"A link can be forwarded to at most {FORWARDS_MAX} addresses; "
+            "stop sharing with one first, or ask the care team."
+        )
+    recipient_email = recipient_email.strip().lower()
+    try:
+        validate_email(recipient_email)
+    except ValidationError:
+        raise ShareError(f"'{recipient_email}' is not a valid e-mail address.") from None
+    if share.forwards.filter(recipient_email=recipient_email).active().exists():
+        raise ShareError(f"The study is already shared with {recipient_email}.")
+    studies = list(share.studies.filter(purged_at__isnull=True))
+    if not studies:
+        raise ShareError("The images of this study were removed.")
+    expires_at = min(share.expires_at, timezone.now() + timedelta(days=max(days, 1)))
+    recipient_user = User.objects.filter(email__iexact=recipient_email, is_active=True).first()
+    guest_token = None if recipient_user is not None else secrets.token_urlsafe(24)
+    with transaction.atomic():
+        forward = Share.objects.create(
+            facility=share.facility,
+            created_by=share.created_by,
+            kind=ShareKind.PHYSICIAN,
+            recipient_email=recipient_email,
+            recipient_user=recipient_user,
+            can_view=share.can_view,
+            can_download=share.can_download,
+            expires_at=expires_at,
+            forwarded_from=share,
+            token_hash=hash_token(guest_token) if guest_token else None,
+            link_token_encrypted=secret_encrypt(guest_token) if guest_token else "",
+            second_factor=SecondFactor.EMAIL_CODE if guest_token else "",
+        )
+        forward.studies.set(studies)
+        ShareEvent.objects.create(
+            share=forward,
+            kind=ShareEventKind.CREATED,
+            actor_label="patient link",
+            detail=f"forwarded by the patient from their link (share {share.uuid})",
+        )
+        ShareEvent.objects.create(
+            share=share,
+            kind=ShareEventKind.FORWARDED,
+            actor_label="patient link",
+            detail=f"to {recipient_email}, until {timezone.localtime(expires_at):%Y-%m-%d}",
+        )
+        for study in studies:
+            audit_record(
+                action=AuditAction.SHARE_CREATE,
+                request=request,
+                study=study,
+                facility=share.facility,
+                detail={
+                    "share": str(forward.uuid),
+                    "kind": ShareKind.PHYSICIAN,
+                    "to": recipient_email,
+                    "forwarded_from": str(share.uuid),
+                    "by": "patient link",
+                },
+            )
+        share_notify_if_ready(share=forward)
+    return forward
 
 
 def share_extend(
@@ -324,6 +406,10 @@ def share_extend(
         )
     with transaction.atomic():
         Share.objects.filter(pk=share.pk).update(expires_at=expires_at, expiry_warned_at=None)
+        # What a patient forwarded never outlives their link (an earlier expiry reaches it).
+        Share.objects.filter(forwarded_from=share, expires_at__gt=expires_at).update(
+            expires_at=expires_at
+        )
         ShareEvent.objects.create(
             share=share,
             kind=ShareEventKind.EXTENDED,
@@ -357,15 +443,22 @@ def _audit_share(
 
 
 def patient_link_email(*, share: Share, raw_token: str) -> None:
-    """E-mail the patient their link (no patient data in it; the second factor guards it)."""
+    """E-mail the patient their link (no patient data in it; the second factor guards it).
+
+    Rendered here, where the raw token is known, and sent by a task that records the outcome on
+    the share (queued, sent, failed and retrying), as for any other recipient's e-mail."""
     from django.urls import reverse
 
-    from portal.emails import email_queue
+    from portal.emails import email_render
 
     if not share.recipient_email:
         return
-    email_queue(
-        name="patient_link",
-        to=share.recipient_email,
-        context={"share": share, "link": reverse("patient_open", kwargs={"token": raw_token})},
+    subject, text, html = email_render(
+        "patient_link",
+        {"share": share, "link": reverse("patient_open", kwargs={"token": raw_token})},
+    )
+    Share.objects.filter(pk=share.pk).update(notify_status=NotifyStatus.QUEUED)
+    share.notify_status = NotifyStatus.QUEUED
+    task_queue_on_commit(
+        "transfers.sharing.tasks.patient_link_email_send", share.pk, subject, text, html
     )

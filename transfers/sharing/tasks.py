@@ -50,6 +50,21 @@ def share_notify_added(self: Task, share_id: int) -> str:
         raise
 
 
+@shared_task(**MAIL_TASK)
+def patient_link_email_send(self: Task, share_id: int, subject: str, text: str, html: str) -> str:
+    """Send a patient their link's e-mail (rendered in the request that made the token) and
+    record it on the share: the Sent page shows sent, or failed and retrying."""
+    try:
+        return notify.patient_link_email_deliver(
+            share_id=share_id, subject=subject, text=text, html=html
+        )
+    except OSError as exc:
+        notify.share_notify_failed(
+            share_id=share_id, error=exc, final=self.request.retries >= (self.max_retries or 0)
+        )
+        raise
+
+
 @shared_task(soft_time_limit=120, time_limit=180)
 def shares_expire() -> int:
     """Mark lapsed shares EXPIRED on their timelines (the sender's receipt)."""

@@ -83,9 +83,9 @@ def patient_viewer(request: HttpRequest, token: str, study_uuid: UUID) -> HttpRe
     except Http404:
         # A live link whose session lapsed goes back to its second factor, as the patient's
         # list does; anything else stays the same 404 a guesser gets.
-        share = Share.objects.patient_link(token)
+        share = Share.objects.link(token)
         if share is not None and share.studies.filter(uuid=study_uuid).exists():
-            return redirect("patient_open", token=token)
+            return redirect("guest_open" if share.is_guest_link else "patient_open", token=token)
         raise
     return _viewer_page(request, access, token=token)
 
@@ -109,7 +109,10 @@ def _viewer_page(request: HttpRequest, access: StudyAccess, *, token: str | None
         back_url = reverse("study_detail", kwargs={"study_uuid": study.uuid})
         download_url = reverse("study_download", kwargs={"study_uuid": study.uuid})
     else:
-        back_url = reverse("patient_studies", kwargs={"token": token})
+        studies_page = (
+            "guest_studies" if share is not None and share.is_guest_link else "patient_studies"
+        )
+        back_url = reverse(studies_page, kwargs={"token": token})
         download_url = reverse(
             "patient_study_download", kwargs={"token": token, "study_uuid": study.uuid}
         )

@@ -29,6 +29,12 @@ FACILITIES = [
     ("gfc", "Great Falls Clinic", "Great Falls", "GFC_RELAY", True),
     ("stluke", "St. Luke Community Healthcare", "Ronan", None, False),
 ]
+# Printed on patient handouts; 555-01xx numbers are reserved for fiction.
+HELP_DESK_PHONES = {
+    "krmc": "+1 406-555-0142",
+    "gfc": "+1 406-555-0171",
+    "stluke": "+1 406-555-0119",
+}
 
 
 def logins_file() -> Path:
@@ -122,6 +128,7 @@ class Command(BaseCommand):
                 ae_title=ae_title,
                 has_pacs=has_pacs,
                 listed=True,
+                help_desk_phone=HELP_DESK_PHONES[slug],
             )
             for role in (Role.ADMIN, Role.SENDER, Role.READER):
                 email = f"{role}@{slug}.example"

@@ -139,7 +139,7 @@ def test_a_revoked_or_expired_share_stops_working_at_once(
     reader = client_for(dave)
     assert reader.get(f"/studies/{study.uuid}/").status_code == 200
     if how == "revoked":
-        response = client_for(bob).post(f"/shares/{share.uuid}/revoke/")
+        response = client_for(bob).post(f"/shares/{share.uuid}/revoke/", {"confirm": "yes"})
         assert response.status_code == 302
     else:
         Share.objects.filter(pk=share.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
@@ -288,37 +288,6 @@ def test_revoking_twice_records_one_event(bob, study, gfc, krmc):
     assert re.search("revoked", client_for(bob).get("/sent/").content.decode())
 
 
-def test_a_physician_without_an_account_is_invited_and_then_sees_the_share(
-    bob, study, mailoutbox, django_capture_on_commit_callbacks
-):
-    with django_capture_on_commit_callbacks(execute=True):
-        share, _ = share_create(
-            facility=study.facility,
-            created_by=bob,
-            studies=[study],
-            kind="physician",
-            recipient_email="dr.new@ruralclinic.example",
-            message="Consult requested.",
-        )
-    invite = next(m for m in mailoutbox if "/invitations/" in m.body)
-    assert invite.to == ["dr.new@ruralclinic.example"]
-    assert "Kalispell Regional Medical Center" in invite.subject
-    assert "Consult requested." in invite.body
-    assert "CompressedSamples" not in invite.subject + invite.body
-    path = re.search(r"(/invitations/\S+/)", invite.body).group(1)  # type: ignore[union-attr]
-    newcomer = Client()
-    response = newcomer.post(
-        path, {"full_name": "Dr New", "password1": PASSWORD, "password2": PASSWORD}
-    )
-    assert response.status_code == 302
-    user = User.objects.get(email="dr.new@ruralclinic.example")
-    # Their own practice, where they are the admin.
-    assert Membership.objects.get(user=user).role == "admin"
-    assert "CompressedSamples, CT1" in newcomer.get("/inbox/").content.decode()
-    assert newcomer.get(f"/shares/{share.uuid}/").status_code == 200
-    assert newcomer.get(f"/studies/{study.uuid}/").status_code == 200
-
-
 def test_a_patient_link_is_emailed_with_its_token_and_no_patient_data(
     bob, study, mailoutbox, django_capture_on_commit_callbacks
 ):
@@ -341,4 +310,85 @@ def test_a_patient_link_is_emailed_with_its_token_and_no_patient_data(
     assert "CompressedSamples" not in body + mailoutbox[0].subject
     link = re.search(r"https?://[^/\s]+(/p/\S+/)", body).group(1)  # type: ignore[union-attr]
     assert Client().get(link).status_code == 200
-    assert Share.objects.get().notify_status == NotifyStatus.NONE
+    # The sender sees that it went out (main said "E-mail: No e-mail").
+    share = Share.objects.get()
+    assert share.notify_status == NotifyStatus.SENT
+    assert ShareEvent.objects.filter(share=share, kind="notified").exists()
+    page = client_for(bob).get(f"/shares/{share.uuid}/").content.decode()
+    assert "No e-mail" not in page
+    assert "Sent" in page
+
+
+def test_a_patient_link_email_that_fails_shows_failed_and_retrying(
+    bob, study, django_capture_on_commit_callbacks, settings
+):
+    from celery.exceptions import Retry
+
+    from transfers.sharing.services import patient_link_email
+
+    settings.EMAIL_BACKEND = "tests.transfers.sharing.test_share.RefusingBackend"
+    share, token = share_create(
+        facility=study.facility,
+        created_by=bob,
+        studies=[study],
+        kind="patient",
+        recipient_email="patient@home.example",
+        second_factor="pin",
+        pin="482913",
+    )
+    assert token is not None
+    # Eager Celery: the task's retry surfaces as an exception here.
+    with pytest.raises(Retry), django_capture_on_commit_callbacks(execute=True):
+        patient_link_email(share=share, raw_token=token)
+    share.refresh_from_db()
+    assert share.notify_status == NotifyStatus.FAILED
+    assert "refused" in share.notify_error
+    assert ShareEvent.objects.filter(share=share, kind="notify_failed").exists()
+
+
+class RefusingBackend:
+    """A mail server that is down."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> RefusingBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def send_messages(self, messages: Any) -> int:
+        raise ConnectionRefusedError("connection refused")
+
+
+def test_revoking_asks_first_and_a_plain_post_revokes_nothing(
+    bob, dave, study, django_capture_on_commit_callbacks
+):
+    """On main, "Revoke now" acted at once, with no way back."""
+    share = _share_with_gfc(bob, study, django_capture_on_commit_callbacks)
+    sender = client_for(bob)
+    page = sender.get(f"/shares/{share.uuid}/").content.decode()
+    assert f'href="/shares/{share.uuid}/revoke/"' in page and "Revoke now" not in page
+    question = sender.get(f"/shares/{share.uuid}/revoke/")
+    assert question.status_code == 200
+    html = question.content.decode()
+    assert "Revoke the share with Great Falls Clinic?" in html
+    assert "cannot be undone" in html
+    assert 'name="confirm" value="yes"' in html
+    # A POST that did not confirm (an old page, a stray click) asks again.
+    assert sender.post(f"/shares/{share.uuid}/revoke/").status_code == 200
+    share.refresh_from_db()
+    assert share.revoked_at is None
+    assert client_for(dave).get(f"/studies/{study.uuid}/").status_code == 200
+    # Nobody but the sending side is even asked.
+    assert client_for(dave).get(f"/shares/{share.uuid}/revoke/").status_code == 404
+    done = sender.post(f"/shares/{share.uuid}/revoke/", {"confirm": "yes"})
+    assert done.status_code == 302
+    share.refresh_from_db()
+    assert share.revoked_at is not None
+
+
+def test_readers_have_no_sent_page(carol, dave):
+    assert client_for(carol).get("/sent/").status_code == 404
+    assert client_for(dave).get("/sent/").status_code == 404
