@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from allauth.account.adapter import DefaultAccountAdapter
+from allauth.account.internal.flows.login import AUTHENTICATION_METHODS_SESSION_KEY
 from allauth.mfa.adapter import DefaultMFAAdapter
 from allauth.mfa.models import Authenticator
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
@@ -22,6 +23,19 @@ class AccountAdapter(DefaultAccountAdapter):
     def is_open_for_signup(self, request: HttpRequest) -> bool:
         # Accounts come from invitations (and single sign-on, see below), never a public form.
         return False
+
+    def post_login(self, request: HttpRequest, user: Any, **kwargs: Any) -> Any:
+        """A sign-in that just checked the password (and second factor) is a confirmation:
+        allauth counts only one asked for afterwards, so a person who had just signed in was
+        asked for the password again at their first sensitive change. The sign-in's records
+        are marked as one; RELAY_REAUTH_SECONDS later, changes ask again as before."""
+        response = super().post_login(request, user, **kwargs)
+        records = request.session.get(AUTHENTICATION_METHODS_SESSION_KEY)
+        if records:
+            request.session[AUTHENTICATION_METHODS_SESSION_KEY] = [
+                {**record, "reauthenticated": True} for record in records
+            ]
+        return response
 
     def pre_authenticate(self, request: HttpRequest, **credentials: Any) -> None:
         """allauth refuses a sign-in from an address over its failure limit before checking the

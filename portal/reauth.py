@@ -2,7 +2,8 @@
 the admin site).
 
 allauth's `reauthentication_required` asks for the password or the second factor unless one
-was confirmed within ACCOUNT_REAUTHENTICATION_TIMEOUT. Someone who signed in through their
+was confirmed within ACCOUNT_REAUTHENTICATION_TIMEOUT; a sign-in itself counts as one
+(portal.adapters.AccountAdapter.post_login), so nobody is asked again right after signing in. Someone who signed in through their
 facility's identity provider and has neither has nothing allauth can ask, and allauth then lets
 the change through; here such a person must have signed in within that time, or is sent to sign
 in again (at their provider) and comes back to the page.

@@ -13,7 +13,7 @@ from gunicorn.glogging import Logger
 
 REDACTED = "[redacted]"
 _TOKEN_PATHS = re.compile(
-    r"(/p/|/invitations/|/accounts/reset/[^/\s?\"]+/|/accounts/reset/"
+    r"(/p/|/g/|/invitations/|/accounts/reset/[^/\s?\"]+/|/accounts/reset/"
     # allauth's own links that carry a key (Relay sends none of them, but they answer)
     r"|/accounts/password/reset/key/|/accounts/confirm-email/)[^/\s?\"]+"
 )

@@ -58,6 +58,7 @@ def full_sign_in_record(client: Client, user: User, *, second_factor: bool = Tru
     from portal.second_factor import mfa_required
 
     now = time.time()
+    # As a real sign-in leaves it: AccountAdapter.post_login marks it a confirmation.
     records: list[dict[str, Any]] = [
         {"method": "password", "at": now, "email": user.email, "reauthenticated": True}
     ]
@@ -67,6 +68,22 @@ def full_sign_in_record(client: Client, user: User, *, second_factor: bool = Tru
     session = client.session
     session[AUTHENTICATION_METHODS_SESSION_KEY] = records
     session[_AUTHENTICATION_METHODS_USER_SESSION_KEY] = user_id_to_str(user)
+    session.save()
+
+
+def sign_in_age(client: Client, seconds: float) -> None:
+    """Make the client's sign-in (and any confirmation since) `seconds` old: past
+    ACCOUNT_REAUTHENTICATION_TIMEOUT, a sensitive change asks for the password again."""
+    import time
+
+    from allauth.account.internal.flows.login import AUTHENTICATION_METHODS_SESSION_KEY
+
+    session = client.session
+    records = session[AUTHENTICATION_METHODS_SESSION_KEY]
+    for record in records:
+        record["at"] = time.time() - seconds
+        record.pop("reauthenticated", None)
+    session[AUTHENTICATION_METHODS_SESSION_KEY] = records
     session.save()
 
 

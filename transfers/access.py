@@ -80,6 +80,10 @@ class StudyAccess:
     # Every active share that lets them in (a recipient may hold several shares of one study):
     # what they may read of the reports depends on it. Empty for the facility holding it.
     share_ids: frozenset[int] = frozenset()
+    # Of those, the shares a patient forwarded from their link, and the patient links they came
+    # from: through them a doctor reads what the patient reads (transfers.reports).
+    forward_ids: frozenset[int] = frozenset()
+    forwarded_from_ids: frozenset[int] = frozenset()
 
     @property
     def is_patient(self) -> bool:
@@ -145,6 +149,10 @@ def study_access(
         can_import=any(share.can_import for share in copying),
         who=user.email,  # type: ignore[union-attr]
         share_ids=frozenset(share.pk for share in shares),
+        forward_ids=frozenset(share.pk for share in shares if share.forwarded_from_id),
+        forwarded_from_ids=frozenset(
+            share.forwarded_from_id for share in shares if share.forwarded_from_id
+        ),
     )
 
 
@@ -167,4 +175,8 @@ def _patient_access(request: HttpRequest, study_uuid: UUID | str, token: str) ->
         can_import=False,
         who=share.link_label,
         share_ids=frozenset({share.pk}),
+        forward_ids=frozenset({share.pk}) if share.forwarded_from_id else frozenset(),
+        forwarded_from_ids=(
+            frozenset({share.forwarded_from_id}) if share.forwarded_from_id else frozenset()
+        ),
     )

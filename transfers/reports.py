@@ -24,7 +24,7 @@ from portal.models import AuditAction, User
 
 from .access import StudyAccess
 from .deliveries import receiving_facility_of
-from .models import Report, Share, Study
+from .models import Report, Share, ShareKind, Study
 
 MAX_REPORT_BYTES = 20 * 1024 * 1024
 MAX_REPORT_TEXT = 50_000
@@ -46,10 +46,37 @@ def reports_for(
     return reports.filter(for_patient=True) if patient else reports
 
 
+def _forwarded_reports(forwarded_from_ids: Collection[int]) -> Q:
+    """What a doctor reads through a share a patient forwarded: what that patient reads (the
+    reports marked for the patient, of the study or of the patient's own share), no more."""
+    return Q(for_patient=True) & (Q(share__isnull=True) | Q(share_id__in=list(forwarded_from_ids)))
+
+
+def reports_for_share(study: Study, share: Share | None) -> QuerySet[Report]:
+    """The study's reports read through one share (None: the holding facility, all of them)."""
+    if share is None:
+        return reports_for(study, share_ids=None)
+    if share.forwarded_from_id is not None:
+        return study.reports.select_related("uploaded_by", "share__recipient_facility").filter(
+            _forwarded_reports([share.forwarded_from_id])
+        )
+    return reports_for(study, share_ids={share.pk}, patient=share.kind == ShareKind.PATIENT)
+
+
 def reports_visible(access: StudyAccess) -> QuerySet[Report]:
-    """The reports of the study that this access may read."""
-    share_ids = None if access.is_owner else access.share_ids
-    return reports_for(access.study, share_ids=share_ids, patient=access.is_patient)
+    """The reports of the study that this access may read. Through a share a patient forwarded,
+    only what the patient reads: forwarding never widens what reaches anyone."""
+    if access.is_owner:
+        return reports_for(access.study, share_ids=None)
+    direct = access.share_ids - access.forward_ids
+    reports = access.study.reports.select_related("uploaded_by", "share__recipient_facility")
+    readable = Q(pk__in=[])
+    if direct:
+        own = Q(share__isnull=True) | Q(share_id__in=list(direct))
+        readable |= own & Q(for_patient=True) if access.is_patient else own
+    if access.forward_ids:
+        readable |= _forwarded_reports(access.forwarded_from_ids)
+    return reports.filter(readable)
 
 
 def report_attach(

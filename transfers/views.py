@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 from portal.access import AuthedRequest, facilities_of, upload_facilities
 from portal.audit import audit_record
 from portal.context_processors import current_membership
-from portal.models import AuditAction, Outcome
+from portal.models import COPY_ROLES, AuditAction, Outcome
 
 from .access import study_access, study_access_refused
 from .completion import expectations_give_up, expected_count
@@ -101,6 +101,27 @@ def home(request: AuthedRequest) -> HttpResponse:
     }
     shown = [share.uuid for share in received]
     studies_shown: list[Study] = []
+    pushes: list[Push] = []
+    if facility is not None and membership is not None and membership.role in COPY_ROLES:
+        # A push needs action when its last try for that study and destination failed.
+        tried_again = Push.objects.filter(
+            study=OuterRef("study"),
+            destination=OuterRef("destination"),
+            created_at__gt=OuterRef("created_at"),
+        )
+        pushes = list(
+            # Pushes into this facility's own PACS: its people can send them again.
+            Push.objects.filter(
+                destination__facility=facility,
+                study__purged_at__isnull=True,
+                status__in=(PushStatus.FAILED, PushStatus.PARTIAL),
+            )
+            .exclude(Exists(tried_again))
+            .select_related("study", "destination")
+            .order_by("-created_at")[:HOME_ROWS]
+        )
+        context.update(pushes=pushes, needs_action=bool(pushes))
+        studies_shown += [push.study for push in pushes]
     if facility is not None and membership is not None and membership.can_upload:
         now = timezone.now()
         sent = list(
@@ -113,22 +134,6 @@ def home(request: AuthedRequest) -> HttpResponse:
             Study.objects.filter(
                 ORIGINALS, facility=facility, status=StudyStatus.RECEIVING, purged_at__isnull=True
             ).order_by("-last_received_at")[:HOME_ROWS]
-        )
-        # A push needs action when its last try for that study and destination failed.
-        tried_again = Push.objects.filter(
-            study=OuterRef("study"),
-            destination=OuterRef("destination"),
-            created_at__gt=OuterRef("created_at"),
-        )
-        pushes = list(
-            Push.objects.filter(
-                study__facility=facility,
-                study__purged_at__isnull=True,
-                status__in=(PushStatus.FAILED, PushStatus.PARTIAL),
-            )
-            .exclude(Exists(tried_again))
-            .select_related("study", "destination")
-            .order_by("-created_at")[:HOME_ROWS]
         )
         expiring = list(
             Share.objects.filter(facility=facility, expires_at__lte=now + EXPIRY_WARNING)
@@ -145,14 +150,13 @@ def home(request: AuthedRequest) -> HttpResponse:
         context.update(
             sent=sent,
             arriving=arriving,
-            pushes=pushes,
             expiring=expiring,
             reconciling=reconciling,
             needs_action=bool(pushes or expiring or reconciling),
             now=now,
         )
         shown += [share.uuid for share in sent + expiring]
-        studies_shown += arriving + reconciling + [push.study for push in pushes]
+        studies_shown += arriving + reconciling
     # The page shows patients' names: one event per page shown, naming what it listed.
     audit_record(
         action=AuditAction.STUDY_LIST,

@@ -12,7 +12,7 @@ from django.utils import timezone
 from billing.models import Invoice
 from portal.models import Facility, User
 from tests.billing.factories import deliver, local, make_study
-from tests.helpers import client_for
+from tests.helpers import client_for, sign_in_age
 
 pytestmark = pytest.mark.django_db
 
@@ -69,13 +69,8 @@ def test_nobody_but_staff_issues_invoices(request, who: str, march_usage: None) 
 
 def test_it_asks_for_the_password_again_after_a_while(operator: User, march_usage: None) -> None:
     client = client_for(operator)
-    session = client.session
-    # Signed in a while ago, not re-confirmed.
-    records = session["account_authentication_methods"]
-    for record in records:
-        record.pop("reauthenticated", None)
-    session["account_authentication_methods"] = records
-    session.save()
+    # Signed in (with the second factor) an hour ago, not confirmed since.
+    sign_in_age(client, 3600)
     response = client.post("/billing/invoices/issue/", {"month": "2025-03"})
     assert response.status_code == 302
     assert "reauthenticate" in response["Location"]

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from portal.models import AuditEvent, Facility, Membership
-from tests.helpers import PASSWORD, client_for, totp_code, totp_enroll, totp_secret
+from tests.helpers import PASSWORD, client_for, sign_in_age, totp_code, totp_enroll, totp_secret
 from tests.transfers.test_worklist import make_study
 
 pytestmark = pytest.mark.django_db
@@ -190,13 +190,8 @@ def test_creating_a_token_or_changing_a_member_asks_for_the_password_again(alice
     from tests.helpers import full_sign_in_record
 
     full_sign_in_record(client, alice)
-    session = client.session
-    # Signed in (with the second factor) a while ago, but not re-confirmed.
-    records = session["account_authentication_methods"]
-    for record in records:
-        record.pop("reauthenticated", None)
-    session["account_authentication_methods"] = records
-    session.save()
+    # Signed in (with the second factor) an hour ago, not confirmed since.
+    sign_in_age(client, 3600)
     member = Membership.objects.get(user=bob, facility=krmc)
     for path, data in (
         ("/accounts/tokens/", {"name": "x", "facility": krmc.pk, "access": "read", "days": 7}),
@@ -363,15 +358,32 @@ def test_enrolling_an_app_through_the_pages_tells_the_person_by_email(
 
 def test_a_change_in_the_admin_site_asks_for_the_password_again(admin_user, krmc):
     client = client_for(admin_user)
-    session = client.session
-    records = session["account_authentication_methods"]
-    for record in records:
-        record.pop("reauthenticated", None)
-    session["account_authentication_methods"] = records
-    session.save()
+    # Signed in (with the second factor) an hour ago, not confirmed since.
+    sign_in_age(client, 3600)
     # Reading is fine; a change (a facility's name here, a plan the same way) asks again.
     assert client.get(f"/admin/portal/facility/{krmc.pk}/change/").status_code == 200
     response = client.post(f"/admin/portal/facility/{krmc.pk}/change/", {"name": "Renamed"})
     assert response.status_code == 302
     assert response["Location"].startswith("/accounts/reauthenticate/")
     assert Facility.objects.get(pk=krmc.pk).name == "Kalispell Regional Medical Center"
+
+
+def test_a_change_right_after_signing_in_does_not_ask_for_the_password_again(bob, krmc):
+    """On main, the first sensitive change after a real sign-in went to "Confirm access" (allauth
+    counts only a confirmation asked for after signing in); the journeys of issue 15 found it."""
+    client = Client()
+    response = client.post("/accounts/login/", {"login": "bob@krmc.example", "password": PASSWORD})
+    assert response.status_code == 302
+    made = client.post(
+        "/accounts/tokens/", {"name": "x", "facility": krmc.pk, "access": "read", "days": 7}
+    )
+    assert made.status_code == 302
+    assert not made["Location"].startswith("/accounts/reauthenticate/")
+    assert bob.api_tokens.count() == 1
+    # Past RELAY_REAUTH_SECONDS it asks again.
+    sign_in_age(client, 3600)
+    again = client.post(
+        "/accounts/tokens/", {"name": "y", "facility": krmc.pk, "access": "read", "days": 7}
+    )
+    assert again["Location"].startswith("/accounts/reauthenticate/")
+    assert bob.api_tokens.count() == 1

@@ -30,6 +30,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from ..sharing.message import date_pattern
 from .profile import BASIC_PROFILE_CODE, OPTION_CODES, action_for
 
 DUMMY_TEXT = "ANONYMIZED"
@@ -48,9 +49,11 @@ DUMMY_BY_VR = {
 NUMERIC_VRS = {"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"}
 BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 REMOVED_TEXT = "[removed]"
-# Words shorter than this are not scrubbed from descriptors (a one-letter middle initial would
-# otherwise cut every "A" out of "AXIAL").
-MIN_SCRUB = 3
+# Identifiers shorter than this are not scrubbed from descriptors (a middle initial "A" would
+# take out every "A" on its own); longer ones are taken out as whole words only.
+MIN_SCRUB = 2
+# A digit run of an ID at least this long is an identifier on its own ("MRN 12345").
+MIN_ID_DIGITS = 4
 
 
 @dataclass
@@ -111,12 +114,26 @@ def identifiers_of(ds: Dataset) -> list[str]:
                 continue
             found.add(text)
             found.update(part for part in re.split(r"[\^=\s,]+", text) if part)
+            if keyword in ("PatientID", "OtherPatientIDs", "AccessionNumber"):
+                # "MRN12345" is also written "MRN 12345" or "12345".
+                found.update(run for run in re.findall(r"\d+", text) if len(run) >= MIN_ID_DIGITS)
+    # Every part of two characters or more: matched as whole words (_scrub), "LI" never cuts
+    # "AXIAL", while a short name like Wu or Li is still taken out.
     return sorted((s for s in found if len(s) >= MIN_SCRUB), key=len, reverse=True)
 
 
 def _scrub(text: str, identifiers: Iterable[str]) -> str:
+    """`text` with each identifier taken out as a whole word (any case), and a birth date among
+    them in every written form (1965-04-12, 04/12/1965, April 12, 1965, ...)."""
     for word in identifiers:
-        text = re.sub(re.escape(word), REMOVED_TEXT, text, flags=re.IGNORECASE)
+        pattern = rf"(?<![0-9A-Za-z]){re.escape(word)}(?![0-9A-Za-z])"
+        text = re.sub(pattern, REMOVED_TEXT, text, flags=re.IGNORECASE)
+        if re.fullmatch(r"\d{8}", word):
+            try:
+                born = date(int(word[:4]), int(word[4:6]), int(word[6:]))
+            except ValueError:
+                continue
+            text = date_pattern(born).sub(REMOVED_TEXT, text)
     return text
 
 

@@ -279,7 +279,11 @@ def push_queue(push: Push) -> None:
 def push_cancel(*, push: Push, by: User, request: HttpRequest | None = None) -> bool:
     """Stop a push that waits in the queue or for its next attempt; False when it is sending
     or has ended. A retry Celery already scheduled finds it cancelled and does nothing. What
-    the PACS already accepted stays there."""
+    the PACS already accepted stays there. Those who may send to that PACS may cancel; a
+    view-only member gets PushError."""
+    member = Membership.objects.filter(user=by, facility_id=push.destination.facility_id).first()
+    if member is None or member.role not in COPY_ROLES:
+        raise PushError("Only those who may send to this PACS can cancel a push to it.")
     with transaction.atomic():
         # Claimed like push_send claims it: of the two, only one wins the queued push.
         claimed = Push.objects.filter(pk=push.pk, status=PushStatus.QUEUED).update(

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from portal.access import AuthedRequest, facilities_of, get_membership_for_user
 from portal.audit import audit_record
-from portal.models import AuditAction, Facility, ae_title_validator
+from portal.models import AuditAction, Facility, Outcome, ae_title_validator
 from portal.reauth import reauthentication_required
 
 from ..access import study_access
@@ -89,12 +89,26 @@ def study_pacs(request: AuthedRequest, study_uuid: str) -> HttpResponse:
                     messages.error(request, "Nothing to send again.")
         elif action == "cancel":
             push = pushes.filter(uuid=_uuid(request.POST.get("push"))).first()
-            if push is not None and push_cancel(push=push, by=request.user, request=request):
-                messages.success(request, f"Cancelled sending to {push.destination.name}.")
-            else:
-                messages.error(
-                    request, "That push can no longer be cancelled: it is sending or has ended."
+            try:
+                cancelled = push is not None and push_cancel(
+                    push=push, by=request.user, request=request
                 )
+            except PushError as exc:
+                audit_record(
+                    action=AuditAction.ACCESS_DENIED,
+                    request=request,
+                    study=access.study,
+                    outcome=Outcome.FAILURE,
+                    detail={"reason": str(exc), "page": "pacs", "action": "cancel"},
+                )
+                messages.error(request, str(exc))
+            else:
+                if cancelled and push is not None:
+                    messages.success(request, f"Cancelled sending to {push.destination.name}.")
+                else:
+                    messages.error(
+                        request, "That push can no longer be cancelled: it is sending or has ended."
+                    )
         return redirect("study_pacs", study_uuid=access.study.uuid)
     # Every look a person asks for is audited; the page's own reloads (?refresh=1, which it
     # adds while work is pending) once per ten minutes per session.

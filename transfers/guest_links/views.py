@@ -17,6 +17,9 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
+from portal.audit import audit_record
+from portal.models import AuditAction, Outcome
+
 from ..access import patient_session_has
 from ..models import Share
 from ..patient_links.services import (
@@ -28,7 +31,7 @@ from ..patient_links.services import (
     patient_studies_view,
 )
 from ..patient_links.throttle import address_blocked_until
-from ..reports import reports_for
+from ..reports import reports_for_share
 from .services import (
     CODE_DIGITS,
     CodeSend,
@@ -61,7 +64,16 @@ class CodeForm(forms.Form):
         return code
 
 
-def _not_found(request: HttpRequest) -> HttpResponse:
+def _not_found(
+    request: HttpRequest, reason: str = "unknown, revoked or expired link"
+) -> HttpResponse:
+    """The one page for every bad link; the refusal is audited, without the token or path."""
+    audit_record(
+        action=AuditAction.ACCESS_DENIED,
+        request=request,
+        outcome=Outcome.FAILURE,
+        detail={"reason": reason, "what": "guest link"},
+    )
     return render(request, "transfers/patient_not_found.html", status=404)
 
 
@@ -139,7 +151,7 @@ def guest_studies(request: HttpRequest, token: str) -> HttpResponse:
     patient_studies_view(share=share, request=request)
     studies = list(share.studies.filter(purged_at__isnull=True).order_by("-study_date", "id"))
     for study in studies:
-        study.guest_reports = list(reports_for(study, share_ids={share.pk}, patient=False))  # type: ignore[attr-defined]
+        study.guest_reports = list(reports_for_share(study, share))  # type: ignore[attr-defined]
     return render(
         request,
         "transfers/guest_studies.html",

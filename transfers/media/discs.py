@@ -24,7 +24,7 @@ from .. import integrity
 from ..access import StudyAccess
 from ..models import ExportStatus, Instance, MediaExport
 from ..queue import task_queue_on_commit
-from ..reports import reports_for
+from ..reports import reports_for_share
 from .export import DVD_BYTES, ExportError, export_plan, iso_build, iso_size, media_kind_for
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,8 @@ def media_build(*, export: MediaExport) -> MediaExport:
     try:
         # The reports its requester may read: the holding facility's all, a recipient's those
         # for every recipient and those sent with the share the image was asked under.
-        share_ids = None if export.share_id is None else {export.share_id}
-        plan = export_plan(
-            studies=[study], reports_of=lambda s: reports_for(s, share_ids=share_ids)
-        )
+        share = export.share
+        plan = export_plan(studies=[study], reports_of=lambda s: reports_for_share(s, share))
         total = iso_size(plan)
         if total > DVD_BYTES and plan.frames:
             # The disc viewer's frames would push the images off one DVD: the images come

@@ -30,7 +30,7 @@ from portal.models import AuditAction, Outcome, User, hash_token
 from ..access import PATIENT_SESSION_KEY, PATIENT_SESSION_LINKS_KEY, patient_link_mark
 from ..models import SecondFactor, Share, ShareEvent, ShareEventKind, ShareKind
 from ..models.sharing import PATIENT_LINK_LOCKS, PATIENT_LINK_ROUNDS, PATIENT_LINK_TRIES, LinkLock
-from ..sharing.services import ShareError, pin_check, share_open
+from ..sharing.services import ShareError, pin_check, share_open, share_revoke
 from .notify import patient_link_locked_notify
 from .throttle import address_failure_count
 
@@ -82,11 +82,8 @@ def patient_factor_check(
         patient_factor_refused(share=share, request=request, reason="locked")
         return FactorResult(ok=False, lock=claim.refused)
 
-    if _answer_matches(share, birth_date=birth_date, pin=pin, code=code):
+    if _answer_matches(share, birth_date=birth_date, pin=pin, code=code) and _code_consumed(share):
         share.patient_lock_clear()
-        if share.second_factor == SecondFactor.EMAIL_CODE:
-            # A code opens once: the next browser asks for a new one.
-            Share.objects.filter(pk=share.pk).update(code_hash="", code_expires_at=None)
         _audit_factor(share, request, Outcome.SUCCESS)
         return FactorResult(ok=True)
 
@@ -159,6 +156,20 @@ def _lock_text(lock: LinkLock) -> str:
     if lock.until is None:
         return f"lock {lock.round} of {PATIENT_LINK_ROUNDS}: until unlocked or re-issued"
     return f"lock {lock.round} of {PATIENT_LINK_ROUNDS}: until {timezone.localtime(lock.until):%Y-%m-%d %H:%M}"
+
+
+def _code_consumed(share: Share) -> bool:
+    """An e-mailed code opens once: it is used up by one conditional UPDATE, so of two answers
+    sent together with the same code only one gets in. Other factors: always True."""
+    if share.second_factor != SecondFactor.EMAIL_CODE:
+        return True
+    fresh = Share.objects.only("code_hash").get(pk=share.pk)
+    if not fresh.code_hash:
+        return False
+    used = Share.objects.filter(pk=share.pk, code_hash=fresh.code_hash).update(
+        code_hash="", code_expires_at=None
+    )
+    return used == 1
 
 
 def _answer_matches(share: Share, *, birth_date: date | None, pin: str, code: str = "") -> bool:
@@ -256,6 +267,10 @@ def patient_link_reissue(
         changes["pin_hash"] = make_password(pin)
     with transaction.atomic():
         Share.objects.filter(pk=share.pk).update(**changes)
+        # Whoever got in through the old link may have forwarded it to themselves: what was
+        # forwarded through it stops too (the patient can forward again with the new link).
+        for forward in Share.objects.filter(forwarded_from=share, revoked_at__isnull=True):
+            share_revoke(share=forward, by=by, request=request)
         ShareEvent.objects.create(
             share=share,
             kind=ShareEventKind.REISSUED,

@@ -29,7 +29,7 @@ from portal.models import AuditAction, Outcome
 
 from ..access import patient_session_has, study_access
 from ..models import SecondFactor, Share, ShareKind
-from ..reports import report_response, reports_for
+from ..reports import report_response, reports_for, reports_visible
 from ..sharing.services import ShareError, share_forward, share_revoke
 from .services import (
     FactorResult,
@@ -60,7 +60,16 @@ class PinForm(forms.Form):
     )
 
 
-def _not_found(request: HttpRequest) -> HttpResponse:
+def _not_found(
+    request: HttpRequest, reason: str = "unknown, revoked or expired link"
+) -> HttpResponse:
+    """The one page for every bad link; the refusal is audited, without the token or path."""
+    audit_record(
+        action=AuditAction.ACCESS_DENIED,
+        request=request,
+        outcome=Outcome.FAILURE,
+        detail={"reason": reason, "what": "patient link"},
+    )
     return render(request, "transfers/patient_not_found.html", status=404)
 
 
@@ -289,7 +298,7 @@ def patient_forward_revoke(request: HttpRequest, token: str, share_uuid: str) ->
     share = _verified_patient_share(request, token)
     forward = share.forwards.filter(uuid=share_uuid).first() if share is not None else None
     if share is None or forward is None:
-        return _not_found(request)
+        return _not_found(request, "not a forward of this verified patient link")
     share_revoke(share=forward, by=None, request=request, who="patient link")
     messages.success(request, f"{forward.recipient_email} can no longer open your study.")
     return redirect("patient_studies", token=token)
@@ -315,7 +324,7 @@ def patient_summary(request: HttpRequest, token: str, study_uuid: str) -> HttpRe
             "share": access.share,
             "study": study,
             "series": study.series.order_by("series_number", "id"),
-            "reports": reports_for(study, share_ids=access.share_ids, patient=access.is_patient),
+            "reports": reports_visible(access),
             "token": token,
         },
     )

@@ -79,7 +79,17 @@ def _has_token(message: str, patient_id: str) -> bool:
     return re.search(pattern, message, re.IGNORECASE) is not None
 
 
+def date_pattern(born: date) -> re.Pattern[str]:
+    """The date in every written form people use, as one pattern (the share message check
+    looks for it; de-identification takes it out of the descriptions it keeps)."""
+    return re.compile(_date_regex(born), re.IGNORECASE)
+
+
 def _has_date(message: str, born: date) -> bool:
+    return date_pattern(born).search(message) is not None
+
+
+def _date_regex(born: date) -> str:
     """The birth date as people write it: 1970-03-15, 1970/3/15, 03/15/1970, 15.03.1970,
     15/03/70, 19700315, March 15, 1970, 15 Mar 1970, 15th of March 1970, Mar. 15th 1970."""
     day = rf"0?{born.day}"
@@ -99,4 +109,4 @@ def _has_date(message: str, born: date) -> bool:
         rf"{day}{ordinal}(?:\s+of)?[\s-]*{month_name}[\s,-]*{year}",  # 15 Mar 1970
     ]
     pattern = r"(?<![0-9A-Za-z])(?:" + "|".join(forms) + r")(?![0-9A-Za-z])"
-    return re.search(pattern, message, re.IGNORECASE) is not None
+    return pattern

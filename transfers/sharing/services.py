@@ -312,8 +312,10 @@ def share_revoke(
             share_revoke(share=forward, by=by, request=request, who=label)
 
 
-# A patient forwards to a handful of doctors, not to a mailing list.
+# A patient forwards to a handful of doctors, not to a mailing list: at most this many live
+# forwards at a time, and this many made (e-mails sent) a day.
 FORWARDS_MAX = 10
+FORWARDS_PER_DAY = 20
 
 
 def share_forward(
@@ -326,11 +328,15 @@ def share_forward(
     page; the facility revokes it like any share, and revoking the patient's link revokes it."""
     if share.kind != ShareKind.PATIENT or not share.is_active:
         raise ShareError("This link can no longer be forwarded.")
-    if share.forwards.count() >= FORWARDS_MAX:
+    if share.forwards.active().count() >= FORWARDS_MAX:
         raise ShareError(
-            f"A link can be forwarded to at most {FORWARDS_MAX} addresses; "
+            f"A link can be forwarded to at most {FORWARDS_MAX} addresses at a time; "
             "stop sharing with one first, or ask the care team."
         )
+    if share.forwards.filter(created_at__gte=timezone.now() - timedelta(days=1)).count() >= (
+        FORWARDS_PER_DAY
+    ):
+        raise ShareError("That is enough forwarding for today; try again tomorrow.")
     recipient_email = recipient_email.strip().lower()
     try:
         validate_email(recipient_email)

@@ -18,6 +18,8 @@ urlpatterns: list[URLPattern] = [
     path(STUDY + "study.json", v.viewer_study_json, name="viewer_study_json"),
     path(STUDY + "frames/<str:sop_uid>/<int:frame>/", v.viewer_frame, name="viewer_frame"),
     path(STUDY + "thumbs/<str:series_uid>/", v.viewer_thumbnail, name="viewer_thumbnail"),
+    path(STUDY + "geometry.json", v.viewer_geometry_json, name="viewer_geometry_json"),
+    path(STUDY + "tags/<str:sop_uid>/", v.viewer_tags, name="viewer_tags"),
     path(PATIENT, v.patient_viewer, name="patient_viewer"),
     path(PATIENT + "study.json", v.patient_viewer_study_json, name="patient_viewer_study_json"),
     path(
@@ -25,6 +27,12 @@ urlpatterns: list[URLPattern] = [
         v.patient_viewer_frame,
         name="patient_viewer_frame",
     ),
+    path(
+        PATIENT + "geometry.json",
+        v.patient_viewer_geometry_json,
+        name="patient_viewer_geometry_json",
+    ),
+    path(PATIENT + "tags/<str:sop_uid>/", v.patient_viewer_tags, name="patient_viewer_tags"),
     path(
         PATIENT + "thumbs/<str:series_uid>/",
         v.patient_viewer_thumbnail,

@@ -23,10 +23,37 @@ export function stackOf(series, frameUrl) {
       const url = frameUrl
         .replace("{sop}", encodeURIComponent(instance.uid))
         .replace("{frame}", String(frame));
-      images.push({ url, frame, frames: instance.frames });
+      // `geometry` (where the image lies in the patient) comes with geometry.json, later.
+      images.push({ url, frame, frames: instance.frames, sop: instance.uid, geometry: null });
     }
   }
-  return { series, images, cache: new Map(), pending: new Set(), strip: null };
+  return { series, images, cache: new Map(), pending: new Set(), strip: null, frameOfReference: "", fps: null };
+}
+
+// geometry.json's answer into the stacks: each series' Frame of Reference and frame rate, and
+// where each of its images lies. Its instances are in study.json's order.
+export function geometryApply(stacks, data) {
+  const byUid = new Map(data.series.map((s) => [s.uid, s]));
+  for (const stack of stacks) {
+    const g = byUid.get(stack.series.uid);
+    if (!g) continue;
+    stack.frameOfReference = g.frame_of_reference || "";
+    stack.fps = g.fps || null;
+    let n = 0;
+    stack.series.instances.forEach((instance, i) => {
+      for (let frame = 0; frame < instance.frames; frame += 1, n += 1) {
+        stack.images[n].geometry = frameGeometry(g.instances[i] || {}, frame);
+      }
+    });
+  }
+}
+
+// geometry.json's entry for one instance, for one of its frames: a multi-frame object lists a
+// position (and, when they differ, an orientation and spacing) per frame.
+function frameGeometry(g, frame) {
+  const pick = (value, width) => (Array.isArray(value) && Array.isArray(value[0]) ? value[frame] || null : value && value.length === width ? value : null);
+  const geometry = { rows: g.rows, columns: g.columns, ipp: pick(g.ipp, 3), iop: pick(g.iop, 6), ps: pick(g.ps, 2) };
+  return geometry.ipp && geometry.iop ? geometry : null;
 }
 
 export async function fetchFrame(url) {

@@ -2,6 +2,9 @@
 // events, the wheel, the image slider and a series dropped from the strip, turned into calls on
 // the Viewport. Gestures are recognised here; what they change is the Viewport's business.
 
+const ANNOTATION_TOOLS = new Set(["measure", "angle", "cobb", "ellipse", "rect", "arrow"]);
+// Tools that one finger uses on a touch screen; with any other, one finger scrolls the stack.
+const FINGER_TOOLS = new Set([...ANNOTATION_TOOLS, "probe", "pan"]);
 const WHEEL_STEP = 40; // wheel delta (px) per image: one notch of a mouse, a short trackpad swipe
 
 export class PointerInput {
@@ -34,9 +37,14 @@ export class PointerInput {
     canvas.addEventListener("contextmenu", (e) => e.preventDefault());
     vp.slider.addEventListener("input", () => vp.setIndex(Number(vp.slider.value) - 1));
     vp.el.addEventListener("focusin", () => this.page.activate(vp.position));
-    vp.el.addEventListener("dragover", (e) => e.preventDefault());
+    vp.el.addEventListener("dragover", (e) => {
+      e.preventDefault();
+      vp.el.classList.add("drop-target");
+    });
+    vp.el.addEventListener("dragleave", () => vp.el.classList.remove("drop-target"));
     vp.el.addEventListener("drop", (e) => {
       e.preventDefault();
+      vp.el.classList.remove("drop-target");
       const stacks = this.viewer.stacks;
       const i = Number(e.dataTransfer.getData("text/x-relay-series"));
       if (stacks[i]) {
@@ -73,11 +81,12 @@ export class PointerInput {
       if (event.button === 1) kind = "pan";
       else if (event.button === 2) kind = "zoom";
       else if (event.button !== 0) return;
-    } else if (!["measure", "probe", "pan"].includes(tool)) {
+    } else if (!FINGER_TOOLS.has(tool)) {
       kind = "scroll"; // one finger scrolls the stack unless a finger tool was chosen
     }
     this.gesture = { kind, start: at, last: at, travel: 0 };
-    if (kind === "measure") {
+    if (ANNOTATION_TOOLS.has(kind)) {
+      this.gesture.kind = "measure";
       vp.measureStart(at);
     } else if (kind === "probe") {
       vp.probeAt(at);
@@ -89,6 +98,7 @@ export class PointerInput {
     const at = this.point(event);
     if (!this.pointers.has(event.pointerId)) {
       if (this.viewer.tool === "probe" && event.pointerType === "mouse") vp.probeAt(at);
+      else if (ANNOTATION_TOOLS.has(this.viewer.tool)) vp.measureHover(at);
       return;
     }
     event.preventDefault();
@@ -158,7 +168,7 @@ export class PointerInput {
   pointerUp(event, cancelled = false) {
     if (!this.pointers.has(event.pointerId)) return;
     this.pointers.delete(event.pointerId);
-    if (this.gesture && this.gesture.kind === "measure") this.vp.measureEnd(cancelled);
+    if (this.gesture && this.gesture.kind === "measure") this.vp.measureEnd(cancelled, this.point(event));
     // After a two-finger gesture the remaining finger does nothing until it is lifted too.
     this.gesture = this.pointers.size === 0 ? null : { kind: "none" };
   }

@@ -1,8 +1,13 @@
-// What is written and drawn over the image: the text in the four corners, the load progress,
-// the probe's reading and the measurement lines with their lengths. The Viewport decides when;
-// this module decides what it says and how it looks.
+// What is written and drawn over the image: the text in the four corners, the orientation
+// letters on the edges, the load progress, the probe's reading, the measurements with their
+// labels and the reference line. The Viewport decides when; this module decides what it says
+// and how it looks.
 
-import { num } from "./windowing.js";
+import { measureLabel } from "./measure.js";
+import { num, windowNumber } from "./windowing.js";
+
+const MEASURE_COLOUR = "#ffd400";
+const REFERENCE_COLOUR = "#3ddc84";
 
 // Overlays are rewritten on every draw; writing only what changed spares the DOM the work and
 // keeps the aria-live lines from announcing the same text again.
@@ -10,41 +15,127 @@ export function setText(el, text) {
   if (el.textContent !== text) el.textContent = text;
 }
 
-export function lengthLabel(meta, line) {
-  const dx = line.b[0] - line.a[0];
-  const dy = line.b[1] - line.a[1];
-  const spacing = meta.pixel_spacing;
-  if (!spacing) return `${num(Math.hypot(dx, dy), 1)} px`;
-  const mm = Math.hypot(dx * spacing[1], dy * spacing[0]);
-  // Imager Pixel Spacing is at the detector: not corrected for magnification, so it says so.
-  const unit = meta.spacing_kind === "ImagerPixelSpacing" ? "mm (imager)" : "mm";
-  return `${mm.toFixed(1)} ${unit}`;
+// A label beside `at`, one line or several; to the left of `left` (when given) where the right
+// side has no room.
+function label(ctx, text, at, left = null) {
+  const lines = text.split("\n");
+  const width = Math.max(...lines.map((line) => ctx.measureText(line).width));
+  let x = at.x + 6;
+  if (left && x + width > ctx.canvas.clientWidth) x = Math.max(left.x - 6 - width, 2);
+  lines.forEach((line, i) => {
+    const y = at.y - 6 + i * 15;
+    ctx.fillStyle = "#000";
+    ctx.fillText(line, x + 1, y + 1);
+    ctx.fillStyle = MEASURE_COLOUR;
+    ctx.fillText(line, x, y);
+  });
 }
 
-// Lines in image coordinates, drawn through `matrix` in CSS px so that they stay thin and the
-// labels stay upright however the image is zoomed, rotated or flipped.
-export function drawMeasures(ctx, matrix, meta, lines) {
+function dotAt(ctx, p) {
+  ctx.beginPath();
+  ctx.arc(p.x, p.y, 3, 0, 2 * Math.PI);
+  ctx.stroke();
+}
+
+function segment(ctx, a, b) {
+  ctx.beginPath();
+  ctx.moveTo(a.x, a.y);
+  ctx.lineTo(b.x, b.y);
+  ctx.stroke();
+}
+
+// Measurements in image coordinates, drawn through `matrix` in CSS px so that lines stay thin
+// and labels stay upright however the image is zoomed, rotated or flipped.
+export function drawAnnotations(ctx, matrix, entry, list) {
   ctx.lineWidth = 1.5;
   ctx.font = "13px system-ui, sans-serif";
-  for (const line of lines) {
-    const a = matrix.transformPoint(new DOMPoint(line.a[0], line.a[1]));
-    const b = matrix.transformPoint(new DOMPoint(line.b[0], line.b[1]));
-    ctx.strokeStyle = "#ffd400";
-    ctx.beginPath();
-    ctx.moveTo(a.x, a.y);
-    ctx.lineTo(b.x, b.y);
-    ctx.stroke();
-    for (const end of [a, b]) {
-      ctx.beginPath();
-      ctx.arc(end.x, end.y, 3, 0, 2 * Math.PI);
-      ctx.stroke();
+  ctx.strokeStyle = MEASURE_COLOUR;
+  for (const m of list) {
+    const pts = m.points.map((p) => matrix.transformPoint(new DOMPoint(p[0], p[1])));
+    const text = m.partial ? "" : measureLabel(m, entry.meta, entry.values);
+    switch (m.kind) {
+      case "measure":
+        segment(ctx, pts[0], pts[1]);
+        pts.forEach((p) => dotAt(ctx, p));
+        if (text) label(ctx, text, pts[1]);
+        break;
+      case "arrow": {
+        segment(ctx, pts[0], pts[1]);
+        // The head at the end of the drag: where the arrow points.
+        const angle = Math.atan2(pts[1].y - pts[0].y, pts[1].x - pts[0].x);
+        for (const side of [-1, 1]) {
+          const t = angle + Math.PI + side * 0.45;
+          segment(ctx, pts[1], { x: pts[1].x + 12 * Math.cos(t), y: pts[1].y + 12 * Math.sin(t) });
+        }
+        break;
+      }
+      case "angle":
+        segment(ctx, pts[0], pts[1]);
+        if (pts[2]) segment(ctx, pts[1], pts[2]);
+        pts.forEach((p) => dotAt(ctx, p));
+        if (text) label(ctx, text, pts[1]);
+        break;
+      case "cobb":
+        segment(ctx, pts[0], pts[1]);
+        if (pts[3]) segment(ctx, pts[2], pts[3]);
+        else if (pts[2]) dotAt(ctx, pts[2]);
+        pts.forEach((p) => dotAt(ctx, p));
+        if (text) label(ctx, text, pts[pts.length - 1]);
+        break;
+      case "ellipse":
+      case "rect": {
+        // Axis-aligned in the image: the four corners through the view, then the shape.
+        const [a, b] = m.points;
+        const corners = [
+          [a[0], a[1]],
+          [b[0], a[1]],
+          [b[0], b[1]],
+          [a[0], b[1]],
+        ].map((p) => matrix.transformPoint(new DOMPoint(p[0], p[1])));
+        ctx.beginPath();
+        if (m.kind === "rect") {
+          corners.forEach((p, i) => (i ? ctx.lineTo(p.x, p.y) : ctx.moveTo(p.x, p.y)));
+          ctx.closePath();
+        } else {
+          const centre = matrix.transformPoint(new DOMPoint((a[0] + b[0]) / 2, (a[1] + b[1]) / 2));
+          const half = (p, q) => ({ x: (p.x + q.x) / 2 - centre.x, y: (p.y + q.y) / 2 - centre.y });
+          const u = half(corners[1], corners[2]); // towards the image's right side
+          const v = half(corners[2], corners[3]); // towards its bottom
+          for (let k = 0; k <= 64; k += 1) {
+            const t = (k / 64) * 2 * Math.PI;
+            const x = centre.x + u.x * Math.cos(t) + v.x * Math.sin(t);
+            const y = centre.y + u.y * Math.cos(t) + v.y * Math.sin(t);
+            if (k) ctx.lineTo(x, y);
+            else ctx.moveTo(x, y);
+          }
+        }
+        ctx.stroke();
+        if (text) {
+          // On the image the statistics take three short lines; the panel has them in one.
+          const lines = text.replace(" min ", "\nmin ").replace(", area", "\narea");
+          const top = corners.reduce((p, q) => (q.y < p.y ? q : p)).y;
+          const right = corners.reduce((p, q) => (q.x > p.x ? q : p)).x;
+          const left = corners.reduce((p, q) => (q.x < p.x ? q : p)).x;
+          label(ctx, lines, { x: right, y: top + 12 }, { x: left });
+        }
+        break;
+      }
+      default:
+        break;
     }
-    const label = lengthLabel(meta, line);
-    ctx.fillStyle = "#000";
-    ctx.fillText(label, b.x + 7, b.y - 5);
-    ctx.fillStyle = "#ffd400";
-    ctx.fillText(label, b.x + 6, b.y - 6);
   }
+}
+
+// The slice shown in the active viewport, as a line across this one.
+export function drawReferenceLine(ctx, matrix, line) {
+  const a = matrix.transformPoint(new DOMPoint(line[0], line[1]));
+  const b = matrix.transformPoint(new DOMPoint(line[2], line[3]));
+  ctx.save();
+  ctx.strokeStyle = REFERENCE_COLOUR;
+  ctx.lineWidth = 1;
+  ctx.setLineDash([6, 4]);
+  segment(ctx, a, b);
+  ctx.restore();
 }
 
 // The value under image pixel (x, y); "" off the image.
@@ -66,7 +157,7 @@ export class Overlay {
   constructor(el) {
     this.el = el;
     this.lines = {};
-    for (const name of ["name", "id", "birth", "study", "date", "series", "probe", "image", "slice", "progress", "window", "zoom", "orient"]) {
+    for (const name of ["name", "id", "birth", "study", "date", "series", "probe", "image", "slice", "progress", "window", "zoom", "orient", "mark-left", "mark-right", "mark-top", "mark-bottom"]) {
       this.lines[name] = el.querySelector(`.ov-${name}`);
     }
   }
@@ -100,10 +191,12 @@ export class Overlay {
     setText(ov.probe, vp.probe);
     if (meta && !entry.error) {
       const [center, width] = vp.windowOf(entry);
-      setText(ov.window, `W: ${num(width)} L: ${num(center)}`);
+      const w = windowNumber(width, meta);
+      const l = windowNumber(center, meta);
+      setText(ov.window, `W: ${w} L: ${l}`);
       setText(ov.zoom, `Zoom: ${Math.round(vp.scale * 100)}%`);
-      ds.windowCenter = String(center);
-      ds.windowWidth = String(width);
+      ds.windowCenter = l;
+      ds.windowWidth = w;
       ds.zoom = String(Math.round(vp.scale * 100));
       ds.scale = String(vp.scale);
     } else {
@@ -116,6 +209,12 @@ export class Overlay {
     if (vp.flipH) flags.push("Flip H");
     if (vp.flipV) flags.push("Flip V");
     setText(ov.orient, flags.join("  "));
+    const marks = meta && !entry.error ? vp.markers(entry) : null;
+    for (const side of ["left", "right", "top", "bottom"]) setText(ov[`mark-${side}`], marks ? marks[side] : "");
+    const position = vp.slicePosition();
+    ds.slicePosition = position == null ? "" : num(position, 2);
+    const line = vp.referenceLine;
+    ds.referenceLine = line ? line.map((v) => num(v, 2)).join(" ") : "";
     ds.imageIndex = String(vp.index);
     ds.imageCount = String(count);
   }

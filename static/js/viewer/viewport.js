@@ -4,18 +4,24 @@
 //
 // Tests read the viewer's state from the DOM: each viewport carries data-image-index (0-based),
 // data-image-count, data-loaded, data-drawn-index, data-window-center/-width, data-zoom (%),
-// data-scale (screen px per image px) and data-state; the overlay text is what the user sees.
+// data-scale (screen px per image px), data-state, data-slice-position (mm along the slice's
+// normal) and data-reference-line (image coordinates); the overlay text is what the user sees.
 
+import { edgeMarkers, slicePosition } from "./geometry.js";
 import { PointerInput } from "./input.js";
-import { Overlay, drawMeasures, lengthLabel, probeText, setText } from "./overlay.js";
-import { windowDragged, windowPixels } from "./windowing.js";
+import { CLICK_TOOLS, POINTS, TOOL_NAMES, measureLabel } from "./measure.js";
+import { Overlay, drawAnnotations, drawReferenceLine, probeText, setText } from "./overlay.js";
+import { autoWindow, windowDragged, windowPixels } from "./windowing.js";
 
-const MIN_MEASURE_PX = 3; // a click with the measure tool is not a measurement
+const MIN_MEASURE_PX = 3; // a click with a drag tool is not a measurement
+const BAND = "NOT FOR DIAGNOSIS";
+let nextMeasureId = 1;
 
 export class Viewport {
   // `viewer` is the page's shared state (the study, its stacks, the tool); `page` is what a
   // viewport asks of the page around it: activate(position), framesWanted(), seriesShown(),
-  // drawn(viewport) and showMeasurement(text).
+  // indexChanged(viewport) (for synchronized scrolling), drawn(viewport), measuresChanged(viewport)
+  // and showMeasurement(text).
   constructor(el, position, viewer, page) {
     this.el = el;
     this.position = position;
@@ -49,8 +55,8 @@ export class Viewport {
     this.fitted = true;
     this.scale = 1;
     this.pan = [0, 0];
-    this.measures = new Map(); // image index -> [{a, b}] in image coordinates
-    this.drawing = null;
+    this.measures = new Map(); // image index -> [{id, kind, points, stats}] in image coordinates
+    this.drawing = null; // the measurement being drawn: {kind, points, cursor}
     this.probe = "";
     this.imageKey = "";
     this.requestDraw();
@@ -59,6 +65,7 @@ export class Viewport {
   setStack(stack) {
     this.stack = stack;
     this.index = 0;
+    this.referenceLine = null;
     this.reset();
     const count = stack ? stack.images.length : 0;
     this.slider.max = String(Math.max(count, 1));
@@ -69,7 +76,8 @@ export class Viewport {
     this.page.framesWanted();
   }
 
-  setIndex(index) {
+  // `synced`: moved by another viewport's scrolling, which does not move the others in turn.
+  setIndex(index, synced = false) {
     if (!this.stack) return;
     const count = this.stack.images.length;
     const next = Math.min(Math.max(index, 0), count - 1);
@@ -80,6 +88,19 @@ export class Viewport {
     this.probe = "";
     this.requestDraw();
     this.page.framesWanted();
+    if (!synced) this.page.indexChanged(this);
+  }
+
+  // Where the image shown lies in the patient (study.json's geometry), or null.
+  geometry() {
+    const image = this.stack && this.stack.images[this.index];
+    return image ? image.geometry : null;
+  }
+
+  setReferenceLine(line) {
+    const same = JSON.stringify(line) === JSON.stringify(this.referenceLine);
+    this.referenceLine = line;
+    if (!same) this.requestDraw();
   }
 
   entry() {
@@ -89,6 +110,22 @@ export class Viewport {
   windowOf(entry) {
     if (this.window) return this.window;
     return [entry.meta.window_center, entry.meta.window_width];
+  }
+
+  // The image's own window ("default") or one from its values ("auto").
+  autoWindow() {
+    const entry = this.entry();
+    if (!entry || entry.error) return;
+    const w = autoWindow(entry.meta, entry.values);
+    if (w) this.setWindow(w);
+  }
+
+  // Brighter or darker by a tenth of the window (the patients' simple buttons).
+  brighten(steps) {
+    const entry = this.entry();
+    if (!entry || entry.error) return;
+    const [center, width] = this.windowOf(entry);
+    this.setWindow([center - steps * Math.max(width, 1) * 0.1, width]);
   }
 
   // Many changes in one event (a drag, a frame arriving) make one draw, on the next frame.
@@ -138,13 +175,45 @@ export class Viewport {
       ctx.imageSmoothingEnabled = this.scale < 8;
       ctx.drawImage(this.image, 0, 0);
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-      const lines = [...(this.measures.get(this.index) || [])];
-      if (this.drawing) lines.push(this.drawing);
-      drawMeasures(ctx, matrix, entry.meta, lines);
+      if (this.referenceLine) drawReferenceLine(ctx, matrix, this.referenceLine);
+      drawAnnotations(ctx, matrix, entry, this.annotationsShown());
       this.el.dataset.state = "ready";
       this.el.dataset.drawnIndex = String(this.index);
     }
     this.overlay(entry);
+  }
+
+  // The finished measurements of this image, and the one being drawn (its last point follows
+  // the pointer).
+  annotationsShown() {
+    const list = [...(this.measures.get(this.index) || [])];
+    const d = this.drawing;
+    if (d) {
+      const points = d.cursor && d.points.length < POINTS[d.kind] ? [...d.points, d.cursor] : d.points;
+      if (points.length > 1) list.push({ kind: d.kind, points, partial: points.length < POINTS[d.kind] });
+    }
+    return list;
+  }
+
+  // Screen directions (CSS px) to image directions, through the view's rotation and flips.
+  screenToImageDirection(entry) {
+    const m = this.matrix(entry).inverse();
+    return (dx, dy) => {
+      const x = m.a * dx + m.c * dy;
+      const y = m.b * dx + m.d * dy;
+      const length = Math.hypot(x, y) || 1;
+      return [x / length, y / length];
+    };
+  }
+
+  markers(entry) {
+    if (!entry || entry.error || !entry.meta.image_orientation) return null;
+    return edgeMarkers({ iop: entry.meta.image_orientation }, this.screenToImageDirection(entry));
+  }
+
+  slicePosition() {
+    const g = this.geometry();
+    return g ? slicePosition(g) : null;
   }
 
   stackMessage() {
@@ -248,6 +317,10 @@ export class Viewport {
     this.requestDraw();
   }
 
+  middle() {
+    return [this.canvas.clientWidth / 2, this.canvas.clientHeight / 2];
+  }
+
   panBy(dx, dy) {
     this.pan = [this.pan[0] + dx, this.pan[1] + dy];
     this.fitted = false;
@@ -268,16 +341,36 @@ export class Viewport {
     this.ov.probe(this.probe);
   }
 
+  // --- measurements
+  //
+  // Drag tools (length, arrow, ellipse, rectangle) take the two ends of one drag. Click tools
+  // take points one by one: an angle three (arm, vertex, arm), a Cobb angle four (two lines);
+  // a point is placed where the pointer goes down, and a drag places a second at its end.
+
   measureStart(point) {
     const p = this.toImage(point);
-    this.drawing = p ? { a: p, b: p } : null;
+    if (!p) return;
+    const kind = this.viewer.tool;
+    if (this.drawing && this.drawing.kind === kind && CLICK_TOOLS.has(kind)) {
+      this.drawing.points.push(p);
+    } else {
+      this.drawing = { kind, points: [p], cursor: p, down: point };
+    }
+    this.drawing.down = point;
+    this.drawing.cursor = p;
+    this.finishIfComplete();
   }
 
   measureMove(point) {
     if (!this.drawing) return;
     const p = this.toImage(point);
-    if (p) this.drawing.b = p;
+    if (p) this.drawing.cursor = p;
     this.requestDraw();
+  }
+
+  // Hovering with a click tool shows the next arm following the pointer.
+  measureHover(point) {
+    if (this.drawing && CLICK_TOOLS.has(this.drawing.kind)) this.measureMove(point);
   }
 
   // A second finger turns a measurement being drawn into a pinch; the line is dropped unseen.
@@ -285,25 +378,94 @@ export class Viewport {
     this.drawing = null;
   }
 
-  measureEnd(cancelled) {
-    if (cancelled) this.drawing = null;
-    else this.finishMeasure();
+  measureEnd(cancelled, point) {
+    const d = this.drawing;
+    if (cancelled || !d) {
+      this.drawing = null;
+      this.requestDraw();
+      return;
+    }
+    const moved = point && d.down && Math.hypot(point[0] - d.down[0], point[1] - d.down[1]) >= MIN_MEASURE_PX;
+    if (moved) {
+      const p = this.toImage(point);
+      if (p) d.points.push(p);
+    } else if (!CLICK_TOOLS.has(d.kind)) {
+      // A click with a drag tool is not a measurement.
+      this.drawing = null;
+    }
+    this.finishIfComplete();
     this.requestDraw();
   }
 
-  finishMeasure() {
-    const line = this.drawing;
+  finishIfComplete() {
+    const d = this.drawing;
+    if (!d || d.points.length < POINTS[d.kind]) return;
     this.drawing = null;
     const entry = this.entry();
-    if (!line || !entry || entry.error) return;
-    const matrix = this.matrix(entry);
-    const a = matrix.transformPoint(new DOMPoint(line.a[0], line.a[1]));
-    const b = matrix.transformPoint(new DOMPoint(line.b[0], line.b[1]));
-    if (Math.hypot(b.x - a.x, b.y - a.y) < MIN_MEASURE_PX) return;
+    if (!entry || entry.error) return;
+    const m = { id: nextMeasureId, kind: d.kind, points: d.points.slice(0, POINTS[d.kind]), stats: null };
+    nextMeasureId += 1;
     const list = this.measures.get(this.index) || [];
-    list.push(line);
+    list.push(m);
     this.measures.set(this.index, list);
-    this.page.showMeasurement(`Length: ${lengthLabel(entry.meta, line)}`);
+    this.page.showMeasurement(this.measureText(m, entry));
+    this.page.measuresChanged(this);
+    this.requestDraw();
+  }
+
+  measureText(m, entry) {
+    const label = measureLabel(m, entry.meta, entry.values);
+    return label ? `${TOOL_NAMES[m.kind]}: ${label}` : TOOL_NAMES[m.kind];
+  }
+
+  // The measurements of the image shown, as the side panel lists them.
+  measureList() {
+    const entry = this.entry();
+    if (!entry || entry.error) return [];
+    return (this.measures.get(this.index) || []).map((m) => ({ id: m.id, text: this.measureText(m, entry) }));
+  }
+
+  measureDelete(id) {
+    const list = (this.measures.get(this.index) || []).filter((m) => m.id !== id);
+    this.measures.set(this.index, list);
+    this.page.measuresChanged(this);
+    this.requestDraw();
+  }
+
+  // --- Save picture
+
+  // The image as shown (window, zoom, rotation, measurements, orientation letters) with a band
+  // "not for diagnosis" burned in: a copy for a patient's records or a slide, never for reading.
+  picture() {
+    const source = this.canvas;
+    const out = document.createElement("canvas");
+    out.width = source.width;
+    out.height = source.height;
+    const ctx = out.getContext("2d");
+    ctx.drawImage(source, 0, 0);
+    const dpr = source.width / Math.max(source.clientWidth, 1);
+    const marks = this.markers(this.entry());
+    const font = Math.max(Math.round(14 * dpr), 10);
+    ctx.font = `600 ${font}px system-ui, sans-serif`;
+    ctx.fillStyle = "#fff";
+    ctx.textBaseline = "middle";
+    if (marks) {
+      const w = out.width;
+      const h = out.height;
+      ctx.textAlign = "center";
+      ctx.fillText(marks.top, w / 2, font);
+      ctx.fillText(marks.left, font, h / 2);
+      ctx.fillText(marks.right, w - font, h / 2);
+    }
+    const band = Math.max(Math.round(out.height * 0.06), font * 2);
+    if (marks) ctx.fillText(marks.bottom, out.width / 2, out.height - band - font);
+    ctx.fillStyle = "#b00020";
+    ctx.fillRect(0, out.height - band, out.width, band);
+    ctx.fillStyle = "#fff";
+    ctx.textAlign = "center";
+    ctx.font = `700 ${Math.round(band * 0.5)}px system-ui, sans-serif`;
+    ctx.fillText(BAND, out.width / 2, out.height - band / 2, out.width - 2 * font);
+    return out;
   }
 
   act(action) {
@@ -321,7 +483,12 @@ export class Viewport {
       case "flip-h": this.flipH = !this.flipH; break;
       case "flip-v": this.flipV = !this.flipV; break;
       case "default-window": this.window = null; break;
-      case "clear-measures": this.measures.delete(this.index); this.drawing = null; break;
+      case "auto-window": this.autoWindow(); return;
+      case "zoom-in": this.zoomBy(1.25, this.middle()); return;
+      case "zoom-out": this.zoomBy(0.8, this.middle()); return;
+      case "brighter": this.brighten(1); return;
+      case "darker": this.brighten(-1); return;
+      case "clear-measures": this.measures.delete(this.index); this.drawing = null; this.page.measuresChanged(this); break;
       case "reset": this.reset(); this.page.showMeasurement(""); break;
       default: return;
     }

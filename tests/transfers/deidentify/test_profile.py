@@ -191,3 +191,40 @@ def test_private_attributes_go() -> None:
     ds.add_new(0x00091001, "LO", "DOE^JANE")
     dataset_deidentify(ds, _keys())
     assert 0x00090010 not in ds and 0x00091001 not in ds
+
+
+def test_clean_descriptors_takes_out_short_names_written_dates_and_id_digits() -> None:
+    """Review finding: 'CT HEAD for Wu Li born 1965-04-12 (MRN 12345)' kept Wu, Li, the date and
+    the number; AXIAL must keep its letters although the patient is Li."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from transfers.deidentify.apply import CopyKeys, dataset_deidentify, identifiers_of
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.5"
+    ds.PatientName = "WU^LI"
+    ds.PatientID = "MRN12345"
+    ds.PatientBirthDate = "19650412"
+    ds.StudyDescription = "CT HEAD for Wu Li born 1965-04-12 (MRN 12345), April 12, 1965"
+    ds.SeriesDescription = "AXIAL T1 LI WU"
+    keys = CopyKeys(
+        key=b"k" * 32,
+        date_offset_days=-400,
+        patient_name="ANON^X",
+        patient_id="ANON-X",
+        options=frozenset({"clean_descriptors"}),
+    )
+    keys.identifiers = identifiers_of(ds)
+    dataset_deidentify(ds, keys)
+    study = str(ds.StudyDescription)
+    series = str(ds.SeriesDescription)
+    for leak in ("Wu", "Li ", "1965", "12345"):
+        assert leak not in study, study
+    assert "CT HEAD" in study
+    assert series.startswith("AXIAL T1") and " LI" not in series and "WU" not in series
