@@ -69,4 +69,4 @@ def quantity_text(quantity: Decimal, unit: str) -> str:
         number = number.quantize(Decimal(1))
     if number == 1 and unit in SINGULAR:
         unit = SINGULAR[unit]
-    return f"{number:f} {unit}"
+    return f"{number:,f} {unit}"

@@ -158,3 +158,14 @@ def test_it_keeps_the_digits_of_a_price_below_a_cent() -> None:
     assert format_price(Decimal("0.0100"), "USD") == "USD 0.01"
     assert format_price(Decimal("1234.5000"), "EUR") == "EUR 1,234.50"
     assert format_money(Decimal("-2.505"), "USD") == "-USD 2.51"
+
+
+def test_large_quantities_carry_thousands_separators() -> None:
+    """The journeys found '123450 images' on an invoice."""
+    from decimal import Decimal
+
+    from billing.documents import quantity_text
+
+    assert quantity_text(Decimal("123450"), "images") == "123,450 images"
+    assert quantity_text(Decimal("1"), "images") == "1 image"
+    assert quantity_text(Decimal("1234.5"), "GB") == "1,234.5 GB"
