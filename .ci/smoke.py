@@ -77,7 +77,7 @@ def main() -> int:
             },
             headers={"Referer": f"{BASE}/accounts/login/"},
         )
-        assert response.status_code == 302 and response.headers["location"] == "/studies/", (
+        assert response.status_code == 302 and response.headers["location"] == "/", (
             response.text[:500]
         )
         print("smoke: signed in as the demo sender")
