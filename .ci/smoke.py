@@ -143,9 +143,9 @@ def main() -> int:
         # The sharing flow on the demo data: Kalispell shares its CT with Great Falls Clinic.
         worklist = web.get("/studies/", params={"q": "demo"}).text
         study_uuid = re.search(r'href="/studies/([0-9a-f-]+)/"', worklist).group(1)
-        share_page = web.get("/share/", params={"study": study_uuid})
+        share_page = web.get("/share/", params={"study": study_uuid, "to": "facility"})
         gfc = re.search(
-            r'<option value="(\d+)">Great Falls Clinic</option>', share_page.text
+            r'<option value="(\d+)"[^>]*>Great Falls Clinic</option>', share_page.text
         ).group(1)
         response = web.post(
             "/share/",
