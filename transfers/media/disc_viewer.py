@@ -30,10 +30,13 @@ already rendered for the web viewer is not decoded again. One frame is in memory
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +44,13 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import storages
 from django.template import Context, Engine
 
 from ..models import Instance, Study
 from ..viewer.decode import DecodeError
-from ..viewer.render import frame_render_get, frame_values, study_render
+from ..viewer.render import frame_render_get, frame_render_key, frame_values, study_render
 
 ASSETS = Path(__file__).resolve().parent / "disc"
 # The web viewer's pure modules, bundled in this order into VIEWER/WINDOW.JS.
@@ -200,45 +205,139 @@ def _encode(values: np.ndarray, kind: str) -> tuple[bytes, dict[str, Any]]:
     return codes.tobytes(), {"encoding": "float", "offset": low, "scale": scale, "dtype": "float32"}
 
 
-def _script(image: ViewerImage, meta: dict[str, Any], payload: bytes) -> bytes:
+def _head(image: ViewerImage) -> bytes:
+    """The start of a frame file: where the frame goes on these media (series, position)."""
+    return f'RelayDisc.frame("{image.series_key}",{image.number - 1},'.encode()
+
+
+def _tail(meta: dict[str, Any], payload: bytes) -> bytes:
+    """The rest of a frame file: the frame's description and values, the same on any media."""
     description = json.dumps(meta, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return (
-        f'RelayDisc.frame("{image.series_key}",{image.number - 1},{description},"'.encode()
-        + base64.b64encode(payload)
-        + b'");\n'
-    )
+    return b"".join((description.encode(), b',"', base64.b64encode(payload), b'");\n'))
 
 
 def _error_meta(image: ViewerImage, reason: str) -> dict[str, Any]:
     return {"error": reason[:ERROR_CHARS], "instance_number": image.instance.instance_number}
 
 
-def frame_script(image: ViewerImage) -> bytes:
+def frame_script(image: ViewerImage, *, before_making: Callable[[], None] | None = None) -> bytes:
     """The frame file: exactly `frame_file_size` bytes, whatever the stored image turns out to
-    be (a frame that cannot be shown says why, padded to the same length)."""
+    be (a frame that cannot be shown says why, padded to the same length).
+
+    Taken from the frame cache when it was made before; otherwise `before_making` is called
+    (the study's renders made in one pass) and the frame made from its render."""
     instance = image.instance
     size = frame_file_size(instance.rows or 0, instance.columns or 0)
+    head = _head(image)
+    tail = frame_tail_cached(image)
+    if tail is None:
+        if before_making is not None:
+            before_making()
+        try:
+            tail = _frame_tail(image)
+        except DecodeError as exc:
+            tail = _tail(_error_meta(image, exc.reason), b"")
+    if len(head) + len(tail) > size:
+        tail = _tail(_error_meta(image, MISMATCH), b"")
+    return b"".join((head, tail, b" " * (size - len(head) - len(tail))))
+
+
+# --- the frame cache ------------------------------------------------------------------------------
+# Making a frame file (reading the stored render, gunzip, base64) costs more than copying the
+# image itself, on every download. So the part of it that does not depend on the media (the
+# description and the base64 values: everything after `RelayDisc.frame("S...",n,`) is kept in
+# storage next to the frame's render when first made, and a later download only reads it.
+# It is keyed like the render, by the stored copy's key (a rewritten copy has a new key) and
+# FRAME_CACHE_VERSION (a change to the encoding or MAX_SIDE misses) and the size in the
+# index (a corrected Rows or Columns misses); the purge deletes it with
+# the study's renders. Frames that cannot be shown are not kept (they are cheap to say again).
+
+FRAME_CACHE_VERSION = 1
+_TAIL_END = b'");\n'
+
+
+def frame_cache_key(instance: Instance, frame: int) -> str:
+    """Where the frame's tail is kept: next to its render, named with the size the index says
+    (a tail made for another size is not this image's any more)."""
+    render_key = frame_render_key(storage_key=instance.storage_key, frame=frame)
+    size = f"{instance.rows or 0}x{instance.columns or 0}"
+    return f"{render_key.removesuffix('.rly')}.disc{FRAME_CACHE_VERSION}-{size}.js"
+
+
+def frame_tail_cached(image: ViewerImage) -> bytes | None:
+    """The kept description and values of the image's frame, or None (not kept, unreadable)."""
+    storage = storages["default"]
+    key = frame_cache_key(image.instance, image.frame)
     try:
-        script = _frame_script(image)
-    except DecodeError as exc:
-        script = _script(image, _error_meta(image, exc.reason), b"")
-    if len(script) > size:
-        script = _script(image, _error_meta(image, MISMATCH), b"")
-    return script + b" " * (size - len(script))
+        with storage.open(key, "rb") as fh:
+            tail = bytes(fh.read())
+    except (FileNotFoundError, OSError):
+        return None
+    # A write cut short or another format: made again. The base64 values are as long as the
+    # frame's displayed size says.
+    shown_rows, shown_columns, _ = display_size(
+        image.instance.rows or 0, image.instance.columns or 0
+    )
+    values = 4 * math.ceil(shown_rows * shown_columns * 2 / 3)
+    end = len(tail) - len(_TAIL_END)
+    if (
+        not tail.startswith(b"{")
+        or not tail.endswith(_TAIL_END)
+        or end - values < 3
+        or tail[end - values - 2 : end - values] != b',"'
+    ):
+        return None
+    return tail
 
 
-def _frame_script(image: ViewerImage) -> bytes:
+def _frame_tail_keep(image: ViewerImage, tail: bytes) -> None:
+    storage = storages["default"]
+    key = frame_cache_key(image.instance, image.frame)
+    try:
+        path = storage.path(key)
+    except NotImplementedError:
+        pass  # a bucket: saved as any object
+    else:
+        # In a folder, written to a temporary name and renamed, without the fsync that the
+        # storage does for images (a first download would wait for hundreds of them): a frame
+        # lost or cut short by a crash is simply made again (`frame_tail_cached` checks it).
+        with contextlib.suppress(OSError):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(tail)
+                mode = getattr(storage, "file_permissions_mode", None)
+                if mode is not None:
+                    os.chmod(partial, mode)
+                os.replace(partial, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial)
+        return
+    try:
+        name = storage.save(key, ContentFile(tail))
+    except OSError:
+        return  # a cache: made again next time
+    if name != key:
+        # Another download kept the same frame first (a file system storage then picks a new
+        # name rather than overwrite): theirs stays.
+        storage.delete(name)
+
+
+def _frame_tail(image: ViewerImage) -> bytes:
+    """The frame's description and values, made from its render (and kept, when shown)."""
     instance = image.instance
     rendered = frame_render_get(instance, image.frame)
     meta = rendered.meta
     if meta.get("error"):
-        return _script(image, _error_meta(image, str(meta["error"])), b"")
+        return _tail(_error_meta(image, str(meta["error"])), b"")
     values = frame_values(rendered)
     shown_rows, shown_columns, step = display_size(instance.rows or 0, instance.columns or 0)
     if step > 1:
         values = values[::step, ::step]
     if values.shape[:2] != (shown_rows, shown_columns):
-        return _script(image, _error_meta(image, MISMATCH), b"")
+        return _tail(_error_meta(image, MISMATCH), b"")
     payload, encoding = _encode(values, str(meta["kind"]))
 
     def number(value: Any) -> float | None:
@@ -265,12 +364,15 @@ def _frame_script(image: ViewerImage) -> bytes:
         "units": str(meta.get("units") or ""),
         "error": None,
     }
-    return _script(image, description, payload)
+    tail = _tail(description, payload)
+    if len(_head(image)) + len(tail) <= frame_file_size(instance.rows or 0, instance.columns or 0):
+        _frame_tail_keep(image, tail)
+    return tail
 
 
 def _study_rendered(study: Study) -> Callable[[], None]:
     """Renders every frame of the study the web viewer has not rendered yet, once, when the
-    first frame of the study is written: a multi-frame image is then decoded in one pass
+    first frame of the study not in the frame cache is made: a multi-frame image is then decoded in one pass
     rather than once per frame. Usually there is nothing to do (the study was rendered when it
     arrived)."""
     done: list[bool] = []
@@ -284,8 +386,7 @@ def _study_rendered(study: Study) -> Callable[[], None]:
 
 
 def _frame_rendered(rendered: Callable[[], None], image: ViewerImage) -> bytes:
-    rendered()
-    return frame_script(image)
+    return frame_script(image, before_making=rendered)
 
 
 # --- the pages ----------------------------------------------------------------------------------

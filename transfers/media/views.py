@@ -6,6 +6,9 @@ facility that holds the study always may). The ZIP is streamed as it is built: n
 study is copied to disk or memory. The audit trail records the download when it starts; the
 sender's "downloaded" receipt is written when the last byte has gone out, so an aborted
 download is audited but not reported as delivered.
+
+The ZIP carries the disc viewer (INDEX.HTM, VIEWER/) unless asked for with `?viewer=0`: the
+DICOM files, DICOMDIR, README.TXT and the reports only, for an import into a PACS.
 """
 
 from __future__ import annotations
@@ -153,6 +156,10 @@ def _study_zip(request: HttpRequest, access: StudyAccess) -> HttpResponseBase:
             status=503,
             content_type="text/plain; charset=utf-8",
         )
+    if request.GET.get("viewer") == "0":
+        # For a PACS import: the DICOM file-set alone, without INDEX.HTM and VIEWER/ (whose
+        # frames are most of the work and more than half of the bytes of a download).
+        plan = plan.without_viewer()
     _audit_download(request, access, "zip", plan.images, plan.image_bytes)
     response = StreamingHttpResponse(
         _with_receipt(
