@@ -18,9 +18,12 @@ import logging
 import shutil
 import ssl
 import tempfile
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -70,9 +73,69 @@ UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 # pynetdicom (and the standard) allow at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
 TIMEOUT_S = 30
+# pynetdicom's connection thread sleeps this long whenever it finds nothing to do (its default
+# is 1 ms): between the data PDUs it is handed and while waiting for each C-STORE's answer. At
+# 1 ms a 300-instance push spent about a second asleep; shorter costs CPU the PACS may need
+# when both run on one machine (0.3 ms measured best into Orthanc).
+RUN_LOOP_DELAY_S = 0.0003
+# The answers are written every so often in one transaction, not one commit per instance.
+RECORD_EVERY_S = 0.5
+# Stored files checked against their SHA-256 ahead of the one being sent, in a thread: the
+# check of the next overlaps the sending of this one and the PACS's answer.
+VERIFY_AHEAD = 2
 # Retries after the first attempt of a run; the last failure gives up (pushes_give_up).
 PUSH_RETRIES = 8
 PUSH_ATTEMPTS = PUSH_RETRIES + 1
+
+
+class _Held(threading.Event):
+    """Stands in for an association's reactor checkpoint while a push sends (`_reactor_held`):
+    the set() at the end of each send_c_store is ignored."""
+
+    def set(self) -> None:
+        pass
+
+
+@contextmanager
+def _reactor_held(assoc: Any) -> Iterator[None]:
+    """Keep pynetdicom's association reactor paused from the first C-STORE to the last.
+
+    On a requestor's association that reactor only serves requests from the peer (none come
+    during a push) and notices a release or an abort. send_c_store pauses it and resumes it for
+    every instance, and it checks its pause only every millisecond: about 0.2 s of waiting in a
+    300-instance push. Held, it is resumed once, at the end; `_ended` notices an abort between
+    two instances meanwhile. Left alone when pynetdicom no longer has these internals."""
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if not isinstance(checkpoint, threading.Event) or not hasattr(assoc, "_is_paused"):
+        yield
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + 1
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    # `_is_paused` may still be True from its previous pause while it has just been woken: a
+    # reactor in that state finishes its round (it has nothing to take yet) and stops again.
+    time.sleep(0.002)
+    assoc._reactor_checkpoint = _Held()
+    try:
+        yield
+    finally:
+        assoc._reactor_checkpoint = checkpoint
+        checkpoint.set()
+
+
+def _ended(assoc: Any) -> bool:
+    """The peer aborted, or the connection is gone (what the held reactor would notice)."""
+    try:
+        return not assoc.dul.is_alive() or bool(assoc.acse.is_aborted())
+    except AttributeError:
+        return False
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class PushError(Exception):
@@ -369,18 +432,7 @@ def push_send(*, push: Push) -> Push:
 def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
     """One association for all the items; returns why a retry is needed, or ""."""
     ae = _ae()
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for item in items:
-        wanted[item.instance.sop_class_uid].add(item.instance.transfer_syntax_uid)
-    contexts = []
-    for sop_class, syntaxes in sorted(wanted.items()):
-        for syntax in sorted(syntaxes - set(UNCOMPRESSED)):
-            contexts.append(build_context(sop_class, [syntax]))
-        contexts.append(build_context(sop_class, UNCOMPRESSED))
-    if len(contexts) > MAX_CONTEXTS:
-        # So many kinds of object in one study is unusual; offer what is needed uncompressed.
-        contexts = [build_context(sop_class, UNCOMPRESSED) for sop_class in sorted(wanted)]
-    contexts = contexts[:MAX_CONTEXTS]
+    contexts = _contexts(items)
     try:
         assoc = _associate(ae, destination, contexts=contexts)
     except OutboundRefused as exc:
@@ -395,21 +447,51 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
             else f"did not answer{_tls_hint(destination)}"
         )
         raise PushTransient(f"{destination} {reason}")
+    if hasattr(assoc, "dul") and hasattr(assoc.dul, "_run_loop_delay"):
+        assoc.dul._run_loop_delay = RUN_LOOP_DELAY_S
     accepted: dict[str, set[str]] = defaultdict(set)
     for context in assoc.accepted_contexts:
         if context.abstract_syntax and context.transfer_syntax:
             accepted[context.abstract_syntax].add(context.transfer_syntax[0])
     storage = storages["default"]
     transient = ""
+    checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-verify")
+    checks: dict[int, Future[None]] = {}
+
+    def check_ahead(start: int) -> None:
+        """Start the checks of the files sent as stored among items[start:start+VERIFY_AHEAD]."""
+        for ahead in items[start : start + VERIFY_AHEAD]:
+            instance = ahead.instance
+            if ahead.pk in checks or instance.transfer_syntax_uid not in accepted.get(
+                instance.sop_class_uid, set()
+            ):
+                continue
+            if _storage_path(storage, instance) is not None:
+                checks[ahead.pk] = checker.submit(integrity.instance_verify, instance, storage)
+
+    results = _Results()
+    ended = False
+    stack = ExitStack()
     try:
-        for item in items:
+        # Unwound in reverse at the end: the answers written, the checks stopped, the reactor
+        # resumed.
+        stack.enter_context(_reactor_held(assoc))
+        stack.callback(checker.shutdown, wait=True, cancel_futures=True)
+        stack.callback(results.flush)
+        for index, item in enumerate(items):
             instance = item.instance
             offered = accepted.get(instance.sop_class_uid, set())
+            if _ended(assoc):
+                ended = True
+                transient = "The association ended"
+                break
+            check_ahead(index)
             try:
                 if instance.transfer_syntax_uid in offered:
                     # As stored, byte for byte: pynetdicom streams the file's data set in PDU
                     # sized chunks without decoding it (flat memory, no re-encoding).
-                    with _local_file(storage, instance) as path:
+                    with _local_file(storage, instance, checked=checks.pop(item.pk, None)) as path:
+                        check_ahead(index + 1)
                         status = assoc.send_c_store(path)
                     syntax = instance.transfer_syntax_uid
                 elif offered & set(UNCOMPRESSED):
@@ -418,7 +500,7 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                     with _converted(storage, instance, syntax=syntax) as path:
                         status = assoc.send_c_store(path)
                 else:
-                    _record(
+                    results.add(
                         item,
                         status=None,
                         error="The PACS accepts no transfer syntax for this kind of object",
@@ -428,7 +510,7 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                 # Damaged in storage: this instance fails (nothing of it was sent), the others
                 # go on; audited and staff told.
                 integrity.integrity_failure(instance, "push", key=exc.key, reason=exc.reason)
-                _record(
+                results.add(
                     item, status=None, error=f"Not sent: the stored copy is damaged ({exc.reason})"
                 )
                 continue
@@ -436,14 +518,14 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
                 if not assoc.is_established:
                     transient = f"The association ended: {exc}"
                     break
-                _record(item, status=None, error=f"{type(exc).__name__}: {exc}")
+                results.add(item, status=None, error=f"{type(exc).__name__}: {exc}")
                 continue
             code = getattr(status, "Status", None)
             if code is None:
                 transient = "The PACS stopped answering"
                 break
             ok = code == 0 or 0xB000 <= code <= 0xBFFF
-            _record(
+            results.add(
                 item,
                 status=code,
                 sent=ok,
@@ -453,24 +535,58 @@ def _send(destination: PacsDestination, items: list[PushInstance]) -> str:
             if 0xA700 <= code <= 0xA7FF:
                 transient = "The PACS is out of resources"
     finally:
-        if assoc.is_established:
-            assoc.release()
+        try:
+            stack.close()
+        finally:
+            if ended or _ended(assoc):
+                # The reactor, running again, records the abort: nothing to release then.
+                _wait_until(lambda: not assoc.is_established, 1.0)
+            if assoc.is_established:
+                assoc.release()
     return transient
 
 
+def _storage_path(storage: Storage, instance: Instance) -> str | None:
+    """The stored object's path on this machine, or None (S3)."""
+    try:
+        return str(storage.path(instance.storage_key))
+    except NotImplementedError:
+        return None
+
+
+def _contexts(items: list[PushInstance]) -> list[Any]:
+    """The presentation contexts to propose: per SOP class, explicit and implicit little endian
+    (the fallback every PACS takes), and one context per other syntax the instances are stored
+    in, so that they can go as stored. Past pynetdicom's 128, the stored syntaxes of the most
+    instances are kept; the others are converted."""
+    stored: Counter[tuple[str, str]] = Counter(
+        (item.instance.sop_class_uid, item.instance.transfer_syntax_uid) for item in items
+    )
+    sop_classes = sorted({sop_class for sop_class, _ in stored})
+    contexts = [build_context(sop_class, UNCOMPRESSED) for sop_class in sop_classes]
+    others = sorted(
+        (key for key in stored if key[1] not in UNCOMPRESSED), key=lambda key: (-stored[key], key)
+    )
+    contexts += [build_context(sop_class, [syntax]) for sop_class, syntax in others]
+    return contexts[:MAX_CONTEXTS]
+
+
 @contextmanager
-def _local_file(storage: Storage, instance: Instance) -> Iterator[Path]:
+def _local_file(
+    storage: Storage, instance: Instance, *, checked: Future[None] | None = None
+) -> Iterator[Path]:
     """A path to the stored object, checked against its SHA-256 and size first
     (integrity.IntegrityError): the file itself on disk, else a temporary copy (S3), checked
-    as it is copied."""
-    try:
-        local = storage.path(instance.storage_key)
-    except NotImplementedError:
-        local = None
+    as it is copied. `checked`: that check of the file on disk, already started (its result is
+    waited for here, before anything is sent)."""
+    local = _storage_path(storage, instance)
     if local is not None:
         # pynetdicom reads the file itself once the C-STORE starts, too late to stop a damaged
         # one: it is read and checked here first (a second read, mostly from the page cache).
-        integrity.instance_verify(instance, storage)
+        if checked is not None:
+            checked.result()
+        else:
+            integrity.instance_verify(instance, storage)
         yield Path(local)
         return
     with (
@@ -499,27 +615,59 @@ def _converted(storage: Storage, instance: Instance, *, syntax: str) -> Iterator
         yield path
 
 
-def _record(
-    item: PushInstance, *, status: int | None, error: str = "", sent: bool = False, syntax: str = ""
-) -> None:
-    item.status, item.sent, item.error, item.at = status, sent, error[:300], timezone.now()
-    item.transfer_syntax_uid = syntax
-    with transaction.atomic():
-        item.save(update_fields=["status", "sent", "error", "at", "transfer_syntax_uid"])
-        push = item.push
-        if sent and push.share_id is not None and (share := push.share) is not None:
-            # A study pushed under a share is delivered to the facility that owns the PACS, one
-            # usage record per instance accepted (keyed by the item, so a retry cannot add one).
-            delivery_announce(
-                kind=DeliveryKind.PUSH,
-                share=share,
-                study=push.study,
-                user=push.requested_by,
-                nbytes=item.instance.size_bytes,
-                images=1,
-                key_parts=(item.pk,),
-                to_facility=push.destination.facility,
-            )
+class _Results:
+    """The answers of a run, one row per instance as they come, written in one transaction every
+    RECORD_EVERY_S and at the end (`flush`): a commit per instance cost more than sending some
+    instances. A worker killed mid-run loses at most that many answers: those instances count as
+    not sent and go again on the next run."""
+
+    def __init__(self) -> None:
+        self.pending: list[PushInstance] = []
+        self.since = time.monotonic()
+
+    def add(
+        self,
+        item: PushInstance,
+        *,
+        status: int | None,
+        error: str = "",
+        sent: bool = False,
+        syntax: str = "",
+    ) -> None:
+        item.status, item.sent, item.error, item.at = status, sent, error[:300], timezone.now()
+        item.transfer_syntax_uid = syntax
+        self.pending.append(item)
+        if time.monotonic() - self.since >= RECORD_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        self.since = time.monotonic()
+        if not pending:
+            return
+        with transaction.atomic():
+            for item in pending:
+                # A row each, as answered (bulk_update's CASE expressions cost more to build).
+                item.save(update_fields=["status", "sent", "error", "at", "transfer_syntax_uid"])
+                if item.sent:
+                    _delivered(item)
+
+
+def _delivered(item: PushInstance) -> None:
+    push = item.push
+    if push.share_id is not None and (share := push.share) is not None:
+        # A study pushed under a share is delivered to the facility that owns the PACS, one
+        # usage record per instance accepted (keyed by the item, so a retry cannot add one).
+        delivery_announce(
+            kind=DeliveryKind.PUSH,
+            share=share,
+            study=push.study,
+            user=push.requested_by,
+            nbytes=item.instance.size_bytes,
+            images=1,
+            key_parts=(item.pk,),
+            to_facility=push.destination.facility,
+        )
 
 
 def _finish(push: Push, *, transient: str) -> None:
