@@ -77,9 +77,9 @@ def main() -> int:
             },
             headers={"Referer": f"{BASE}/accounts/login/"},
         )
-        assert response.status_code == 302 and response.headers["location"] == "/", (
-            response.text[:500]
-        )
+        assert response.status_code == 302 and response.headers["location"] == "/", response.text[
+            :500
+        ]
         print("smoke: signed in as the demo sender")
 
         token = subprocess.run(
