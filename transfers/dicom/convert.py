@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -103,6 +102,8 @@ def _pixel_word_bytes(ds: Dataset, vr: str) -> int:
 
 
 def _swapped(value: bytes | bytearray, width: int, *, where: str) -> bytes:
+    import numpy as np  # pixel code: loaded where pixels are touched
+
     if len(value) % width:
         raise ConversionError(f"{where}: {len(value)} bytes is not a whole number of words")
     # bytes, not a bytearray: pydicom would take a bytearray for a list of numbers.

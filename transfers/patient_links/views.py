@@ -9,7 +9,6 @@ so and for how long; an address that sent too many wrong answers gets a 429 page
 
 from __future__ import annotations
 
-import segno
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -109,6 +108,8 @@ def patient_handout(request: AuthedRequest, share_uuid: str) -> HttpResponse:
     new_pin = request.session.pop(f"patient_pin_{share.uuid}", None)
     link = qr_svg = None
     if raw_token:
+        import segno  # only the handout page draws a QR code
+
         link = settings.SITE_URL + reverse("patient_open", kwargs={"token": raw_token})
         # segno makes the SVG from our own URL (token characters are URL-safe base64), so
         # there is nothing in it a visitor chose.

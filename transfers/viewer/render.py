@@ -24,16 +24,18 @@ import logging
 import struct
 import textwrap
 from dataclasses import asdict, dataclass
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .. import integrity
 from ..models import Instance, Series, Study
 from .decode import DecodeError, FrameData, dataset_frame_decode, dataset_read, frame_meta
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +307,8 @@ def _thumbnail_source(instance: Instance | None, frame: int) -> str:
 
 
 def _png_source(png: bytes) -> str | None:
+    from PIL import Image  # pixel code: Pillow is loaded where images are made
+
     try:
         with Image.open(io.BytesIO(png)) as image:
             text = getattr(image, "text", {}) or {}
@@ -343,6 +347,8 @@ def _thumbnail_make(instance: Instance | None, frame: int, source: str) -> bytes
             image = _placeholder(f"Cannot display: {rendered.meta['error']}")
         else:
             image = _thumbnail_image(rendered)
+    from PIL import PngImagePlugin
+
     info = PngImagePlugin.PngInfo()
     info.add_text(THUMBNAIL_SOURCE_KEY, source)
     out = io.BytesIO()
@@ -351,6 +357,8 @@ def _thumbnail_make(instance: Instance | None, frame: int, source: str) -> bytes
 
 
 def _thumbnail_image(rendered: RenderedFrame) -> Image.Image:
+    from PIL import Image
+
     meta = rendered.meta
     values = frame_values(rendered)
     if meta["kind"] == "rgb":
@@ -369,6 +377,8 @@ def _thumbnail_image(rendered: RenderedFrame) -> Image.Image:
 
 
 def _placeholder(text: str) -> Image.Image:
+    from PIL import Image, ImageDraw, ImageFont
+
     image = Image.new("L", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), 64)
     draw = ImageDraw.Draw(image)
     font: Any

@@ -26,7 +26,6 @@ import math
 from typing import IO, Any, cast
 from uuid import UUID
 
-import numpy as np
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -473,6 +472,8 @@ def frame_value_bytes(meta: dict[str, Any]) -> int:
     """How many bytes of values a frame is once inflated (what the browser receives)."""
     if meta.get("error") or not meta.get("dtype"):
         return 0
+    import numpy as np  # pixel code: loaded where pixels are touched
+
     samples = 3 if meta.get("kind") == "rgb" else 1
     itemsize = np.dtype(str(meta["dtype"])).itemsize
     return int(meta["rows"]) * int(meta["columns"]) * samples * itemsize
