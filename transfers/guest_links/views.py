@@ -13,7 +13,6 @@ from django import forms
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -22,15 +21,14 @@ from portal.models import AuditAction, Outcome
 
 from ..access import patient_session_has
 from ..models import Share
+from ..patient_links.blocked import address_blocked_response
 from ..patient_links.services import (
     FactorResult,
     patient_factor_check,
-    patient_factor_refused,
     patient_link_lock,
     patient_session_grant,
     patient_studies_view,
 )
-from ..patient_links.throttle import address_blocked_until
 from ..reports import reports_for_share
 from .services import (
     CODE_DIGITS,
@@ -91,18 +89,9 @@ def guest_open(request: HttpRequest, token: str) -> HttpResponse:
     result: FactorResult | None = None
     status = 200
     if request.method == "POST":
-        blocked_until = address_blocked_until(request)
-        if blocked_until is not None:
-            patient_factor_refused(share=share, request=request, reason="address blocked")
-            response = render(
-                request,
-                "transfers/patient_throttled.html",
-                {"share": share, "blocked_until": blocked_until},
-                status=429,
-            )
-            wait = (blocked_until - timezone.now()).total_seconds()
-            response["Retry-After"] = str(max(int(wait), 1))
-            return response
+        blocked = address_blocked_response(request, share)
+        if blocked is not None:
+            return blocked
         if "send" in request.POST:
             sent = guest_code_send(share=share, request=request)
             if sent.sent:

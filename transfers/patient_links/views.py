@@ -28,19 +28,18 @@ from portal.models import AuditAction, Outcome
 
 from ..access import patient_session_has, study_access
 from ..models import SecondFactor, Share, ShareKind
-from ..reports import report_response, reports_for, reports_visible
+from ..reports import report_response, reports_for_share, reports_visible
 from ..sharing.services import ShareError, share_forward, share_revoke
+from .blocked import address_blocked_response
 from .services import (
     FactorResult,
     patient_factor_check,
-    patient_factor_refused,
     patient_link_lock,
     patient_link_reissue,
     patient_link_unlock,
     patient_session_grant,
     patient_studies_view,
 )
-from .throttle import address_blocked_until
 
 
 class BirthDateForm(forms.Form):
@@ -152,19 +151,9 @@ def patient_open(request: HttpRequest, token: str) -> HttpResponse:
         return redirect("patient_studies", token=token)
 
     if request.method == "POST":
-        blocked_until = address_blocked_until(request)
-        if blocked_until is not None:
-            # Refused unread, before the link's own count: this address is blocked for all links.
-            patient_factor_refused(share=share, request=request, reason="address blocked")
-            response = render(
-                request,
-                "transfers/patient_throttled.html",
-                {"share": share, "blocked_until": blocked_until},
-                status=429,
-            )
-            wait = (blocked_until - timezone.now()).total_seconds()
-            response["Retry-After"] = str(max(int(wait), 1))
-            return response
+        blocked = address_blocked_response(request, share)
+        if blocked is not None:
+            return blocked
 
     uses_pin = share.second_factor == SecondFactor.PIN
     form: forms.Form = (PinForm if uses_pin else BirthDateForm)(request.POST or None)
@@ -208,19 +197,27 @@ def patient_studies(request: HttpRequest, token: str) -> HttpResponse:
     if not patient_session_has(request=request, share=share):
         return redirect("patient_open", token=token)
     patient_studies_view(share=share, request=request)
+    return _studies_page(request, share, ForwardForm(share=share))
+
+
+def _studies_page(
+    request: HttpRequest, share: Share, forward_form: forms.Form, status: int = 200
+) -> HttpResponse:
+    """The patient's list of studies, with the forward form (fresh, or refused and shown again)."""
     studies = list(share.studies.filter(purged_at__isnull=True))
     for study in studies:
         # Only the reports marked for the patient, of this link or of the study as a whole.
-        study.patient_reports = list(reports_for(study, share_ids={share.pk}, patient=True))  # type: ignore[attr-defined]
+        study.patient_reports = list(reports_for_share(study, share))  # type: ignore[attr-defined]
     return render(
         request,
         "transfers/patient_studies.html",
         {
             "share": share,
             "studies": studies,
-            "forward_form": ForwardForm(share=share),
+            "forward_form": forward_form,
             "forwards": share.forwards.order_by("-created_at"),
         },
+        status=status,
     )
 
 
@@ -276,20 +273,7 @@ def patient_forward(request: HttpRequest, token: str) -> HttpResponse:
                 "with a code e-mailed to that address. You can stop sharing at any time below.",
             )
             return redirect("patient_studies", token=token)
-    studies = list(share.studies.filter(purged_at__isnull=True))
-    for study in studies:
-        study.patient_reports = list(reports_for(study, share_ids={share.pk}, patient=True))  # type: ignore[attr-defined]
-    return render(
-        request,
-        "transfers/patient_studies.html",
-        {
-            "share": share,
-            "studies": studies,
-            "forward_form": form,
-            "forwards": share.forwards.order_by("-created_at"),
-        },
-        status=400,
-    )
+    return _studies_page(request, share, form, status=400)
 
 
 @require_POST
