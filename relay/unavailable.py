@@ -27,8 +27,6 @@ from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.loader import render_to_string
 
-from transfers.ingest import DISK_ERRNOS
-
 log = logging.getLogger(__name__)
 
 # Paths whose clients are programs: they get JSON.
@@ -76,6 +74,10 @@ class ServiceUnavailableMiddleware:
         if isinstance(exception, DATABASE_ERRORS):
             log.error("database unavailable during a request: %s", _summary(exception))
             return unavailable_response(request, DATABASE_DOWN)
+        # The upload's list of disk errors, imported only now: transfers.ingest loads pydicom,
+        # which a web worker serving pages never needs (tests/relay/test_lean_imports.py).
+        from transfers.ingest import DISK_ERRNOS
+
         if isinstance(exception, OSError) and exception.errno in DISK_ERRNOS:
             log.error("disk write failed during a request: %s", _summary(exception))
             return unavailable_response(request, DISK_DOWN)

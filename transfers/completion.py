@@ -44,9 +44,9 @@ from portal.audit import audit_record
 from portal.models import AuditAction, Facility, User
 
 from .dicom.routing import routing_apply
-from .ingest import is_valid_uid
 from .models import UID_BATCH, ExpectedInstance, Instance, Study, StudyStatus
 from .sharing.services import shares_notify_added, shares_notify_completed
+from .uids import is_valid_uid
 from .viewer.tasks import study_render_queue
 
 MAX_MANIFEST = 20_000

@@ -22,21 +22,18 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-import pydicom
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.filereader import read_dataset, read_preamble
-from pydicom.tag import BaseTag
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    PrivateTransferSyntaxes,
-)
-from pydicom.valuerep import VR
+if TYPE_CHECKING:
+    # pydicom is imported where a file is read (`dataset_read`), not with this module: its own
+    # import loads numpy, Pillow and the JPEG decoders, which a web worker serving pages never
+    # needs (tests/relay/test_lean_imports.py), and this module is imported by the push, the
+    # exports and the viewer's services, which the pages' views import.
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.tag import BaseTag
 
-DEFLATED = str(DeflatedExplicitVRLittleEndian)
+# Deflated Explicit VR Little Endian (PS3.5 A.5), pydicom's DeflatedExplicitVRLittleEndian.
+DEFLATED = "1.2.840.10008.1.2.1.99"
 # Defaults when Django's settings do not say (RELAY_MAX_INFLATED_BYTES, RELAY_MAX_INFLATE_RATIO).
 MAX_INFLATED_BYTES = 1024 * 1024 * 1024
 MAX_INFLATE_RATIO = 200
@@ -53,7 +50,15 @@ ITEM = (0xFFFE, 0xE000)
 ITEM_END = (0xFFFE, 0xE00D)
 SEQUENCE_END = (0xFFFE, 0xE0DD)
 PIXEL_DATA = (0x7FE0, 0x0010)
-KNOWN_VRS = {vr.value.encode("ascii") for vr in VR}
+# Every VR of PS3.5 Table 6.2-1 (pydicom's `valuerep.VR`, written out so that this module loads
+# without pydicom; tests/relay/test_lean_imports.py holds the two equal).
+KNOWN_VRS = {
+    vr.encode("ascii")
+    for vr in (
+        "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+        "UR US UT UV"
+    ).split()
+}
 # VRs with a 4-byte length in explicit VR (PS3.5 7.1.2).
 LONG_VRS = {vr.encode("ascii") for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()}
 
@@ -199,6 +204,11 @@ def dataset_read(
     sequences at most that deep), so that a damaged file is refused for its real fault before
     pydicom reads on past it.
     """
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.uid import UID, ExplicitVRBigEndian, PrivateTransferSyntaxes
+
     if size is None and (check_depth is not None or _deflated_maybe(fp)):
         size = fp.seek(0, 2)
     fp.seek(0)

@@ -22,8 +22,8 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime, time
+from typing import TYPE_CHECKING
 
-import pydicom
 from django.db import transaction
 from django.http import HttpRequest
 from django.utils import timezone
@@ -32,11 +32,16 @@ from portal.audit import audit_record
 from portal.models import AuditAction, User
 
 from ..completion import manifest_apply
-from ..ingest import DUPLICATE, STORED, instance_ingest
 from ..integrity import instance_open
 from ..models import CopyStatus, DeidentifiedCopy, Instance, Series, Share, Study, StudyStatus
 from ..queue import task_queue_on_commit
-from .apply import CopyKeys, dataset_deidentify, identifiers_of
+
+if TYPE_CHECKING:
+    import pydicom
+
+# pydicom, the ingest and the de-identification itself (dicom-anonymizer's tables) are imported
+# where a copy is made or a header read: the sharing page's view imports this module, and a web
+# worker serving pages loads no pixel code (tests/relay/test_lean_imports.py).
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,8 @@ class BurnedIn:
 
 def _says_burned_in(instance: Instance) -> bool:
     """Whether the stored header says Burned In Annotation YES (read up to the pixels)."""
+    import pydicom
+
     try:
         with instance_open(instance, at_end=False) as reader:
             ds = pydicom.dcmread(reader, stop_before_pixels=True, force=True)
@@ -144,6 +151,8 @@ def deidentified_copies_prepare(
 
     One patient (by Patient ID) gets one pseudonym across the studies of this share, and all of
     them one date offset and one UID key, so that the copies still relate to each other."""
+    from .apply import CopyKeys
+
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise DeidentifyError(f"Unknown de-identification option: {sorted(unknown)}")
@@ -215,6 +224,11 @@ def deidentified_copies_attach(*, share: Share, copies: list[Study]) -> None:
 def deidentified_copy_make(*, mapping_id: int) -> str:
     """Fill the copy: every instance of the original, de-identified, stored through ingest;
     then complete it. Safe to run twice: instances already in the copy are duplicates."""
+    import pydicom
+
+    from ..ingest import DUPLICATE, STORED, instance_ingest
+    from .apply import CopyKeys, dataset_deidentify, identifiers_of
+
     mapping = (
         DeidentifiedCopy.objects.select_related("study", "original", "facility", "created_by")
         .filter(pk=mapping_id)

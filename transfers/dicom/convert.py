@@ -28,12 +28,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
-LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# pydicom is imported where a data set is converted: the push module imports this one, and the
+# PACS pages' views import the push module (tests/relay/test_lean_imports.py).
+
+# Explicit and implicit VR little endian (PS3.5 A.2, A.1).
+LITTLE_ENDIAN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 # Width of the words whose bytes are swapped, by VR (PS3.5 6.2: other word, long, float,
 # double and very long).
 WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
@@ -47,6 +51,8 @@ class ConversionError(ValueError):
 def dataset_convert(ds: Dataset, *, syntax: str) -> None:
     """Make `ds` (a Part 10 dataset) encodable in `syntax`, explicit or implicit VR little
     endian, in place, keeping its SOP Instance UID: it is the same image, not a new one."""
+    from pydicom.uid import UID
+
     if syntax not in LITTLE_ENDIAN:
         raise ValueError(f"Not an uncompressed little endian transfer syntax: {syntax}")
     stored = UID(ds.file_meta.TransferSyntaxUID)
@@ -60,6 +66,8 @@ def dataset_convert(ds: Dataset, *, syntax: str) -> None:
 @contextmanager
 def converted_copy(ds: Dataset, *, syntax: str) -> Iterator[Path]:
     """`ds` converted to `syntax` and written as a Part 10 file, for the length of a block."""
+    from pydicom.filewriter import dcmwrite
+
     dataset_convert(ds, syntax=syntax)
     with tempfile.NamedTemporaryFile(suffix=".dcm") as copy:
         # The encoding follows the file meta's transfer syntax; pydicom writes every element

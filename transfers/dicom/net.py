@@ -14,8 +14,6 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from pynetdicom import transport
-
 _applied = False
 
 
@@ -28,6 +26,8 @@ def _nodelay(sock: socket.socket) -> None:
 
 def tcp_nodelay_enable() -> None:
     """Patch pynetdicom's socket creation once per process (idempotent)."""
+    from pynetdicom import transport  # not at import: the PACS pages import the push module
+
     global _applied
     if _applied:
         return

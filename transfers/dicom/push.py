@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from django.conf import settings
 from django.core.files.storage import Storage, storages
@@ -35,12 +35,6 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.http import HttpRequest
 from django.utils import timezone
-from pydicom.uid import (
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
-from pynetdicom import AE, _config, build_context
 
 from portal.audit import audit_record
 from portal.models import COPY_ROLES, AuditAction, Membership, User
@@ -66,10 +60,18 @@ from .net import tcp_nodelay_enable
 from .outbound import OutboundRefused, outbound_address
 from .tls import push_context
 
+if TYPE_CHECKING:
+    from pynetdicom import AE
+
+# pynetdicom (and pydicom, which it imports) are imported where an association is made: the
+# PACS pages' views import this module, and a web worker serving pages loads neither
+# (tests/relay/test_lean_imports.py).
+
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
-UNCOMPRESSED: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+# Explicit and implicit VR little endian (PS3.5 A.2, A.1): the syntaxes every PACS takes.
+UNCOMPRESSED: list[str] = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 # pynetdicom (and the standard) allow at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
 TIMEOUT_S = 30
@@ -153,6 +155,8 @@ class EchoResult:
 
 
 def _ae() -> AE:
+    from pynetdicom import AE, _config
+
     tcp_nodelay_enable()
     # Files sent by path are streamed as stored instead of decoded and encoded again.
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -559,6 +563,8 @@ def _contexts(items: list[PushInstance]) -> list[Any]:
     (the fallback every PACS takes), and one context per other syntax the instances are stored
     in, so that they can go as stored. Past pynetdicom's 128, the stored syntaxes of the most
     instances are kept; the others are converted."""
+    from pynetdicom import build_context
+
     stored: Counter[tuple[str, str]] = Counter(
         (item.instance.sop_class_uid, item.instance.transfer_syntax_uid) for item in items
     )

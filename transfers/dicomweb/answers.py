@@ -11,7 +11,7 @@ from portal.models import User
 
 from ..access import StudyAccess
 from ..deliveries import DeliveryKind, delivery_announce
-from ..ingest import is_valid_uid
+from ..uids import is_valid_uid
 
 
 def text_answer(reason: str, status: int) -> HttpResponse:

@@ -30,11 +30,10 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.views.decorators.http import require_GET
-from PIL import Image
 
 from .. import integrity
 from ..access import StudyAccess
@@ -51,6 +50,14 @@ from ..viewer.render import (
 from .accept import AcceptError, accept_parse
 from .answers import delivery_meter, text_answer, uids_refused
 from .scope import Need, study_for
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# numpy and Pillow are imported inside the functions that make images: the URL configuration
+# imports these views, and a web worker serving pages loads no pixel code
+# (tests/relay/test_lean_imports.py).
 
 JPEG = "image/jpeg"
 PNG = "image/png"
@@ -157,6 +164,8 @@ def _windowed(values: np.ndarray, center: float, width: float, function: str) ->
     """8-bit grey of `values` through a VOI LUT function (PS3.3 C.11.2.1.2), block by block.
 
     "viewer" is the viewer's own formula (its default window); the others are the standard's."""
+    import numpy as np
+
     out = np.empty(values.shape, dtype=np.uint8)
     for start in range(0, values.shape[0], ROWS_PER_BLOCK):
         x = values[start : start + ROWS_PER_BLOCK].astype(np.float32)
@@ -177,6 +186,9 @@ def _windowed(values: np.ndarray, center: float, width: float, function: str) ->
 
 def frame_image(rendered: RenderedFrame, window: tuple[float, float, str] | None) -> Image.Image:
     """The frame as an 8-bit image, windowed as the viewer does unless `window` says otherwise."""
+    import numpy as np
+    from PIL import Image
+
     meta = rendered.meta
     values = frame_values(rendered)
     if meta["kind"] == "rgb":
@@ -193,6 +205,8 @@ def frame_image(rendered: RenderedFrame, window: tuple[float, float, str] | None
 
 def _fit(image: Image.Image, box: tuple[int, int]) -> Image.Image:
     """The largest image that fits in `box` with the same aspect (up or down)."""
+    from PIL import Image
+
     scale = min(box[0] / image.width, box[1] / image.height)
     size = (
         max(1, min(box[0], round(image.width * scale))),
@@ -247,6 +261,8 @@ def _answer(
     stored_thumbnail: Series | None = None,
 ) -> HttpResponse:
     """Frame `frame` (0-based) of `instance`, rendered, metered once."""
+    from PIL import Image
+
     if instance.rows is None:
         return text_answer("This instance has no image to render.", 404)
     if frame >= max(instance.number_of_frames, 1):

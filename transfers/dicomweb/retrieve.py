@@ -25,18 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, cast
-
-import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
-from pydicom.pixels import get_decoder, pixel_array
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from .. import integrity
 from ..dicom.convert import dataset_convert
@@ -44,9 +33,18 @@ from ..dicomio import dataset_open
 from ..models import Instance
 from .accept import MediaRange
 
-EXPLICIT_LE = str(ExplicitVRLittleEndian)
-# Stored this way, the pixel data is already uncompressed little endian: frames are slices.
-LITTLE_ENDIAN = {EXPLICIT_LE, str(ImplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian)}
+if TYPE_CHECKING:
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+# numpy and pydicom are imported inside the functions that read files: the DICOMweb views import
+# this module, and a web worker serving pages loads no pixel code
+# (tests/relay/test_lean_imports.py).
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+# Stored this way, the pixel data is already uncompressed little endian: frames are slices
+# (explicit, implicit and deflated explicit VR little endian).
+LITTLE_ENDIAN = {EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"}
 CHUNK = 1024 * 1024
 # Top-level binary values larger than this go out as a BulkDataURI in metadata.
 BULK_THRESHOLD = 1024
@@ -68,6 +66,9 @@ class FrameMissing(Exception):
 
 def _convertible(stored: str) -> bool:
     """Whether an instance stored in this syntax can be turned into explicit VR little endian."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
     if stored in LITTLE_ENDIAN:
         return True
     syntax = UID(stored)
@@ -123,6 +124,8 @@ def octet_range(media: MediaRange) -> bool:
 def pixels_syntax(ranges: list[MediaRange], stored: str) -> str:
     """The syntax frames (or pixel bulk data) go out in: the stored one for compressed pixels
     as stored, else explicit VR little endian (raw values); NotAcceptable otherwise."""
+    from pydicom.uid import UID
+
     compressed = UID(stored).is_compressed
     for media in ranges:
         if not octet_range(media):
@@ -233,6 +236,8 @@ def instances_stream(instances: list[Instance], syntax: str, boundary: str) -> I
 def instance_metadata(instance: Instance, instance_url: str) -> dict[str, Any]:
     """The instance's attributes as DICOM JSON (PS3.18 F.2): top-level binary values over 1 KiB,
     and the pixel data, as BulkDataURIs under `instance_url`/bulk/; strings in UTF-8."""
+    from pydicom.uid import UID
+
     with dataset_verified(instance, stop_before_pixels=True) as ds:
         bulk: dict[str, str] = {}
         for element in list(ds):
@@ -299,6 +304,8 @@ def frame_numbers(text: str) -> list[int]:
 
 
 def _raw(array: np.ndarray, bits_allocated: int) -> bytes:
+    import numpy as np
+
     if bits_allocated == 1:
         return np.packbits(array.astype(np.uint8), bitorder="little").tobytes()
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -307,6 +314,9 @@ def _raw(array: np.ndarray, bits_allocated: int) -> bytes:
 def frames_get(instance: Instance, numbers: list[int], syntax: str) -> Parts:
     """The frames `numbers` of the instance in `syntax`: compressed frames as stored, or raw
     little-endian values (decoded when stored compressed or big endian)."""
+    from pydicom.encaps import get_frame
+    from pydicom.pixels import pixel_array
+
     with dataset_verified(instance) as ds:
         if "PixelData" not in ds:
             raise FrameMissing("This instance has no pixel data.")
@@ -334,6 +344,9 @@ def frames_get(instance: Instance, numbers: list[int], syntax: str) -> Parts:
 def bulk_get(instance: Instance, tag: str, syntax: str | None) -> Parts:
     """The value behind a BulkDataURI: the pixel data (all frames, `syntax` as for frames) or
     another top-level binary value as it is. FrameMissing when there is no such value."""
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import UID
+
     if tag == PIXEL_DATA_TAG:
         count = max(instance.number_of_frames or 1, 1)
         assert syntax is not None

@@ -44,7 +44,7 @@ from ..api import api_view as _api_view
 from ..deliveries import receiving_facility_of
 from ..models import Instance
 from ..sharing.services import share_downloaded
-from . import retrieve, search, stow
+from . import retrieve, search
 from .accept import AcceptError, accept_parse
 from .answers import delivery_meter, text_answer, uids_refused
 from .scope import DownloadRefused, Need, studies_visible, study_for
@@ -491,6 +491,10 @@ def bulk(
 
 @_api_view(writes=True)
 def stow_studies(request: HttpRequest) -> HttpResponse:
+    # The STOW-RS module (and the ingest, which loads pydicom) is imported by the first store,
+    # not with the URLs: a web worker serving pages loads no pixel code.
+    from . import stow
+
     return stow.stow(request, _base_url(request))
 
 
@@ -498,6 +502,8 @@ def stow_studies(request: HttpRequest) -> HttpResponse:
 def stow_study(request: HttpRequest, study: str) -> HttpResponse:
     if bad := uids_refused(study):
         return bad
+    from . import stow  # as in stow_studies
+
     return stow.stow(request, _base_url(request), study)
 
 

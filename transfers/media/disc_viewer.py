@@ -40,9 +40,8 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import storages
@@ -51,6 +50,9 @@ from django.template import Context, Engine
 from ..models import Instance, Study
 from ..viewer.decode import DecodeError
 from ..viewer.render import frame_render_get, frame_render_key, frame_values, study_render
+
+if TYPE_CHECKING:
+    import numpy as np  # imported in `_encode`: the media views load no pixel code
 
 ASSETS = Path(__file__).resolve().parent / "disc"
 # The web viewer's pure modules, bundled in this order into VIEWER/WINDOW.JS.
@@ -189,6 +191,8 @@ def frame_file_path(series_key: str, number: int) -> str:
 
 def _encode(values: np.ndarray, kind: str) -> tuple[bytes, dict[str, Any]]:
     """The frame as 16-bit little-endian codes and how the viewer turns them back."""
+    import numpy as np
+
     if kind == "rgb":
         rgb = values.astype(np.uint16)
         codes = ((rgb[..., 0] >> 3) << 11) | ((rgb[..., 1] >> 2) << 5) | (rgb[..., 2] >> 3)

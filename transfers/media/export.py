@@ -29,6 +29,7 @@ the disc works while the current one is hashed and sent.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -38,27 +39,28 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-import pycdlib
-import pydicom
-import pydicom.fileset
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.utils import timezone
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.fileset import FileSet
-from pydicom.multival import MultiValue
-from pydicom.uid import UID
-from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 from zipstream import ZIP_STORED, ZipStream
 
 from .. import dicomio
 from ..integrity import VerifyingReader, verified_open
 from ..models import Instance, Report, Series, Study
 from .disc_viewer import viewer_files
+
+if TYPE_CHECKING:
+    import pycdlib
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.fileset import FileSet
+
+# pydicom and pycdlib are imported inside the functions that read or write headers and discs:
+# the media views import this module, and a web worker serving pages loads no pixel code
+# (pydicom's own import loads numpy, Pillow and the JPEG decoders;
+# tests/relay/test_lean_imports.py).
 
 CHUNK = 1024 * 1024
 # Stored objects the disc is asked to read ahead of the one being written into the ZIP.
@@ -243,6 +245,8 @@ def _dicomdir_build(
     storage: Storage, planned: list[tuple[StudyMedia, list[Instance]]], file_set_id: str
 ) -> tuple[bytes, dict[str, str]]:
     """The DICOMDIR of the planned instances (pydicom's FileSet) and each one's File ID."""
+    from pydicom.fileset import FileSet
+
     fileset = FileSet()
     fileset.ID = file_set_id
     for study_number, (media, kept) in enumerate(planned, start=1):
@@ -351,6 +355,8 @@ def _describe(study: Study) -> str:
 
 def _read_header(storage: Storage, instance: Instance) -> Dataset:
     """The object's header without its pixel data and without any long value."""
+    from pydicom.dataelem import DataElement, RawDataElement
+
     try:
         with storage.open(instance.storage_key, "rb") as fh:
             if fh.size != instance.size_bytes:
@@ -388,9 +394,13 @@ def _read_header(storage: Storage, instance: Instance) -> Dataset:
 # The SOP classes whose directory records need more than the index holds (RT, presentation
 # states, SR, encapsulated documents...): pydicom's own table of them. Everything else is an
 # IMAGE record, which needs only what the Study, Series and Instance rows already say.
-_OTHER_RECORD_CLASSES: frozenset[str] = frozenset(
-    getattr(pydicom.fileset, "_FOUR_LEVEL_SOP_CLASSES", None) or ()
-)
+@functools.cache
+def _other_record_classes() -> frozenset[str]:
+    import pydicom.fileset
+
+    return frozenset(getattr(pydicom.fileset, "_FOUR_LEVEL_SOP_CLASSES", None) or ())
+
+
 _OTHER_RECORD_MODALITIES = {"RTINTENT", "RTSEGANN", "RTRAD", "PLAN", "RTPLAN"}
 # Encapsulated PDF, CDA, STL, OBJ, MTL: ENCAP DOC records.
 ENCAPSULATED_DOCUMENTS = "1.2.840.10008.5.1.4.1.1.104."
@@ -399,10 +409,11 @@ RADIOTHERAPY = "1.2.840.10008.5.1.4.1.1.481."
 
 
 def _needs_header(instance: Instance, series: Series) -> bool:
-    if not _OTHER_RECORD_CLASSES:
+    other_classes = _other_record_classes()
+    if not other_classes:
         return True  # pydicom changed its table: read every header, slower but right
     return (
-        instance.sop_class_uid in _OTHER_RECORD_CLASSES
+        instance.sop_class_uid in other_classes
         or series.modality.upper() in _OTHER_RECORD_MODALITIES
         or instance.sop_class_uid.startswith((ENCAPSULATED_DOCUMENTS, RADIOTHERAPY))
     )
@@ -432,6 +443,9 @@ def _header_from_rows(study: Study, series: Series, instance: Instance) -> Datas
 
     Reading 300 headers from storage was most of the time to a ZIP's first byte; the rows hold
     the same values, taken from the same headers when the files arrived."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID
+
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(instance.transfer_syntax_uid)
@@ -459,6 +473,8 @@ def _header_from_rows(study: Study, series: Series, instance: Instance) -> Datas
 
 
 def _dictionary_vr(tag: Any) -> str:
+    from pydicom.datadict import dictionary_VR
+
     try:
         vr = dictionary_VR(tag)
     except KeyError:
@@ -532,6 +548,9 @@ def _record_character_set(ds: Dataset) -> None:
 
 
 def _is_ascii(element: DataElement) -> bool:
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
+
     if element.VR not in CUSTOMIZABLE_CHARSET_VR or element.value is None:
         return True
     values = element.value if isinstance(element.value, MultiValue) else [element.value]
@@ -545,6 +564,8 @@ def _write_dicomdir(fileset: FileSet) -> tuple[bytes, dict[str, str]]:
     copies are thrown away and the File IDs are read back from the DICOMDIR itself, so that the
     media use exactly the names it references.
     """
+    import pydicom
+
     with tempfile.TemporaryDirectory(prefix="relay-dicomdir-") as tmp:
         fileset.write(tmp)
         dicomdir = (Path(tmp) / "DICOMDIR").read_bytes()
@@ -873,6 +894,8 @@ def _iso_name(path: str) -> str:
 
 
 def _iso(plan: ExportPlan) -> tuple[pycdlib.PyCdlib, list[io.IOBase]]:
+    import pycdlib
+
     volume_label = plan.file_set_id
     if not VOLUME_LABEL_RE.match(volume_label):
         raise ExportError("A volume label is 1 to 16 of A-Z, 0-9 and _.")

@@ -31,8 +31,6 @@ from django.db import transaction
 from django.db.models import F
 from django.http import HttpRequest
 from django.utils import timezone
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from portal.audit import audit_record
 from portal.models import AuditAction, Membership, Outcome, User
@@ -160,6 +158,10 @@ def study_reconcile_abandon(*, study: Study, reason: str) -> None:
 def _instance_rewrite(
     instance: Instance, identity: Identity, *, now: datetime, storage: Storage
 ) -> int:
+    # pydicom here, not at import: the web worker imports this module for its views.
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     with storage.open(instance.storage_key) as f, dicomio.dataset_open(f) as (ds, _):
         pass  # read whole (bounded for a deflated copy): it is rewritten below
     before = {

@@ -26,19 +26,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
-import numpy as np
-import pydicom
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+# numpy and pydicom are imported inside the functions that touch pixels or headers: the views
+# import this module for its names, and a web worker serving pages loads no pixel code
+# (tests/relay/test_lean_imports.py). Once loaded, such an import is a dictionary lookup.
 
 from .. import dicomio
 
@@ -148,6 +147,13 @@ def dataset_read(fp: IO[bytes]) -> Dataset:
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
+    from pydicom.uid import (
+        UID,
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts:
@@ -194,6 +200,9 @@ def _pixel_keyword(ds: Dataset) -> str:
 
 
 def _object_kind(ds: Dataset) -> str:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
     sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get(
         "MediaStorageSOPClassUID"
     )
@@ -222,6 +231,8 @@ def _image_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
 
 def dataset_frame_decode(ds: Dataset, fp: IO[bytes], frame: int) -> FrameData:
     """Decode one frame of a dataset read by `dataset_read` from the still-open `fp`."""
+    from pydicom.pixels import apply_color_lut
+
     frames = number_of_frames(ds)
     if frame < 0 or frame >= frames:
         raise ValueError(f"frame {frame} is out of range (the image has {frames})")
@@ -286,6 +297,8 @@ def _decode(
 ) -> tuple[np.ndarray, str]:
     """The frame as pydicom decodes it (YBR_FULL and YBR_FULL_422 turned into RGB, J2K's
     YBR_ICT / YBR_RCT come out as RGB), and its photometric interpretation after decoding."""
+    from pydicom.pixels import get_decoder
+
     rows, columns, samples, bits = _frame_sizes_check(ds, keyword)
     try:
         decoder = get_decoder(ts)
@@ -428,8 +441,10 @@ def _functional_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
 
 
 def _float(value: Any) -> float | None:
+    from pydicom.multival import MultiValue
+
     try:
-        if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        if isinstance(value, list | tuple | MultiValue):
             value = value[0] if len(value) else None
         if value is None or value == "":
             return None
@@ -455,6 +470,9 @@ def rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
 def _modality_values(ds: Dataset, arr: np.ndarray, frame: int) -> np.ndarray:
     """Stored values to modality values, in the smallest of int16 / uint16 / int32 that holds
     them exactly, else float32."""
+    import numpy as np
+    from pydicom.pixels import apply_modality_lut
+
     if arr.dtype.kind == "f":
         values = arr.astype(np.float32)
         linear = rescale(ds, frame)
@@ -479,6 +497,8 @@ def _modality_values(ds: Dataset, arr: np.ndarray, frame: int) -> np.ndarray:
 
 
 def _integer_fit(arr: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     if arr.dtype.kind == "f":
         return arr.astype(np.float32)
     if arr.size == 0:
@@ -517,6 +537,8 @@ def default_window(ds: Dataset, frame: int) -> tuple[float, float] | None:
 
 
 def _data_window(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    import numpy as np
+
     flat = values.reshape(-1)
     step = max(flat.size // WINDOW_SAMPLE_PIXELS, 1)
     sample = flat[::step]
@@ -529,6 +551,8 @@ def _data_window(values: np.ndarray, low: float, high: float) -> tuple[float, fl
 
 
 def _gray_frame(ds: Dataset, arr: np.ndarray, frame: int, photometric: str) -> FrameData:
+    import numpy as np
+
     if arr.ndim != 2:
         raise DecodeError(f"Unexpected decoded shape {arr.shape}")
     values = _modality_values(ds, arr, frame)
@@ -557,6 +581,8 @@ def _gray_frame(ds: Dataset, arr: np.ndarray, frame: int, photometric: str) -> F
 
 
 def _rgb_frame(ds: Dataset, arr: np.ndarray, *, palette: bool = False) -> FrameData:
+    import numpy as np
+
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise DecodeError(f"Unexpected decoded colour shape {arr.shape}")
     rgb = arr[:, :, :3]
@@ -591,8 +617,10 @@ def _rgb_frame(ds: Dataset, arr: np.ndarray, *, palette: bool = False) -> FrameD
 
 
 def _floats(value: Any, count: int) -> list[float] | None:
+    from pydicom.multival import MultiValue
+
     try:
-        items = list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else []
+        items = list(value) if isinstance(value, list | tuple | MultiValue) else []
         result = [float(v) for v in items[:count]]
     except (TypeError, ValueError, OverflowError):
         return None

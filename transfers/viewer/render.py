@@ -26,7 +26,6 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import IO, TYPE_CHECKING, Any, cast
 
-import numpy as np
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 
@@ -35,7 +34,12 @@ from ..models import Instance, Series, Study
 from .decode import DecodeError, FrameData, dataset_frame_decode, dataset_read, frame_meta
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
+
+# numpy and Pillow are imported where values or images are made: the frame endpoint serves a
+# stored render's bytes as they are, and a web worker loads no pixel code for it
+# (tests/relay/test_lean_imports.py).
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +279,22 @@ def _error_render(instance: Instance, frame: int, ds: Any, error: DecodeError) -
     )
 
 
+def value_itemsize(dtype: str) -> int:
+    """Bytes per value of a render's dtype name ("uint8", "int16", "float32"...): numpy's names
+    end in their bits, read here so that the frame endpoint counts what it sends without
+    loading numpy."""
+    bits = dtype.lstrip("abcdefghijklmnopqrstuvwxyz")
+    if bits.isdigit() and int(bits) % 8 == 0:
+        return int(bits) // 8
+    import numpy as np  # a name without its bits ("bool", "longdouble"): numpy knows
+
+    return int(np.dtype(dtype).itemsize)
+
+
 def frame_values(rendered: RenderedFrame) -> np.ndarray:
     """The frame's values as an array (rows x columns, or rows x columns x 3 for RGB)."""
+    import numpy as np
+
     meta = rendered.meta
     arr = np.frombuffer(
         gzip.decompress(rendered.gz), dtype=np.dtype(meta["dtype"]).newbyteorder("<")
@@ -357,6 +375,7 @@ def _thumbnail_make(instance: Instance | None, frame: int, source: str) -> bytes
 
 
 def _thumbnail_image(rendered: RenderedFrame) -> Image.Image:
+    import numpy as np
     from PIL import Image
 
     meta = rendered.meta

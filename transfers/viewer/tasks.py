@@ -19,7 +19,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 
-from ..media.export import export_plan_warm
 from ..models import Study
 from .render import study_render
 
@@ -42,6 +41,8 @@ log = logging.getLogger(__name__)
 def study_render_task(self: Task, study_id: int) -> int:
     """Render what is missing of a study. Safe to run twice, or twice at once: renders that
     exist are skipped, and two workers writing the same render write the same bytes."""
+    from ..media.export import export_plan_warm  # pydicom: loaded by the render worker only
+
     study = Study.objects.filter(pk=study_id).first()
     if study is None or study.purged_at is not None:
         return 0
