@@ -67,6 +67,39 @@ def audit_record(
     detail: dict[str, Any] | None = None,
     address: str | None = None,
 ) -> AuditEvent:
+    event = audit_event(
+        action=action,
+        request=request,
+        actor=actor,
+        facility=facility,
+        actor_facility=actor_facility,
+        study=study,
+        study_instance_uid=study_instance_uid,
+        patient_id=patient_id,
+        outcome=outcome,
+        detail=detail,
+        address=address,
+    )
+    event.save(force_insert=True)
+    return event
+
+
+def audit_event(
+    *,
+    action: str,
+    request: HttpRequest | None = None,
+    actor: User | None = None,
+    facility: Facility | None = None,
+    actor_facility: Facility | None = None,
+    study: AuditedStudy | None = None,
+    study_instance_uid: str = "",
+    patient_id: str = "",
+    outcome: str = Outcome.SUCCESS,
+    detail: dict[str, Any] | None = None,
+    address: str | None = None,
+) -> AuditEvent:
+    """The event `audit_record` writes, not saved yet: for a caller that inserts it together
+    with other rows (ingest writes an upload's event in the statement that stores its rows)."""
     # Refuses a misspelt or unknown action: the trail is searched by these values.
     action = AuditAction(action).value
     if actor is None and request is not None and getattr(request, "user", None) is not None:
@@ -79,7 +112,7 @@ def audit_record(
     if actor_facility is None and actor is not None:
         # A caller that knows better (the recipient facility of the share used) passes it.
         actor_facility = acting_facility(actor, facility)
-    return AuditEvent.objects.create(
+    return AuditEvent(
         action=action,
         outcome=outcome,
         actor=actor,

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable
 from contextlib import suppress
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from django.conf import settings
@@ -48,17 +48,16 @@ from portal.lockout import address_blocked, address_failure
 from portal.models import ApiToken, AuditAction, Facility, Outcome, User
 
 from .completion import ManifestError, manifest_apply
-from .ingest import (
-    REJECTED,
-    TEMP_DISK_DOWN,
-    UNAVAILABLE,
-    IngestResult,
-    human_size,
-    instance_ingest,
-    is_valid_uid,
-    read_chunks,
-)
 from .models import Instance, Share, ShareKind, Study
+from .uids import is_valid_uid
+
+if TYPE_CHECKING:
+    from .ingest import IngestResult
+
+# The ingest is imported by the functions that store or word an upload's results, not with this
+# module: the URLs import it for GET /api/v1/facilities too, and transfers.ingest loads pydicom
+# (with numpy, Pillow and the JPEG decoders), which a web worker serving pages never needs
+# (tests/relay/test_lean_imports.py).
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,8 @@ _NOT_DICOM_PLAIN = (
 
 
 def _worded(result: IngestResult) -> IngestResult:
+    from .ingest import REJECTED
+
     if result.status == REJECTED and result.reason.startswith(_NOT_DICOM):
         result.reason = _NOT_DICOM_PLAIN
     return result
@@ -91,12 +92,16 @@ def _retry_later(response: JsonResponse) -> JsonResponse:
 
 def _unavailable(reason: str) -> JsonResponse:
     """Our fault, not the request's: the same request may succeed in a while."""
+    from .ingest import UNAVAILABLE
+
     return _retry_later(JsonResponse({"status": UNAVAILABLE, "reason": reason}, status=503))
 
 
 def _form_failure(request: HttpRequest, exc: OSError) -> JsonResponse:
     """Reading a multipart form failed. Django spools each file past FILE_UPLOAD_MAX_MEMORY_SIZE
     to a temporary file in FILE_UPLOAD_TEMP_DIR, which can be full: that is ours to fix."""
+    from .ingest import TEMP_DISK_DOWN
+
     if isinstance(exc, UnreadablePostError):
         return _error("The upload was cut off before the form arrived; send it again.", 400)
     log.error("temporary file write failed while receiving a form: %s", exc)
@@ -193,6 +198,8 @@ def _json_depth(body: bytes) -> int:
 def _json_object(request: HttpRequest, shape: str) -> dict[str, Any] | JsonResponse:
     """The request body as a JSON object, or a 400 that says what shape was expected (413 when
     it is larger than RELAY_JSON_MAX_BYTES, 400 when nested deeper than RELAY_JSON_MAX_DEPTH)."""
+    from .ingest import human_size
+
     limit = getattr(settings, "RELAY_JSON_MAX_BYTES", JSON_MAX_BYTES)
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -278,6 +285,16 @@ def facilities(request: AuthedRequest) -> JsonResponse:
 @require_POST
 @api_view(writes=True)
 def instances_upload(request: AuthedRequest) -> JsonResponse:
+    from .ingest import (
+        REJECTED,
+        UNAVAILABLE,
+        IngestBatch,
+        IngestResult,
+        human_size,
+        instance_ingest,
+        read_chunks,
+    )
+
     facility = _upload_facility(request, request.GET.get("facility"))
     if isinstance(facility, JsonResponse):
         return facility
@@ -295,8 +312,16 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
             return files
         if not files:
             return _error("No file fields named 'file' in the form.", 400)
-        results = [
-            _worded(
+        # The rows of the form's files are written together (their results are final once
+        # the batch has committed them, on leaving the block).
+        with IngestBatch(
+            facility=facility,
+            user=request.user,
+            source="api",
+            request=request,
+            actor_facility=facility,
+        ) as batch:
+            results = [
                 instance_ingest(
                     facility=facility,
                     user=request.user,
@@ -304,11 +329,11 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
                     filename=upload.name or "",
                     source="api",
                     request=request,
+                    batch=batch,
                 )
-            )
-            for upload in files
-        ]
-        return _results_response(results)
+                for upload in files
+            ]
+        return _results_response([_worded(result) for result in results])
     if "CONTENT_LENGTH" not in request.META or request.META["CONTENT_LENGTH"] == "":
         return _error("Send the DICOM file as the request body with a Content-Length.", 411)
     filename = unquote(request.META.get("HTTP_X_FILENAME", ""))[:255]
@@ -336,6 +361,8 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
             expected_size=length,
             source="browser" if bearer_token(request) is None else "api",
             request=request,
+            # _upload_facility checked that they may upload there: they act for it.
+            actor_facility=facility,
         )
     )
     response = JsonResponse(result.as_dict(), status=result.http_status)
@@ -343,6 +370,8 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
 
 
 def _results_response(results: list[IngestResult]) -> JsonResponse:
+    from .ingest import UNAVAILABLE
+
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import re
 import struct
 import tempfile
 import uuid
@@ -42,8 +41,9 @@ import pydicom
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
-from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db.models import F, Subquery
+from django.db.models.sql import InsertQuery
 from django.http import HttpRequest
 from django.utils import timezone
 from pydicom.datadict import dictionary_VR
@@ -51,17 +51,17 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from portal.access import acting_facility
-from portal.audit import audit_record, client_ip
+from portal.audit import audit_event
 from portal.models import AuditAction, AuditEvent, Facility, Outcome, User
 
 from .dicomio import InflateTooLarge, Malformed, dataset_open, inflate_limits
 from .models import Instance, Series, Study, StudyStatus
 from .purge import study_has_contents
 from .queue import task_queue_on_commit
+from .uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 CHUNK = 1024 * 1024
@@ -109,10 +109,6 @@ class IngestResult:
             data.pop(name)
         data.update(self.extra)
         return data
-
-
-def is_valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and bool(UID_RE.match(value))
 
 
 @dataclass
@@ -544,6 +540,7 @@ def instance_ingest(
     batch: IngestBatch | None = None,
     only_study: str | None = None,
     meta_may_differ: bool = False,
+    actor_facility: Facility | None = None,
 ) -> IngestResult:
     """Store one incoming file. Never raises for bad input: the result says what happened.
 
@@ -553,16 +550,21 @@ def instance_ingest(
     and is final (the same object, updated) once `batch.flush()` has run. With `only_study`,
     a file of another study is refused (STOW-RS on /studies/{S}). With `meta_may_differ` (the
     gateway, which writes the file meta itself, naming the sender), a copy whose data set is
-    the stored one's byte for byte is a duplicate even when its file meta differs.
+    the stored one's byte for byte is a duplicate even when its file meta differs. A caller
+    that has checked the sender may upload to `facility` passes it as `actor_facility` (the
+    facility the sender acts for), which saves looking it up.
     """
+    if batch is not None:
+        actor_facility = batch.actor_facility()
 
-    def audit(result: IngestResult) -> None:
-        audit_record(
+    def audit(result: IngestResult) -> AuditEvent:
+        """The upload's event, not saved yet (a stored file's is written with its rows)."""
+        return audit_event(
             action=AuditAction.UPLOAD,
             request=request,
             actor=user,
             facility=facility,
-            actor_facility=batch.actor_facility() if batch is not None else None,
+            actor_facility=actor_facility,
             study_instance_uid=result.study_instance_uid,
             patient_id=result.extra.get("patient_id", ""),
             outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
@@ -599,7 +601,7 @@ def instance_ingest(
         return result
     if result.status != STORED:
         try:
-            audit(result)
+            audit(result).save(force_insert=True)
         except DatabaseError:
             # Nothing was stored, and the database that would hold the record is down.
             log.exception(
@@ -630,7 +632,7 @@ def _ingest_spooled(
     user: User | None,
     spooled: Spooled,
     filename: str,
-    audit: Callable[[IngestResult], None],
+    audit: Callable[[IngestResult], AuditEvent],
     batch: IngestBatch | None = None,
     only_study: str | None = None,
     meta_may_differ: bool = False,
@@ -675,8 +677,13 @@ def _ingest_spooled(
     if batch is not None and batch.pending_uid(header.sop_uid):
         # A second copy in one request: the first is committed, then compared as usual.
         batch.flush()
+    series: Series | None = None
     try:
-        existing = _existing(facility, header.sop_uid)
+        if batch is not None:
+            # The batch finds each study's copies and series once for all its objects.
+            existing = batch.existing(header)
+        else:
+            existing, series = _lookup(facility, header)
     except DatabaseError as exc:
         log.exception("database unavailable before storing %s", header.sop_uid)
         raise Rejected(DATABASE_DOWN, 503) from exc
@@ -717,6 +724,7 @@ def _ingest_spooled(
             "columns": columns,
             "number_of_frames": max(frames, 1),
         },
+        series=series,
     )
     if batch is not None:
         batch.add(pending)
@@ -734,6 +742,8 @@ class _Pending:
     study_fields: dict[str, Any]
     series_fields: dict[str, Any]
     instance_fields: dict[str, Any]
+    # Its series (with its study, not purged) when it was found before the object was stored.
+    series: Series | None = None
 
 
 def _commit_one(
@@ -741,31 +751,40 @@ def _commit_one(
     facility: Facility,
     user: User | None,
     pending: _Pending,
-    audit: Callable[[IngestResult], None],
+    audit: Callable[[IngestResult], AuditEvent],
 ) -> IngestResult:
     """The rows of one stored object in their own transaction; if they cannot be committed,
-    the object is removed again (Rejected for a fault of ours, or the dedup result of a race)."""
+    the object is removed again (Rejected for a fault of ours, or the dedup result of a race).
+
+    An object joining a series found before it was stored (the common case) is written on
+    PostgreSQL in one statement: its row, its audit event and both counters."""
     storage = storages["default"]
     result, header, key = pending.result, pending.header, pending.key
     try:
         with transaction.atomic():
-            study, series, series_created = _index(
-                facility=facility,
-                user=user,
-                header=header,
-                key=key,
-                size=result.size,
-                sha256=result.sha256,
-                study_fields=pending.study_fields,
-                series_fields=pending.series_fields,
-                instance_fields=pending.instance_fields,
-            )
-            result.study_uuid = str(study.uuid)
-            result.http_status = 201
-            audit(result)
-            # Last, so that the study's row is locked (by concurrent uploads into the same
-            # study) for as short a time as possible before the commit.
-            _count(study=study, series=series, size=result.size, series_created=series_created)
+            if pending.series is not None and connection.vendor == "postgresql":
+                result.study_uuid = str(pending.series.study.uuid)
+                result.http_status = 201
+                _write_one(pending, facility=facility, user=user, event=audit(result))
+            else:
+                study, series, series_created = _index(
+                    facility=facility,
+                    user=user,
+                    header=header,
+                    key=key,
+                    size=result.size,
+                    sha256=result.sha256,
+                    study_fields=pending.study_fields,
+                    series_fields=pending.series_fields,
+                    instance_fields=pending.instance_fields,
+                    series=pending.series,
+                )
+                result.study_uuid = str(study.uuid)
+                result.http_status = 201
+                audit(result).save(force_insert=True)
+                # Last, so that the study's row is locked (by concurrent uploads into the same
+                # study) for as short a time as possible before the commit.
+                _count(study=study, series=series, size=result.size, series_created=series_created)
     except BaseException as exc:
         # Whatever stopped it (a lost race, the database, a purge, an interrupt), the rows were
         # not committed, so the object must not stay behind either.
@@ -810,18 +829,21 @@ def _index(
     study_fields: dict[str, Any],
     series_fields: dict[str, Any],
     instance_fields: dict[str, Any],
+    series: Series | None = None,
 ) -> tuple[Study, Series, bool]:
-    """The rows for one stored object; called inside the caller's transaction."""
-    # Most instances join a series that already exists: one query finds it and its study.
-    series = (
-        Series.objects.select_related("study")
-        .filter(
-            study__facility=facility,
-            study__study_instance_uid=header.study_uid,
-            series_instance_uid=header.series_uid,
+    """The rows for one stored object; called inside the caller's transaction. `series` is
+    its series (with its study) when the caller found it already."""
+    if series is None:
+        # Most instances join a series that already exists: one query finds it and its study.
+        series = (
+            Series.objects.select_related("study")
+            .filter(
+                study__facility=facility,
+                study__study_instance_uid=header.study_uid,
+                series_instance_uid=header.series_uid,
+            )
+            .first()
         )
-        .first()
-    )
     series_created = False
     if series is not None and series.study.purged_at is not None:
         _revive(series.study)
@@ -897,6 +919,101 @@ def _count(*, study: Study, series: Series, size: int, series_created: bool) -> 
     # the instance is then refused (and rolled back) rather than acknowledged and deleted.
     if not Study.objects.filter(pk=study.pk, purged_at__isnull=True).update(**study_update):
         raise Rejected(PURGING, 503)
+
+
+def _lookup(
+    facility: Facility, header: Header
+) -> tuple[tuple[set[str], str, bool] | None, Series | None]:
+    """What `_existing` says of the SOP Instance UID, and the series (with its study) the
+    object would join, in one query when that series exists (most objects of a study); its
+    series is None when it is new, or in a purged study (`_index` revives it)."""
+    copy = Instance.objects.filter(facility=facility, sop_instance_uid=header.sop_uid)
+    series = (
+        Series.objects.select_related("study")
+        .filter(
+            study__facility=facility,
+            study__study_instance_uid=header.study_uid,
+            series_instance_uid=header.series_uid,
+        )
+        .annotate(
+            copy_sha256=Subquery(copy.values("sha256")[:1]),
+            copy_original=Subquery(copy.values("original_sha256")[:1]),
+            copy_study=Subquery(copy.values("series__study__uuid")[:1]),
+            copy_purged=Subquery(copy.values("series__study__purged_at")[:1]),
+        )
+        .first()
+    )
+    if series is None:
+        return _existing(facility, header.sop_uid), None
+    existing = None
+    if series.copy_sha256 is not None:  # type: ignore[attr-defined]
+        existing = (
+            {series.copy_sha256, series.copy_original} - {""},  # type: ignore[attr-defined]
+            str(series.copy_study),  # type: ignore[attr-defined]
+            series.copy_purged is not None,  # type: ignore[attr-defined]
+        )
+    return existing, (series if series.study.purged_at is None else None)
+
+
+def _write_one(
+    pending: _Pending, *, facility: Facility, user: User | None, event: AuditEvent
+) -> None:
+    """PostgreSQL: the instance's row, its audit event and the counters of its series and
+    study in one statement (data-modifying WITH), inside the caller's transaction. The study's
+    update waits for a purge claiming it at this moment and then sees its mark: the object is
+    then refused and rolled back, as `_count` does."""
+    assert pending.series is not None
+    series, result = pending.series, pending.result
+    instance = Instance(
+        facility=facility,
+        series=series,
+        sop_instance_uid=pending.header.sop_uid,
+        sop_class_uid=pending.header.sop_class,
+        transfer_syntax_uid=pending.header.transfer_syntax,
+        size_bytes=result.size,
+        sha256=result.sha256,
+        storage_key=pending.key,
+        uploaded_by=user,
+        **pending.instance_fields,
+    )
+    instance_sql, instance_params = _insert_sql(instance)
+    event_sql, event_params = _insert_sql(event)
+    qn = connection.ops.quote_name
+    series_table, study_table = qn(Series._meta.db_table), qn(Study._meta.db_table)
+    # Only quoted table names and Django's own compiled INSERTs go into the text; every value
+    # is a parameter.
+    statement = (
+        f"WITH i AS ({instance_sql}), a AS ({event_sql}), "  # noqa: S608
+        f"s AS (UPDATE {series_table} SET num_instances = num_instances + 1, "
+        f"size_bytes = size_bytes + %s WHERE id = %s) "
+        f"UPDATE {study_table} SET num_instances = num_instances + 1, "
+        f"size_bytes = size_bytes + %s, last_received_at = %s, status = %s, "
+        f"completed_at = NULL WHERE id = %s AND purged_at IS NULL RETURNING id"
+    )
+    params = [
+        *instance_params,
+        *event_params,
+        result.size,
+        series.pk,
+        result.size,
+        timezone.now(),
+        StudyStatus.RECEIVING.value,
+        series.study_id,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        if cursor.fetchone() is None:
+            raise Rejected(PURGING, 503)
+
+
+def _insert_sql(obj: Any) -> tuple[str, list[Any]]:
+    """The INSERT Django would run to save `obj` (a new row, its defaults applied)."""
+    model = type(obj)
+    fields = [f for f in model._meta.local_concrete_fields if not f.primary_key]
+    query = InsertQuery(model)
+    query.insert_values(fields, [obj])
+    [(sql, params)] = query.get_compiler(connection=connection).as_sql()
+    return sql, list(params)
 
 
 def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str, bool] | None:
@@ -991,6 +1108,12 @@ def upload_detail(result: IngestResult, *, source: str, filename: str) -> dict[s
 BATCH_INSTANCES = 50
 
 
+# A batch reads the copies a study holds once, up to this many (beyond, one query per object).
+KNOWN_PER_STUDY = 20_000
+# Marks a study with more copies than that.
+_TOO_MANY: dict[str, tuple[set[str], str, bool]] = {}
+
+
 class _Fallback(Exception):
     """The batch cannot be written as one (a purged study to revive): each on its own."""
 
@@ -1019,6 +1142,7 @@ class IngestBatch:
         source: str,
         request: HttpRequest | None = None,
         size: int = BATCH_INSTANCES,
+        actor_facility: Facility | None = None,
     ) -> None:
         self.facility = facility
         self.user = user
@@ -1027,7 +1151,12 @@ class IngestBatch:
         self.size = size
         self._pending: list[_Pending] = []
         self._filenames: dict[int, str] = {}
-        self._actor_facility: tuple[Facility | None] | None = None
+        # Study UID -> the copies it holds (SOP Instance UID -> what _existing says).
+        self._known: dict[str, dict[str, tuple[set[str], str, bool]]] = {}
+        # Known when the caller checked the sender may upload to `facility`.
+        self._actor_facility: tuple[Facility | None] | None = (
+            (actor_facility,) if actor_facility is not None else None
+        )
 
     def __enter__(self) -> IngestBatch:
         return self
@@ -1062,6 +1191,44 @@ class IngestBatch:
     def pending_uid(self, sop_uid: str) -> bool:
         return any(pending.header.sop_uid == sop_uid for pending in self._pending)
 
+    def existing(self, header: Header) -> tuple[set[str], str, bool] | None:
+        """What `_existing` says of the object's SOP Instance UID, from the copies its study
+        holds, read once per study and request (a study of more than KNOWN_PER_STUDY objects
+        is asked per object). A copy under the same UID in another study is not in that list:
+        the unique constraint then refuses the batch's rows, and the fallback to one object at
+        a time finds it, with the same outcome."""
+        known = self._known.get(header.study_uid)
+        if known is None:
+            known = self._known[header.study_uid] = self._study_copies(header.study_uid)
+        if known is _TOO_MANY:
+            return _existing(self.facility, header.sop_uid)
+        return known.get(header.sop_uid)
+
+    def _study_copies(self, study_uid: str) -> dict[str, tuple[set[str], str, bool]]:
+        study = (
+            Study.objects.filter(facility=self.facility, study_instance_uid=study_uid)
+            .values("pk", "uuid", "purged_at", "num_instances")
+            .first()
+        )
+        if study is None:
+            return {}
+        if study["num_instances"] > KNOWN_PER_STUDY:
+            return _TOO_MANY
+        purged = study["purged_at"] is not None
+        return {
+            sop: ({sha, original} - {""}, str(study["uuid"]), purged)
+            for sop, sha, original in Instance.objects.filter(
+                facility=self.facility, series__study_id=study["pk"]
+            ).values_list("sop_instance_uid", "sha256", "original_sha256")
+        }
+
+    def _remember(self, items: list[_Pending]) -> None:
+        """Objects whose rows were committed are known copies for the rest of the request."""
+        for item in items:
+            known = self._known.get(item.header.study_uid)
+            if item.result.status == STORED and known is not None and known is not _TOO_MANY:
+                known[item.header.sop_uid] = ({item.result.sha256}, item.result.study_uuid, False)
+
     def add(self, pending: _Pending) -> None:
         pending.result.study_uuid = ""
         self._pending.append(pending)
@@ -1089,22 +1256,19 @@ class IngestBatch:
             for item in pending:
                 _delete_quietly(storages["default"], item.key)
             raise
+        self._remember(pending)
 
     def _audit(self, result: IngestResult, patient_id: str) -> AuditEvent:
-        """The event `audit_record` writes for an upload, to be inserted with others."""
-        request = self.request
-        actor = self._actor()
-        return AuditEvent(
-            action=AuditAction.UPLOAD.value,
-            outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
-            actor=actor,
-            actor_email=actor.email if actor is not None else "",
+        """The event of an upload, not saved yet (inserted with the batch's others)."""
+        return audit_event(
+            action=AuditAction.UPLOAD,
+            request=self.request,
+            actor=self._actor(),
             facility=self.facility,
             actor_facility=self.actor_facility(),
             study_instance_uid=result.study_instance_uid,
-            patient_id=patient_id[:64],
-            client_ip=client_ip(request),
-            user_agent=request.META.get("HTTP_USER_AGENT", "")[:300] if request is not None else "",
+            patient_id=patient_id,
+            outcome=Outcome.SUCCESS if result.status in (STORED, DUPLICATE) else Outcome.FAILURE,
             detail=upload_detail(result, source=self.source, filename=result.filename),
         )
 
@@ -1210,8 +1374,8 @@ class IngestBatch:
         result.study_uuid = ""
         patient_id = result.extra.get("patient_id", "")
 
-        def audit(outcome: IngestResult) -> None:
-            self._audit(outcome, patient_id).save()
+        def audit(outcome: IngestResult) -> AuditEvent:
+            return self._audit(outcome, patient_id)
 
         try:
             _commit_one(facility=self.facility, user=self.user, pending=item, audit=audit)
@@ -1223,7 +1387,7 @@ class IngestBatch:
             result.http_status = exc.http_status
         if result.status != STORED:
             try:
-                audit(result)
+                audit(result).save(force_insert=True)
             except DatabaseError:
                 log.exception(
                     "could not audit a %s upload of %s", result.status, result.sop_instance_uid

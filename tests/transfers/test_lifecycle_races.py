@@ -93,16 +93,18 @@ def test_an_upload_while_a_purge_empties_the_study_is_refused_then_taken_after(
 def test_an_upload_overtaken_by_the_purges_claim_is_rolled_back(
     client: Client, bob_token: str, study: Study
 ) -> None:
-    """The claim commits after the upload found the study but before it counted the instance."""
-    real_index = ingest._index
+    """The claim commits after the upload found the study but before it counted the instance
+    (on PostgreSQL one statement writes the rows and the counters; the claim lands between the
+    lookup of the series and that statement, the narrowest window both paths have)."""
+    real_lookup = ingest._lookup
 
-    def index_then_claim(**kwargs: Any) -> Any:
-        made = real_index(**kwargs)
+    def lookup_then_claim(*args: Any, **kwargs: Any) -> Any:
+        found = real_lookup(*args, **kwargs)
         Study.objects.filter(pk=study.pk).update(purged_at=timezone.now())
-        return made
+        return found
 
     before = set(_keys(study))
-    with mock.patch.object(ingest, "_index", side_effect=index_then_claim):
+    with mock.patch.object(ingest, "_lookup", side_effect=lookup_then_claim):
         response = upload(client, _file(), token=bob_token)
 
     assert response.status_code == 503

@@ -283,7 +283,14 @@ def stow(request: HttpRequest, base_url: str, study: str | None = None) -> HttpR
     results: list[IngestResult] = []
     reader = PartReader(body, boundary)
     try:
-        with IngestBatch(facility=facility, user=user, source="dicomweb", request=request) as batch:
+        with IngestBatch(
+            facility=facility,
+            user=user,
+            source="dicomweb",
+            request=request,
+            # _upload_facility checked that they may upload there: they act for it.
+            actor_facility=facility,
+        ) as batch:
             for part in reader.parts():
                 results.append(_part_ingest(request, part, batch, facility, user, study))
     except BadBody as exc:
