@@ -33,11 +33,16 @@ from series import Series
 from servers import (
     BENCH_AE_TITLE,
     BENCH_EMAIL,
+    PYTHON,
+    REPO,
+    START_TIMEOUT_S,
     Database,
     GatewayServer,
     OrthancServer,
     RelayServer,
     ServerError,
+    echo,
+    log_tail,
 )
 
 NODELAY = {"TCP_NODELAY": "1"}
@@ -77,30 +82,47 @@ class Transfer:
         }
 
 
-def storescu(files: list[Path], *, called_ae: str, port: int, receiver_pid: int) -> Transfer:
-    """dcmtk's storescu, one association for all files, TCP_NODELAY=1; the receiver's memory
-    and CPU are sampled while it runs."""
-    args = ["storescu", "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1", str(port)]
+def storescu(
+    files: list[Path],
+    *,
+    called_ae: str,
+    port: int,
+    receiver_pid: int,
+    parallel: int = 1,
+    options: tuple[str, ...] = (),
+) -> Transfer:
+    """dcmtk's storescu, one association for all files (or `parallel` storescu at once, each
+    with its share of the files), TCP_NODELAY=1; the receiver's memory and CPU are sampled
+    while it runs."""
+    args = ["storescu", *options, "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1", str(port)]
     total = sum(path.stat().st_size for path in files)
-    with tempfile.TemporaryFile() as log, RssSampler(receiver_pid) as sampler:
+    shares = [files[i::parallel] for i in range(parallel)]
+    with ExitStack() as logs, RssSampler(receiver_pid) as sampler:
+        outputs = [logs.enter_context(tempfile.TemporaryFile()) for _ in shares]
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            [*args, *map(str, files)],
-            env={**os.environ, **NODELAY},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        procs = [
+            subprocess.Popen(
+                [*args, *map(str, share)],
+                env={**os.environ, **NODELAY},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for share, log in zip(shares, outputs, strict=True)
+        ]
         try:
-            code = proc.wait(timeout=STORE_TIMEOUT_S)
+            codes = [proc.wait(timeout=STORE_TIMEOUT_S) for proc in procs]
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            for proc in procs:
+                proc.kill()
+                proc.wait()
             raise
         wall = time.perf_counter() - started
-        log.seek(0)
-        output = log.read().decode(errors="replace")
-    if code != 0 or "E: " in output:
-        raise UploadFailed(f"storescu to {called_ae} exited {code}:\n{output[-1500:]}")
+        output = ""
+        for log in outputs:
+            log.seek(0)
+            output += log.read().decode(errors="replace")
+    if any(codes) or "E: " in output:
+        raise UploadFailed(f"storescu to {called_ae} exited {codes}:\n{output[-1500:]}")
     return Transfer(
         files=len(files),
         bytes=total,
@@ -229,6 +251,119 @@ class Workbench:
 
 # --- 1. C-STORE in ------------------------------------------------------------------------------
 
+# dcmtk's largest receive PDU: `storescu -pdu` (what a sender may receive), and Orthanc's
+# largest MaximumPduLength (what it lets senders send).
+DCMTK_MAX_PDU = 131072
+GATEWAY_PROCESSES = 2
+PARALLEL = 4
+
+
+class GatewayProcesses(GatewayServer):
+    """`manage.py dicom_gateway --processes N` in the same Relay's environment."""
+
+    def __init__(self, relay: RelayServer, processes: int) -> None:
+        super().__init__(relay)
+        self.processes = processes
+        self.log = relay.tmp / f"gateway-{processes}.log"
+
+    def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(PYTHON), "manage.py", "dicom_gateway", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--processes", str(self.processes),
+                ],
+                cwd=REPO,
+                env=self.relay._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"the gateway exited:\n{log_tail(self.log)}")
+            if echo(BENCH_AE_TITLE, self.port).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise ServerError(f"the gateway did not answer C-ECHO:\n{log_tail(self.log)}")
+
+
+def _facility_add(relay: RelayServer, ae_title: str) -> str:
+    """Another facility of the benchmark with its own AE title (instances are deduplicated per
+    facility, so the same series is a fresh ingest there); its slug."""
+    slug = ae_title.lower()
+    script = (
+        "import django; django.setup()\n"
+        "from portal.models import Facility\n"
+        f"Facility.objects.create(name={ae_title!r}, slug={slug!r}, ae_title={ae_title!r}, "
+        "gateway_calling_aes='BENCHSCU ORTHANC', gateway_addresses='127.0.0.1 ::1')\n"
+    )
+    subprocess.run(
+        [str(PYTHON), "-c", script], cwd=REPO, env=relay._env(), check=True, capture_output=True
+    )
+    return slug
+
+
+def _relay_count(wb: Workbench, facility: str) -> int:
+    assert wb.relay is not None
+    info = wb.relay.task("study_info", facility=facility, study_instance_uid=wb.study_instance_uid)
+    return len(info["instances"])
+
+
+def _more_rows(wb: Workbench) -> tuple[list[Row], dict[str, Any]]:
+    """4 parallel associations into the gateway with 2 processes vs into Orthanc; one
+    association with the largest PDU each receiver allows."""
+    assert wb.relay is not None and wb.gateway is not None
+    files = wb.series.files
+    n = len(files)
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    slug = _facility_add(wb.relay, "BENCHP4")
+    with GatewayProcesses(wb.relay, GATEWAY_PROCESSES) as gateway:
+        # The facility's own AE title: a fresh facility, so a fresh ingest.
+        relay4 = storescu(
+            files, called_ae="BENCHP4", port=gateway.port, receiver_pid=gateway.pid,
+            parallel=PARALLEL,
+        )  # fmt: skip
+    if _relay_count(wb, slug) != n:
+        raise UploadFailed(f"Relay indexed {_relay_count(wb, slug)} of {n} (4 associations)")
+    with OrthancServer(extra_env=NODELAY) as orthanc:
+        peer4 = storescu(
+            files, called_ae=ORTHANC_AE, port=orthanc.dicom_port, receiver_pid=orthanc.pid,
+            parallel=PARALLEL,
+        )  # fmt: skip
+        if orthanc_count(orthanc) != n:
+            raise UploadFailed(f"Orthanc indexed {orthanc_count(orthanc)} of {n} files")
+    rows += [
+        Row(f"{PARALLEL} associations at once: wall time (s)", relay4.wall_s, peer4.wall_s,
+            aim="<= 1.00x"),
+        Row(f"{PARALLEL} associations: receiver CPU time (s)", relay4.cpu_s, peer4.cpu_s, "{:.1f}"),
+        Row(f"{PARALLEL} associations: receiver peak RSS (MiB)", relay4.peak_rss / MiB,
+            peer4.peak_rss / MiB, "{:.0f}"),
+    ]  # fmt: skip
+    raw["parallel"] = {"relay": relay4.as_dict(), "orthanc": peer4.as_dict()}
+    slug = _facility_add(wb.relay, "BENCHPDU")
+    pdu = ("-pdu", str(DCMTK_MAX_PDU))
+    relay_pdu = storescu(
+        files, called_ae="BENCHPDU", port=wb.gateway.port, receiver_pid=wb.gateway.pid,
+        options=pdu,
+    )  # fmt: skip
+    if _relay_count(wb, slug) != n:
+        raise UploadFailed(f"Relay indexed {_relay_count(wb, slug)} of {n} (-pdu)")
+    with OrthancServer(extra_config={"MaximumPduLength": DCMTK_MAX_PDU}, extra_env=NODELAY) as o:
+        peer_pdu = storescu(
+            files, called_ae=ORTHANC_AE, port=o.dicom_port, receiver_pid=o.pid, options=pdu
+        )
+        if orthanc_count(o) != n:
+            raise UploadFailed(f"Orthanc indexed {orthanc_count(o)} of {n} files (-pdu)")
+    rows += [
+        Row("largest PDU, one association: wall time (s)", relay_pdu.wall_s, peer_pdu.wall_s,
+            aim="<= 1.00x"),
+        Row("largest PDU: receiver CPU time (s)", relay_pdu.cpu_s, peer_pdu.cpu_s, "{:.1f}"),
+    ]  # fmt: skip
+    raw["largest_pdu"] = {"relay": relay_pdu.as_dict(), "orthanc": peer_pdu.as_dict()}
+    return rows, raw
+
 
 def gateway_section(wb: Workbench) -> Section:
     n, mib = len(wb.series.files), wb.series.total_bytes / MiB
@@ -263,6 +398,20 @@ def gateway_section(wb: Workbench) -> Section:
         "sets it on the sockets it accepts. Flat memory: peak of the first half close to the whole."
     )
     section.raw = {"relay": relay.as_dict(), "orthanc": peer.as_dict()}
+    try:
+        more, raw = _more_rows(wb)
+    except Exception as exc:
+        section.notes.append(f"parallel / largest-PDU rows failed: {type(exc).__name__}: {exc}")
+    else:
+        section.rows += more
+        section.raw |= raw
+        section.notes.append(
+            f"{PARALLEL} associations: the series split in {PARALLEL}, {PARALLEL} storescu at "
+            f"once, into `dicom_gateway --processes {GATEWAY_PROCESSES}` (a fresh facility) / a "
+            "fresh Orthanc. Largest PDU: `storescu -pdu 131072` into the gateway (which offers "
+            "DICOM_GATEWAY_MAX_PDU, 1 MiB; a fresh facility) / a fresh Orthanc with "
+            "MaximumPduLength 131072 (its largest; its default is 16384)."
+        )
     return section
 
 

@@ -353,6 +353,12 @@ DICOM_GATEWAY_TLS_CLIENT_CA = env_str("DICOM_GATEWAY_TLS_CLIENT_CA")
 # Private storage SOP classes the gateway accepts besides the standard ones, the retired ones and
 # Siemens' CSA Non-Image (comma-separated UIDs).
 DICOM_GATEWAY_EXTRA_SOP_CLASSES = env_list("DICOM_GATEWAY_EXTRA_SOP_CLASSES")
+# The largest PDU the gateway receives (bytes; 0: no limit), offered to every sender: big PDUs
+# cost fewer Python steps per instance than pynetdicom's 16 KiB, and each is spooled to the file.
+DICOM_GATEWAY_MAX_PDU = env_int("DICOM_GATEWAY_MAX_PDU", 1024 * 1024)
+# Gateway processes sharing the port(s) (`dicom_gateway --processes`): one per CPU core lets
+# concurrent associations use every core, at one process's memory each.
+DICOM_GATEWAY_PROCESSES = env_int("DICOM_GATEWAY_PROCESSES", 1)
 
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
 # Either broker keeps a task until the worker acknowledges it after running it (relay.celery acks

@@ -12,7 +12,15 @@ only when the database itself is unreachable is it logged alone.
 
 Received instances are written to a spool file as their PDUs arrive (pynetdicom's
 STORE_RECV_CHUNKED_DATASET), never held whole in memory: the gateway's memory stays flat in
-instance size, with up to 20 associations at once.
+instance size, with up to 20 associations at once. The gateway offers senders a large maximum PDU
+(DICOM_GATEWAY_MAX_PDU, 1 MiB): each PDU costs pynetdicom the same Python work whatever its
+size, and with 16 KiB PDUs a 512 KiB slice took 34 of them.
+
+Several processes may share the port(s) (`gateway_serve(processes=N)`, `dicom_gateway
+--processes N`), so that concurrent associations use every core: the parent binds the listening
+sockets, forks the processes, and each accepts from the same sockets, the least busy first (see
+`Load`). SIGTERM stops listening and lets the running associations finish; SIGINT or SIGQUIT
+aborts them (what was acknowledged is committed either way).
 
 Each received instance goes through `instance_ingest`, exactly like an upload: same checks,
 same deduplication, same audit. The answer to the sender follows the ingest result:
@@ -38,11 +46,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import multiprocessing
+import os
 import re
+import select
+import signal
 import socket
 import ssl
+import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +110,11 @@ COMPOSITE_STORAGE = "1.2.840.10008.5.1.4.1.1."
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 # A sender that opens the TLS port and says nothing is dropped after this many seconds.
 HANDSHAKE_TIMEOUT_S = 30
+# Associations at once, over all the gateway's processes (each takes its share).
+MAX_ASSOCIATIONS = 20
+# A process holding more connections than a sibling leaves a waiting connection to the sibling
+# for up to this long before taking it itself.
+ACCEPT_DEFER_S = 0.05
 
 
 def _allowed(listing: str) -> list[str]:
@@ -207,17 +227,121 @@ def _prefer_senders_order(assoc: Any) -> None:
     assoc.acceptor.supported_contexts = contexts
 
 
-class TlsAssociationServer(ThreadedAssociationServer):
+class Load:
+    """How many connections each of the gateway's processes holds, in memory the processes share
+    (an anonymous shared mapping made before the fork), so that the least busy one accepts the
+    next connection. The processes share one listening socket and all wake when a sender
+    connects; the kernel's own spreading (SO_REUSEPORT hashes the sender's address and port)
+    ignores load, and put all four of four associations on one of two processes one time in
+    eight."""
+
+    def __init__(self, processes: int) -> None:
+        self.counts = multiprocessing.RawArray("i", processes)
+        self.slot = 0
+        self._held: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def held(self) -> int:
+        """This process's open connections (published for the others); pynetdicom closes a
+        connection's socket when its association ends."""
+        with self._lock:
+            count = sum(1 for sock in list(self._held) if sock.fileno() != -1)
+        self.counts[self.slot] = count
+        return count
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._held.add(sock)
+        self.held()
+
+    def busier(self) -> bool:
+        """Whether another process holds fewer connections than this one."""
+        mine = self.held()
+        return any(count < mine for i, count in enumerate(self.counts) if i != self.slot)
+
+
+class GatewayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, on a listening socket of its own or on one it shares with
+    the gateway's other processes (`listening`, bound by the parent before the fork: the least
+    busy process accepts, see `Load`)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        listening: socket.socket | None = None,
+        load: Load | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.listening = listening
+        self.load = load
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.listening is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self.listening
+        # Non-blocking: when a sibling process took the connection first, accept() fails at once
+        # (socketserver ignores it) instead of blocking this process's accept loop.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.listening is not None:
+            # Closed before pynetdicom's shutdown(SHUT_RDWR), which would stop the socket for
+            # the sibling processes too; the port closes when the last process lets go.
+            assert self.socket is not None
+            self.socket.close()
+        super().server_close()
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        if self.load is not None:
+            self.load.held()  # ended associations, published at least every poll interval
+
+    def _accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        if self.load is not None:
+            deadline = time.monotonic() + ACCEPT_DEFER_S
+            while self.load.busier() and time.monotonic() < deadline:
+                readable, _, _ = select.select([self.socket], [], [], 0.005)
+                if not readable:
+                    raise BlockingIOError("a less busy gateway process took the connection")
+        client, address = self.socket.accept()
+        # Nagle's algorithm off (transfers/dicom/net.py patches pynetdicom's own get_request,
+        # which this class replaces).
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def _held(self, client: socket.socket) -> None:
+        if self.load is not None:
+            self.load.add(client)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self._accept()
+        self._held(client)
+        return client, address
+
+
+class TlsAssociationServer(GatewayServer):
     """pynetdicom's threaded server with the TLS handshake moved into the connection's own
     thread, under a time limit: in pynetdicom's accept loop, one sender that connects and stays
     silent would keep every other sender out."""
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None and self.ssl_context is not None
-        client, address = self.socket.accept()
+        assert self.ssl_context is not None
+        client, address = self._accept()
         wrapped = self.ssl_context.wrap_socket(
             client, server_side=True, do_handshake_on_connect=False
         )
+        # The wrapped socket, which takes over the connection (and closes it at the end).
+        self._held(wrapped)
         return wrapped, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -265,11 +389,17 @@ def _peer_certificate(assoc: Any) -> tuple[bool, str]:
 class Gateway:
     """The C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and Storage Commitment service provider. `start()` listens in background threads."""
 
-    def __init__(self, *, ae_title: str | None = None) -> None:
+    def __init__(
+        self, *, ae_title: str | None = None, max_associations: int = MAX_ASSOCIATIONS
+    ) -> None:
         tcp_nodelay_enable()
         # Each received instance goes to a spool file as it arrives, not into memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = AE(ae_title=ae_title or settings.DICOM_GATEWAY_AE_TITLE)
+        # The largest PDU senders may send (A-ASSOCIATE-AC's Maximum Length): each PDU costs
+        # pynetdicom the same Python work (state machine, queues, a write to the spool file)
+        # whatever its size, and pynetdicom holds one PDU in memory at a time per association.
+        self.ae.maximum_pdu_size = settings.DICOM_GATEWAY_MAX_PDU
         # Whatever the sender's transfer syntax, the file is kept as it came: never recompressed.
         # Both roles: a sender's C-STORE (no role selection: Relay is the SCP) and C-GET, whose
         # requestor proposes to be the Storage SCP (Relay then sends on the same association).
@@ -288,7 +418,7 @@ class Gateway:
         for uid in query.QUERY_RETRIEVE_CLASSES:
             self.ae.add_supported_context(uid)
         self.ae.add_supported_context(commitment.STORAGE_COMMITMENT)
-        self.ae.maximum_associations = 20
+        self.ae.maximum_associations = max_associations
         self.callers: dict[int, Caller] = {}
         self.marked: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
@@ -305,39 +435,75 @@ class Gateway:
         ]
 
     def start(
-        self, *, host: str, port: int, tls_context: ssl.SSLContext | None = None
-    ) -> ThreadedAssociationServer:
-        """Listen in background threads; with a TLS context, this port speaks DICOM TLS."""
-        if tls_context is None:
-            server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers)
-            assert isinstance(server, ThreadedAssociationServer)
-            return server
-        tls_server = self.ae.make_server(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls_context: ssl.SSLContext | None = None,
+        listening: socket.socket | None = None,
+        load: Load | None = None,
+    ) -> GatewayServer:
+        """Listen in background threads; with a TLS context, this port speaks DICOM TLS. With
+        `listening`, on that socket (shared with the gateway's other processes) instead."""
+        server = self.ae.make_server(
             (host, port),
             ssl_context=tls_context,
             evt_handlers=self.handlers,
-            server_class=TlsAssociationServer,
+            server_class=GatewayServer if tls_context is None else TlsAssociationServer,
+            listening=listening,
+            load=load,
         )
+        assert isinstance(server, GatewayServer)
+        name = "Gateway" if tls_context is None else "GatewayTLS"
         thread = threading.Thread(
-            target=tls_server.serve_forever, name=f"GatewayTLS@{port}", daemon=True
+            target=server.serve_forever, name=f"{name}@{server.server_address[1]}", daemon=True
         )
         thread.start()
-        self.ae._servers.append(tls_server)
-        return tls_server
+        self.ae._servers.append(server)
+        return server
 
-    def serve_forever(self, *, host: str, port: int, tls_port: int | None = None) -> None:
-        """Listen on `port`, and with TLS on `tls_port` when Relay has a certificate, until
-        interrupted."""
-        servers = [self.start(host=host, port=port)]
-        context = gateway_context()
+    def serve(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls_port: int | None = None,
+        stop: threading.Event,
+        abort: threading.Event,
+        listening: list[socket.socket] | None = None,
+        load: Load | None = None,
+    ) -> None:
+        """Listen on `port`, and with TLS on `tls_port` when Relay has a certificate (or on the
+        `listening` sockets the parent process bound: the plain one, then the TLS one), until
+        `stop` is set; then stop listening and wait for the running associations to end, or
+        abort them when `abort` is set."""
+        context = gateway_context() if tls_port else None
+        plain = listening[0] if listening else None
+        tls = listening[1] if listening and len(listening) > 1 else None
+        servers = [self.start(host=host, port=port, listening=plain, load=load)]
         if context is not None and tls_port:
-            servers.append(self.start(host=host, port=tls_port, tls_context=context))
+            servers.append(
+                self.start(host=host, port=tls_port, tls_context=context, listening=tls, load=load)
+            )
+        parent = os.getppid()
         try:
-            while True:
-                time.sleep(3600)
+            # A process whose parent died (SIGKILL) stops too, rather than serve alone.
+            while not stop.wait(1.0) and (listening is None or os.getppid() == parent):
+                pass
         finally:
             for server in servers:
                 server.shutdown()
+        said = False
+        while running := [a for a in self.ae.active_associations if a.is_acceptor]:
+            if abort.is_set():
+                log.warning("gateway: aborting %d association(s)", len(running))
+                for assoc in running:
+                    assoc.abort()
+                break
+            if not said:
+                log.info("gateway: stopping, waiting for %d association(s) to end", len(running))
+                said = True
+            abort.wait(0.2)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -473,12 +639,180 @@ class Gateway:
         connections.close_all()
 
 
+GRACEFUL = signal.SIGTERM
+QUICK = (signal.SIGINT, signal.SIGQUIT)
+
+
+def gateway_serve(
+    *, host: str, port: int, tls_port: int | None, ae_title: str, processes: int = 1
+) -> int:
+    """Run the gateway in `processes` processes sharing the port(s) until SIGTERM (stop
+    listening, let the running associations finish) or SIGINT / SIGQUIT (abort them); the exit
+    status. With several, this process binds the sockets, forks the others and forwards the
+    signals to them; a process that ends on its own stops the others (exit status 1), for the
+    supervisor to start the gateway again."""
+    with_tls = bool(tls_port) and gateway_context() is not None
+    if processes <= 1:
+        _serve_signalled(
+            Gateway(ae_title=ae_title),
+            host=host,
+            port=port,
+            tls_port=tls_port if with_tls else None,
+        )
+        return 0
+    listening = [_listen(host, port)]
+    if with_tls:
+        assert tls_port
+        listening.append(_listen(host, tls_port))
+    load = Load(processes)
+    # Each process opens its own database connections: none may be inherited (a connection
+    # used by two processes corrupts both), so none is open at the fork.
+    connections.close_all()
+    handled = (GRACEFUL, *QUICK)
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # until each side has its handlers
+    children: dict[int, int] = {}
+    for slot in range(processes):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (runs in the child; the tests see it from outside)
+            code = 1
+            try:
+                connections.close_all()
+                load.slot = slot
+                gateway = Gateway(
+                    ae_title=ae_title, max_associations=math.ceil(MAX_ASSOCIATIONS / processes)
+                )
+                _serve_signalled(
+                    gateway,
+                    host=host,
+                    port=port,
+                    tls_port=tls_port if with_tls else None,
+                    listening=listening,
+                    load=load,
+                )
+                code = 0
+            except BaseException:
+                log.exception("gateway: process %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        children[pid] = slot
+    # The children hold the sockets now: the port closes when the last of them stops listening.
+    for sock in listening:
+        sock.close()
+    log.info("gateway: %d processes: %s", processes, " ".join(map(str, children)))
+    status = 0
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in handled:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        children.pop(pid, None)
+        if not stopping:
+            log.error(
+                "gateway: process %d ended (%s): stopping the others",
+                pid,
+                os.waitstatus_to_exitcode(wait_status),
+            )
+            status = 1
+            forward(GRACEFUL, None)
+    return status
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for the gateway's processes to share (pynetdicom's options: address
+    reuse, so a restart does not wait for TIME_WAIT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
+def _serve_signalled(gateway: Gateway, **kwargs: Any) -> None:
+    """`Gateway.serve` until SIGTERM (graceful) or SIGINT / SIGQUIT (abort)."""
+    stop, abort = threading.Event(), threading.Event()
+
+    def graceful(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    def quick(_signum: int, _frame: Any) -> None:
+        stop.set()
+        abort.set()
+
+    signal.signal(GRACEFUL, graceful)
+    for signum in QUICK:
+        signal.signal(signum, quick)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (GRACEFUL, *QUICK))
+    gateway.serve(stop=stop, abort=abort, **kwargs)
+
+
 def _file_meta(path: Path, *, source_ae: str) -> tuple[bytes, int]:
     """The preamble, prefix and file meta of the instance as Relay stores it: pynetdicom's, with
     the Source Application Entity Title (0002,0016) of the sender (PS3.10 7.1); and where the
-    data set starts in pynetdicom's spool file."""
+    data set starts in pynetdicom's spool file.
+
+    pynetdicom's meta ends with (0002,0013), so the title is appended to its bytes and the
+    group length set again: no parse and re-encode of the meta per instance (that was about a
+    tenth of the gateway's own time per instance). Anything else is re-encoded with pydicom."""
+    with path.open("rb") as f:
+        head = f.read(PREFIX + 12)
+        if head[PREFIX - 4 : PREFIX + 8] == b"DICM" + GROUP_LENGTH_HEADER:
+            (length,) = struct.unpack("<I", head[PREFIX + 8 :])
+            elements = f.read(length)
+            last = _last_meta_tag(elements)
+            if len(elements) == length and last is not None and last < 0x0016:
+                value = source_ae[:16].encode("ascii", "replace")
+                value += b" " * (len(value) % 2)
+                elements += struct.pack("<HH2sH", 0x0002, 0x0016, b"AE", len(value)) + value
+                meta = head[:PREFIX] + GROUP_LENGTH_HEADER + struct.pack("<I", len(elements))
+                return meta + elements, PREFIX + 12 + length
+    return _file_meta_reencoded(path, source_ae=source_ae)
+
+
+PREFIX = 128 + 4
+# (0002,0000) UL, length 4: the File Meta Information Group Length's header.
+GROUP_LENGTH_HEADER = struct.pack("<HH2sH", 0x0002, 0x0000, b"UL", 4)
+
+
+def _last_meta_tag(elements: bytes) -> int | None:
+    """The element number of the last element of an explicit VR little endian group 0002, or
+    None when the bytes are not one."""
+    at, last = 0, None
+    while at < len(elements):
+        if at + 8 > len(elements):
+            return None
+        group, element, vr = struct.unpack_from("<HH2s", elements, at)
+        if group != 0x0002:
+            return None
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            if at + 12 > len(elements):
+                return None
+            (size,) = struct.unpack_from("<I", elements, at + 8)
+            at += 12 + size
+        else:
+            (size,) = struct.unpack_from("<H", elements, at + 6)
+            at += 8 + size
+        last = element
+    return last if at == len(elements) else None
+
+
+def _file_meta_reencoded(path: Path, *, source_ae: str) -> tuple[bytes, int]:
     meta = read_file_meta_info(path)
-    offset = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    offset = PREFIX + 12 + int(meta.FileMetaInformationGroupLength)
     meta.SourceApplicationEntityTitle = source_ae[:16]
     out = DicomBytesIO()
     out.write(b"\x00" * 128 + b"DICM")
