@@ -37,6 +37,7 @@ import httpx
 import psutil
 from dicom import Workbench, cd_section, gateway_section, push_section, zip_section
 from dicomweb import dicomweb_section
+from index_scale import index_section, index_table
 from invoicing import billing_section, billing_table
 from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
 from series import SIZE, Series, ensure_series
@@ -221,7 +222,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Workbench], Section]]] = {
     "dicomweb": ("8. DICOMweb STOW-RS and WADO-RS vs Orthanc's plugin", dicomweb_section),
 }
 PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser", "dicomweb")
-CHOICES = ("ingest", *PRINT_ORDER, "billing")
+CHOICES = ("ingest", *PRINT_ORDER, "billing", "index")
 
 
 def run_sections(series: Series, database: Database, selected: list[str]) -> list[Section]:
@@ -365,6 +366,13 @@ def main() -> int:
             billing = billing_section()
         except Exception as exc:  # the other tables still print
             print(f"  billing failed: {exc!r}", flush=True)
+    index: dict[str, Any] | None = None
+    if "index" in selected:
+        print("index: 100,000 studies, 10,000,000 instances on PostgreSQL ...", flush=True)
+        try:
+            index = index_section()
+        except Exception as exc:  # the other tables still print
+            print(f"  index failed: {exc!r}", flush=True)
     context["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     context["elapsed_s"] = round(time.perf_counter() - started, 1)
 
@@ -405,10 +413,14 @@ def main() -> int:
     if billing is not None:
         print()
         print(billing_table(billing))
+    if index is not None:
+        print()
+        print(index_table(index))
 
     OUT.mkdir(parents=True, exist_ok=True)
     results = {
         "billing": billing,
+        "index": index,
         **context,
         "summary": list(summary.values()),
         "runs": [run for runs in raw.values() for run in runs],

@@ -44,8 +44,14 @@ COMMON_MODALITIES = ["CR", "CT", "DX", "MG", "MR", "NM", "OT", "PT", "RF", "SR",
 
 
 def _visible_studies(request: AuthedRequest) -> QuerySet[Study]:
-    """Every study the signed-in user may see: those of the facilities they belong to."""
-    return Study.objects.filter(facility__in=facilities_of(request.user))
+    """Every study the signed-in user may see: those of the facilities they belong to.
+
+    The facilities' ids are read first and written into the query: with `facility_id = 7`
+    PostgreSQL reads a worklist page straight off the index in its order (study_fac_date_order);
+    with a subquery it reads and sorts every study of the facility (issue 17)."""
+    return Study.objects.filter(
+        facility_id__in=list(facilities_of(request.user).values_list("pk", flat=True))
+    )
 
 
 def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
@@ -66,10 +72,14 @@ def _get_study_for_user(request: AuthedRequest, study_uuid: str) -> Study:
 
 
 def _received_studies(request: AuthedRequest) -> QuerySet[Study]:
-    """Studies shared with the user by an active share (as _get_study_for_user admits them)."""
-    return Study.objects.filter(
-        shares__in=Share.objects.received_by(request.user), purged_at__isnull=True
-    ).distinct()
+    """Studies shared with the user by an active share (as _get_study_for_user admits them).
+
+    A semi-join on the shares' study ids rather than a join and DISTINCT: the same studies,
+    without sorting whole rows to remove duplicates before the page is cut (issue 17)."""
+    shared = Share.studies.through.objects.filter(
+        share__in=Share.objects.received_by(request.user)
+    ).values("study_id")
+    return Study.objects.filter(pk__in=shared, purged_at__isnull=True)
 
 
 @require_GET

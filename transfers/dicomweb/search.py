@@ -23,8 +23,8 @@ from typing import Any
 
 from django.db.models import F, Model, Q, QuerySet
 
-from ..ingest import is_valid_uid
 from ..models import Instance, Series, Study
+from ..uids import is_valid_uid
 
 # The most results one answer holds; `limit` above it is lowered to it (and a Warning says more
 # can be asked for, with offset).
@@ -344,7 +344,13 @@ def search_run(
     level = search.level
     model = _MODEL[level]
     study_path = _PATH[(level, Level.STUDY)]
-    queryset = model.objects.filter(**{f"{study_path}pk__in": visible.values("pk")})  # type: ignore[attr-defined]
+    if level == Level.STUDY:
+        # The visible studies themselves, not the studies whose pk is among them: one scan of
+        # the study table that can walk an index in the answer's order and stop at the page's
+        # end, checking each row as it goes (issue 17, bench/index_scale.py).
+        queryset = visible
+    else:
+        queryset = model.objects.filter(**{f"{study_path}pk__in": visible.values("pk")})  # type: ignore[attr-defined]
     for condition in search.filters:
         queryset = queryset.filter(condition)
     columns = {a.keyword: _column(level, a) for a in search.fields}

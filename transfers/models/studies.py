@@ -8,6 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Upper
 from django.utils import timezone
 
 from portal.models import Facility
@@ -73,13 +74,31 @@ class Study(models.Model):
                 fields=["facility", "study_instance_uid"], name="study_unique_per_facility"
             )
         ]
+        # What the worklist, the home page and DICOMweb ask at scale (issue 17, measured by
+        # bench/index_scale.py on 100,000 studies). The worklist's default order, whole, so a
+        # page is the first 25 entries of the index; a Study or Patient ID across facilities
+        # (retrievals, shares, QIDO); the search box's exact IDs as it compares them (upper
+        # case). Migration 0018 adds, on PostgreSQL only, trigram indexes for the name search
+        # and QIDO's date order (NULLS LAST), which SQLite cannot have.
         indexes = [
-            models.Index(fields=["facility", "-study_date"], name="study_fac_date"),
+            models.Index(
+                fields=["facility", "-study_date", "-study_time", "-id"],
+                name="study_fac_date_order",
+            ),
             models.Index(fields=["facility", "-created_at"], name="study_fac_created"),
             models.Index(fields=["facility", "patient_id"], name="study_fac_patient"),
             models.Index(fields=["facility", "accession_number"], name="study_fac_accession"),
             models.Index(fields=["facility", "patient_name"], name="study_fac_name"),
             models.Index(fields=["status", "last_received_at"], name="study_status_received"),
+            models.Index(
+                fields=["facility", "-last_received_at"],
+                condition=models.Q(reconcile_running=True),
+                name="study_fac_reconciling",
+            ),
+            models.Index(fields=["study_instance_uid"], name="study_uid"),
+            models.Index(fields=["patient_id"], name="study_patient_id"),
+            models.Index(Upper("patient_id"), name="study_patient_id_upper"),
+            models.Index(Upper("accession_number"), name="study_accession_upper"),
         ]
 
     def __str__(self) -> str:
