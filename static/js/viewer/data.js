@@ -89,10 +89,31 @@ export class FrameLoader {
     this.evicted = evicted;
     this.inflight = 0;
     this.cacheBytes = 0;
+    this.loadedAny = false;
+    this.opened = false;
+    this.early = new Map(); // absolute URL -> fetchFrame() promise started by prefetch()
+  }
+
+  // Start loading a frame the page already asked for (its <link rel=preload>) before any
+  // viewport wants it: reading its body runs while the page builds the viewports.
+  prefetch(url) {
+    const key = new URL(url, document.baseURI).href;
+    const early = fetchFrame(key);
+    early.catch(() => {}); // its error is handled where load() awaits it
+    this.early.set(key, early);
+  }
+
+  // The first image is on screen: load as many frames at once as the browser allows.
+  openUp() {
+    this.opened = true;
+    this.pump();
   }
 
   pump() {
-    while (this.inflight < CONCURRENCY) {
+    // Until the page has drawn its first image (openUp), that frame alone: it does not share
+    // the server, or the machine, with its neighbours.
+    const limit = this.opened ? CONCURRENCY : this.loadedAny ? 0 : 1;
+    while (this.inflight < limit) {
       const job = this.nextJob();
       if (!job) return;
       this.load(job.stack, job.index);
@@ -155,11 +176,18 @@ export class FrameLoader {
     this.inflight += 1;
     let entry;
     try {
-      entry = await fetchFrame(stack.images[index].url);
+      const url = new URL(stack.images[index].url, document.baseURI).href;
+      const early = this.early.get(url);
+      this.early.delete(url);
+      entry = await (early || fetchFrame(url));
     } catch (error) {
       const reason = error instanceof LoadError ? error.message : "The network failed while loading this image.";
       // A failed frame is cached as failed, so the queue moves on instead of retrying forever.
       entry = { meta: null, values: null, error: reason, bytes: 0 };
+    }
+    if (!this.loadedAny) {
+      this.loadedAny = true;
+      performance.mark("relay-viewer:decoded");
     }
     this.inflight -= 1;
     stack.pending.delete(index);

@@ -10,6 +10,11 @@ import { MeasurePanel, TagPanel } from "./panels.js";
 import { Viewport } from "./viewport.js";
 import { PRESETS, PRESET_LABELS, presetName, presetsFor } from "./windowing.js";
 
+// The page's own timeline, read by bench/viewer.py (and by anyone in the Performance panel):
+// "start" here, "decoded" when the first frame's values are in memory (data.js), "drawn" when a
+// viewport first shows an image (viewport.js).
+performance.mark("relay-viewer:start");
+
 const root = document.getElementById("viewer");
 const studyUrl = root.dataset.studyUrl;
 const strip = document.getElementById("series-strip");
@@ -60,6 +65,10 @@ const loader = new FrameLoader(viewer, {
   },
   evicted: stripProgress,
 });
+// The first frame's request went out with the page (the template's <link rel=preload>); its body
+// is read while the viewports are built below.
+const firstFrameLink = document.querySelector('link[rel="preload"][as="fetch"][href*="/frames/"]');
+if (firstFrameLink) loader.prefetch(firstFrameLink.href);
 
 // What a viewport asks of the page.
 const page = {
@@ -68,6 +77,7 @@ const page = {
   seriesShown,
   indexChanged,
   drawn(vp) {
+    if (vp.entry()) backgroundStart();
     if (vp !== active()) return;
     presetSelect.value = presetName(vp.window);
     panelsShow();
@@ -200,7 +210,8 @@ function buildStrip() {
     img.fetchPriority = "low";
     img.alt = "";
     img.loading = "lazy";
-    img.src = s.thumbnail_url;
+    // Set once the first image is drawn (backgroundStart): until then the server works for it.
+    img.dataset.src = s.thumbnail_url;
     const label = document.createElement("span");
     label.className = "thumb-label";
     label.textContent = [s.number != null ? `S${s.number}` : "", s.modality].filter(Boolean).join(" ") || "Series";
@@ -559,11 +570,26 @@ async function start() {
   const first = viewer.stacks.find((s) => s.images.length) || viewer.stacks[0] || null;
   if (!first) statusLine.textContent = "This study has no series.";
   viewer.viewports[0].setStack(first);
+  if (!first || !first.images.length) backgroundStart();
+}
+
+// What the page loads besides the first image (the thumbnails, where the images lie, the
+// neighbouring frames) starts once that image is drawn, or failed: until then the first frame
+// is the only request the page makes of the server.
+let backgroundStarted = false;
+function backgroundStart() {
+  if (backgroundStarted || !viewer.study) return;
+  backgroundStarted = true;
+  for (const img of strip.querySelectorAll("img[data-src]")) {
+    img.src = img.dataset.src;
+    img.removeAttribute("data-src");
+  }
   geometryLoad();
+  loader.openUp();
 }
 
 // Where the images lie (for synced scrolling, reference lines and the cine rate) arrives after
-// the first frame was asked for: reading every header of a large study takes a moment.
+// the first image is drawn: reading every header of a large study takes a moment.
 async function geometryLoad() {
   try {
     const response = await fetch(viewer.study.geometry_url, { credentials: "same-origin" });

@@ -16,6 +16,7 @@ import { autoWindow, windowDragged, windowPixels } from "./windowing.js";
 const MIN_MEASURE_PX = 3; // a click with a drag tool is not a measurement
 const BAND = "NOT FOR DIAGNOSIS";
 let nextMeasureId = 1;
+let firstDrawn = false; // the page's first image: marked once for its timeline (main.js)
 
 export class Viewport {
   // `viewer` is the page's shared state (the study, its stacks, the tool); `page` is what a
@@ -179,6 +180,10 @@ export class Viewport {
       drawAnnotations(ctx, matrix, entry, this.annotationsShown());
       this.el.dataset.state = "ready";
       this.el.dataset.drawnIndex = String(this.index);
+      if (!firstDrawn) {
+        firstDrawn = true;
+        performance.mark("relay-viewer:drawn");
+      }
     }
     this.overlay(entry);
   }
