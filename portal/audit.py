@@ -1,8 +1,9 @@
 """Writing the audit trail.
 
-`audit_record` is the one way an event is written. Each event names two facilities: the one whose
-data or settings it concerns (`facility`) and the one the person acted for (`actor_facility`, such
-as the recipient facility of a share); the admins of both read it on their audit log. The
+`audit_record` is the one way an event is written (`audit_event` builds one unsaved, for ingest,
+which inserts it with the rows it concerns). Each event names two facilities: the one whose data
+or settings it concerns (`facility`) and the one the person acted for (`actor_facility`, such as
+the recipient facility of a share); the admins of both read it on their audit log. The
 receivers at the bottom exist because Django reports logins, logouts and failed logins (including
 the admin's) only through signals.
 
@@ -17,10 +18,10 @@ import ipaddress
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models import Q, QuerySet
@@ -30,6 +31,8 @@ from django.utils import timezone
 
 from .access import AuthedRequest, acting_facility, get_membership_for_user
 from .models import AuditAction, AuditEvent, Facility, Membership, Outcome, User
+
+P = ParamSpec("P")
 
 
 class AuditedStudy(Protocol):
@@ -51,37 +54,6 @@ def client_ip(request: HttpRequest | None, address: str | None = None) -> str | 
         return str(ipaddress.ip_address(raw))
     except ValueError:
         return None
-
-
-def audit_record(
-    *,
-    action: str,
-    request: HttpRequest | None = None,
-    actor: User | None = None,
-    facility: Facility | None = None,
-    actor_facility: Facility | None = None,
-    study: AuditedStudy | None = None,
-    study_instance_uid: str = "",
-    patient_id: str = "",
-    outcome: str = Outcome.SUCCESS,
-    detail: dict[str, Any] | None = None,
-    address: str | None = None,
-) -> AuditEvent:
-    event = audit_event(
-        action=action,
-        request=request,
-        actor=actor,
-        facility=facility,
-        actor_facility=actor_facility,
-        study=study,
-        study_instance_uid=study_instance_uid,
-        patient_id=patient_id,
-        outcome=outcome,
-        detail=detail,
-        address=address,
-    )
-    event.save(force_insert=True)
-    return event
 
 
 def audit_event(
@@ -125,6 +97,19 @@ def audit_event(
         user_agent=(request.META.get("HTTP_USER_AGENT", "")[:300] if request is not None else ""),
         detail=detail or {},
     )
+
+
+def _saved(make: Callable[P, AuditEvent]) -> Callable[P, AuditEvent]:
+    def record(*args: P.args, **kwargs: P.kwargs) -> AuditEvent:
+        event = make(*args, **kwargs)
+        event.save(force_insert=True)
+        return event
+
+    record.__doc__ = "Write one event now: `audit_event`'s event, saved as a new row."
+    return record
+
+
+audit_record = _saved(audit_event)
 
 
 # --- reading the trail: a facility admin's log and its export -----------------------------------
