@@ -32,8 +32,11 @@ class RssSampler:
 
     gunicorn's master forks the workers, so the server's footprint is the sum over the tree;
     Orthanc is one process and the same code gives its own RSS. RSS of forked workers counts
-    pages they still share with the master twice, so the sum is an upper bound; without
-    --preload each worker imports Django itself after the fork, so little is shared anyway.
+    pages they still share with the master once per process, so the sum is an upper bound:
+    Relay's master loads the application before forking (relay/gunicorn_conf.py), so most of
+    a worker's pages are shared. Before the upload the sampler also reads the tree's
+    proportional set size (PSS: each page once, split between the processes sharing it), what
+    the processes really hold.
     """
 
     def __init__(self, pid: int, interval: float = 0.05, rescan_every: int = 20) -> None:
@@ -44,6 +47,7 @@ class RssSampler:
         # samples), which still catches a gunicorn worker being replaced.
         self.rescan_every = rescan_every
         self.idle_bytes = 0  # before the upload starts
+        self.idle_pss_bytes = 0  # the same, shared pages counted once
         self.peak_bytes = 0
         self.cpu_start = self.cpu_end = 0.0
         self.samples = 0
@@ -73,6 +77,17 @@ class RssSampler:
                 continue  # a worker that exited between the scan and now
         return total
 
+    def pss(self) -> int:
+        """The tree's proportional set size in bytes (reads every process's smaps: not sampled
+        while the server works)."""
+        total = 0
+        for proc in self._procs:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+        return total
+
     def cpu_seconds(self) -> float:
         """User + system CPU time of every process seen so far (exited ones at their last sample)."""
         return sum(self._cpu.values())
@@ -94,6 +109,7 @@ class RssSampler:
     def __enter__(self) -> RssSampler:
         self._rescan()
         self.idle_bytes = self.sample()
+        self.idle_pss_bytes = self.pss()
         self.cpu_start = self.cpu_seconds()
         self._thread.start()
         return self
@@ -115,6 +131,7 @@ class UploadRun:
     total_bytes: int
     wall_s: float
     idle_rss_bytes: int
+    idle_pss_bytes: int
     peak_rss_bytes: int
     server_cpu_s: float
     latencies_s: list[float] = field(repr=False)
@@ -135,6 +152,7 @@ class UploadRun:
             "throughput_mib_s": round(self.throughput_mib_s, 2),
             "files_per_s": round(self.files / self.wall_s, 2),
             "idle_rss_mib": round(self.idle_rss_bytes / MiB, 1),
+            "idle_pss_mib": round(self.idle_pss_bytes / MiB, 1),
             "peak_rss_mib": round(self.peak_rss_bytes / MiB, 1),
             "server_cpu_s": round(self.server_cpu_s, 2),
             "latency_median_s": round(statistics.median(lat), 4),
@@ -220,6 +238,7 @@ def upload_series(
         total_bytes=total_bytes,
         wall_s=wall,
         idle_rss_bytes=sampler.idle_bytes,
+        idle_pss_bytes=sampler.idle_pss_bytes,
         peak_rss_bytes=sampler.peak_bytes,
         server_cpu_s=sampler.cpu_end - sampler.cpu_start,
         latencies_s=latencies,

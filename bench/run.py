@@ -195,6 +195,10 @@ def memory_table(half: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]
         rows.append([label, value("Relay"), value("Orthanc")])
 
     row("idle RSS before upload (MiB)", lambda s: f"{full[s]['idle_rss_mib']:.0f}")
+    row(
+        "idle PSS before upload, shared pages once (MiB; aim <= 200)",
+        lambda s: f"{full[s].get('idle_pss_mib', 0):.0f}",
+    )
     row(f"peak RSS, {n_half} slices (MiB)", lambda s: f"{half[s]['peak_rss_mib']:.0f}")
     row(f"peak RSS, {n_full} slices (MiB)", lambda s: f"{full[s]['peak_rss_mib']:.0f}")
     row(

@@ -282,6 +282,8 @@ class RelayServer(_Server):
         gunicorn = VENV_BIN / "gunicorn"
         args = [
             str(gunicorn),
+            "-c",
+            "python:relay.gunicorn_conf",  # as production runs it: preloaded, frozen (README)
             "relay.wsgi:application",
             "--bind",
             f"127.0.0.1:{self.port}",

@@ -94,6 +94,8 @@ def relay_server(
                 sys.executable,
                 "-m",
                 "gunicorn",
+                "-c",
+                "python:relay.gunicorn_conf",  # as production runs it (README)
                 "relay.wsgi",
                 "--bind",
                 f"127.0.0.1:{port}",

@@ -1,0 +1,35 @@
+"""gunicorn's settings for Relay's web workers: `gunicorn -c python:relay.gunicorn_conf
+relay.wsgi:application` (README, Commands). Command-line options given after `-c` win.
+
+Memory: the master loads the application once (`preload_app`: Django, every view module, the
+URLconf) and forks the workers from it, so its pages are shared between them instead of each
+worker importing Django for itself. Python writes to an object whenever it counts a reference or
+its garbage collector visits it, and each write copies the page it lies on into the worker;
+`gc.freeze()` right before each fork moves everything loaded so far out of the collector's reach,
+so the collector does not copy the shared pages into every worker. Measured with 4 idle workers
+(proportional set size, shared pages counted once, `tests/relay/test_gunicorn_memory.py`):
+272 MiB without preloading, 241 with it, 166 with it and the freeze.
+
+A preloaded application is not reloaded by SIGHUP: deploy new code by restarting gunicorn (or
+with USR2 then QUIT to the old master, gunicorn's upgrade without dropping connections).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+preload_app = True
+# Every access-log field that can hold a URL is redacted (link tokens, QIDO query strings).
+logger_class = "relay.logs.RedactingGunicornLogger"
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """In the master, before each worker is forked."""
+    from django.db import connections
+
+    # No connection opened while loading (a check, a migration probe) may be shared by the
+    # workers: each opens its own on its first request.
+    connections.close_all()
+    gc.collect()
+    gc.freeze()
