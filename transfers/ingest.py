@@ -42,7 +42,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import F, Subquery
+from django.db.models import F
 from django.db.models.sql import InsertQuery
 from django.http import HttpRequest
 from django.utils import timezone
@@ -926,33 +926,99 @@ def _lookup(
 ) -> tuple[tuple[set[str], str, bool] | None, Series | None]:
     """What `_existing` says of the SOP Instance UID, and the series (with its study) the
     object would join, in one query when that series exists (most objects of a study); its
-    series is None when it is new, or in a purged study (`_index` revives it)."""
-    copy = Instance.objects.filter(facility=facility, sop_instance_uid=header.sop_uid)
-    series = (
-        Series.objects.select_related("study")
-        .filter(
-            study__facility=facility,
-            study__study_instance_uid=header.study_uid,
-            series_instance_uid=header.series_uid,
+    series is None when it is new, or in a purged study (`_index` revives it).
+
+    Written once as SQL (`_LookupSql`): built through the ORM, with its four subqueries, the
+    query took 3.3 ms of Python per object to compile, against 0.6 ms for the whole round trip
+    this way, on every upload and every C-STORE."""
+    plan = _LookupSql.of(connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            plan.sql,
+            [facility.pk, header.sop_uid, facility.pk, header.study_uid, header.series_uid],
         )
-        .annotate(
-            copy_sha256=Subquery(copy.values("sha256")[:1]),
-            copy_original=Subquery(copy.values("original_sha256")[:1]),
-            copy_study=Subquery(copy.values("series__study__uuid")[:1]),
-            copy_purged=Subquery(copy.values("series__study__purged_at")[:1]),
-        )
-        .first()
-    )
-    if series is None:
+        row = cursor.fetchone()
+    if row is None:
         return _existing(facility, header.sop_uid), None
+    series, copy = plan.series(row, connection)
     existing = None
-    if series.copy_sha256 is not None:  # type: ignore[attr-defined]
-        existing = (
-            {series.copy_sha256, series.copy_original} - {""},  # type: ignore[attr-defined]
-            str(series.copy_study),  # type: ignore[attr-defined]
-            series.copy_purged is not None,  # type: ignore[attr-defined]
-        )
+    if copy[0] is not None:
+        sha, original, study_uuid, purged_at = copy
+        existing = ({sha, original} - {""}, study_uuid, purged_at is not None)
     return existing, (series if series.study.purged_at is None else None)
+
+
+class _LookupSql:
+    """`_lookup`'s statement for one database engine, and how to make its row into a Series
+    with its Study (each column through the converters Django itself applies)."""
+
+    _made: dict[str, _LookupSql] = {}
+
+    @classmethod
+    def of(cls, conn: Any) -> _LookupSql:
+        plan = cls._made.get(conn.vendor)
+        if plan is None:
+            plan = cls._made[conn.vendor] = cls(conn)
+        return plan
+
+    def __init__(self, conn: Any) -> None:
+        qn = conn.ops.quote_name
+        series_t, study_t = qn(Series._meta.db_table), qn(Study._meta.db_table)
+        instance_t = qn(Instance._meta.db_table)
+        self.series_fields = list(Series._meta.concrete_fields)
+        self.study_fields = list(Study._meta.concrete_fields)
+        uuid_field = Study._meta.get_field("uuid")
+        columns = [f"s.{qn(f.column)}" for f in self.series_fields]
+        columns += [f"t.{qn(f.column)}" for f in self.study_fields]
+        # Only quoted names from the models go into the text; every value is a parameter. The
+        # copy (at most one per facility and UID) is a derived table joined to the series' row,
+        # which SQLite and PostgreSQL both take.
+        self.sql = (
+            f"SELECT {', '.join(columns)}, c.sha256, c.original_sha256, c.uuid, c.purged_at "  # noqa: S608
+            f"FROM {series_t} s JOIN {study_t} t ON t.id = s.study_id "
+            f"LEFT JOIN (SELECT i.sha256, i.original_sha256, cs.uuid, cs.purged_at "
+            f"FROM {instance_t} i JOIN {series_t} css ON css.id = i.series_id "
+            f"JOIN {study_t} cs ON cs.id = css.study_id "
+            f"WHERE i.facility_id = %s AND i.sop_instance_uid = %s LIMIT 1) c ON 1 = 1 "
+            f"WHERE t.facility_id = %s AND t.study_instance_uid = %s "
+            f"AND s.series_instance_uid = %s LIMIT 1"
+        )
+
+        def converters(model: Any, field: Any) -> tuple[Any, list[Any]]:
+            col = field.get_col(model._meta.db_table)
+            return col, conn.ops.get_db_converters(col) + field.get_db_converters(conn)
+
+        self.series_conv = [converters(Series, f) for f in self.series_fields]
+        self.study_conv = [converters(Study, f) for f in self.study_fields]
+        self.uuid_conv = converters(Study, uuid_field)
+
+    @staticmethod
+    def _values(conn: Any, convs: list[tuple[Any, list[Any]]], raw: Iterable[Any]) -> list[Any]:
+        values = []
+        for (col, fns), value in zip(convs, raw, strict=True):
+            for fn in fns:
+                value = fn(value, col, conn)
+            values.append(value)
+        return values
+
+    def series(self, row: tuple[Any, ...], conn: Any) -> tuple[Series, tuple[Any, ...]]:
+        """The Series (its `study` set) and the copy's (sha256, original, study uuid, purge
+        mark), all None when the facility holds no copy."""
+        n, m = len(self.series_fields), len(self.study_fields)
+        series = Series.from_db(
+            conn.alias,
+            [f.attname for f in self.series_fields],
+            self._values(conn, self.series_conv, row[:n]),
+        )
+        series.study = Study.from_db(
+            conn.alias,
+            [f.attname for f in self.study_fields],
+            self._values(conn, self.study_conv, row[n : n + m]),
+        )
+        sha, original, study_uuid, purged_at = row[n + m :]
+        if sha is not None:
+            study_uuid = str(self._values(conn, [self.uuid_conv], [study_uuid])[0])
+        return series, (sha, original, study_uuid, purged_at)
 
 
 def _write_one(
