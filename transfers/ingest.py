@@ -1027,7 +1027,13 @@ def _write_one(
     """PostgreSQL: the instance's row, its audit event and the counters of its series and
     study in one statement (data-modifying WITH), inside the caller's transaction. The study's
     update waits for a purge claiming it at this moment and then sees its mark: the object is
-    then refused and rolled back, as `_count` does."""
+    then refused and rolled back, as `_count` does.
+
+    The series' row is locked before the study's, as every other writer of the counters does
+    (`_count`, the batches): the study's update reads the series update's result, which makes
+    PostgreSQL run that first. Left to itself it runs the WITH updates after the main one, and
+    a single upload and a batch into the same series then each waited for the other
+    (tests/transfers/test_concurrent_ingest.py)."""
     assert pending.series is not None
     series, result = pending.series, pending.result
     instance = Instance(
@@ -1051,10 +1057,11 @@ def _write_one(
     statement = (
         f"WITH i AS ({instance_sql}), a AS ({event_sql}), "  # noqa: S608
         f"s AS (UPDATE {series_table} SET num_instances = num_instances + 1, "
-        f"size_bytes = size_bytes + %s WHERE id = %s) "
+        f"size_bytes = size_bytes + %s WHERE id = %s RETURNING id) "
         f"UPDATE {study_table} SET num_instances = num_instances + 1, "
         f"size_bytes = size_bytes + %s, last_received_at = %s, status = %s, "
-        f"completed_at = NULL WHERE id = %s AND purged_at IS NULL RETURNING id"
+        f"completed_at = NULL WHERE id = %s AND purged_at IS NULL "
+        f"AND EXISTS (SELECT 1 FROM s) RETURNING id"
     )
     params = [
         *instance_params,
