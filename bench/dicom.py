@@ -362,7 +362,77 @@ def _more_rows(wb: Workbench) -> tuple[list[Row], dict[str, Any]]:
         Row("largest PDU: receiver CPU time (s)", relay_pdu.cpu_s, peer_pdu.cpu_s, "{:.1f}"),
     ]  # fmt: skip
     raw["largest_pdu"] = {"relay": relay_pdu.as_dict(), "orthanc": peer_pdu.as_dict()}
+    relay_o, peer_o = _orthanc_sends(wb)
+    rows += [
+        Row("Orthanc as the sender: wall time (s)", relay_o.wall_s, peer_o.wall_s,
+            aim="<= 1.00x"),
+        Row("Orthanc as the sender: receiver CPU time (s)", relay_o.cpu_s, peer_o.cpu_s, "{:.1f}"),
+    ]  # fmt: skip
+    raw["orthanc_sender"] = {"relay": relay_o.as_dict(), "orthanc": peer_o.as_dict()}
     return rows, raw
+
+
+def _orthanc_send(
+    source: OrthancServer, *, ae_title: str, port: int, receiver_pid: int, total: int
+) -> Transfer:
+    """The source Orthanc's study sent by C-STORE (its REST `/modalities/{id}/store`, one
+    association, synchronous) to a receiver; the receiver's memory and CPU sampled meanwhile."""
+    api = source.base_url
+    httpx.put(
+        f"{api}/modalities/target",
+        json={"AET": ae_title, "Host": "127.0.0.1", "Port": port},
+        timeout=30,
+    ).raise_for_status()
+    [study] = httpx.get(f"{api}/studies", timeout=30).json()
+    with RssSampler(receiver_pid) as sampler:
+        started = time.perf_counter()
+        answer = httpx.post(
+            f"{api}/modalities/target/store",
+            json={"Resources": [study], "Synchronous": True},
+            timeout=STORE_TIMEOUT_S,
+        )
+        wall = time.perf_counter() - started
+    if answer.status_code != 200:
+        raise UploadFailed(
+            f"Orthanc's C-STORE to {ae_title}: HTTP {answer.status_code} {answer.text[:500]}"
+        )
+    return Transfer(
+        files=int(answer.json().get("InstancesCount", 0)),
+        bytes=total,
+        wall_s=wall,
+        idle_rss=sampler.idle_bytes,
+        peak_rss=sampler.peak_bytes,
+        cpu_s=sampler.cpu_end - sampler.cpu_start,
+    )
+
+
+def _orthanc_sends(wb: Workbench) -> tuple[Transfer, Transfer]:
+    """The reference Orthanc (which holds the series) as a PACS sending it: into the gateway
+    (one process, a fresh facility) and into a fresh Orthanc."""
+    n = len(wb.series.files)
+    source, _ = wb.reference_orthanc()
+    assert wb.gateway is not None
+    slug = _facility_add(wb.relay, "BENCHORT")
+    relay = _orthanc_send(
+        source,
+        ae_title="BENCHORT",
+        port=wb.gateway.port,
+        receiver_pid=wb.gateway.pid,
+        total=wb.series.total_bytes,
+    )
+    if _relay_count(wb, slug) != n:
+        raise UploadFailed(f"Relay indexed {_relay_count(wb, slug)} of {n} (from Orthanc)")
+    with OrthancServer(extra_env=NODELAY) as target:
+        peer = _orthanc_send(
+            source,
+            ae_title=ORTHANC_AE,
+            port=target.dicom_port,
+            receiver_pid=target.pid,
+            total=wb.series.total_bytes,
+        )
+        if orthanc_count(target) != n:
+            raise UploadFailed(f"Orthanc indexed {orthanc_count(target)} of {n} (from Orthanc)")
+    return relay, peer
 
 
 def gateway_section(wb: Workbench) -> Section:
@@ -410,7 +480,9 @@ def gateway_section(wb: Workbench) -> Section:
             f"once, into `dicom_gateway --processes {GATEWAY_PROCESSES}` (a fresh facility) / a "
             "fresh Orthanc. Largest PDU: `storescu -pdu 131072` into the gateway (which offers "
             "DICOM_GATEWAY_MAX_PDU, 1 MiB; a fresh facility) / a fresh Orthanc with "
-            "MaximumPduLength 131072 (its largest; its default is 16384)."
+            "MaximumPduLength 131072 (its largest; its default is 16384). Orthanc as the "
+            "sender: the reference Orthanc's study sent with its REST /modalities/{id}/store "
+            "(one association) into the gateway (a fresh facility) / a fresh Orthanc."
         )
     return section
 

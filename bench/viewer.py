@@ -209,6 +209,7 @@ def viewer_section(wb: Workbench) -> Section:
             _ms(relay_floor, 0.5),
             _ms(peer_floor, 0.5),
             "{:.1f}",
+            "<= 2.00x",
         ),
         Row("frame payload (KiB)", http["frame_bytes"] / 1024, peer_frame_bytes / 1024, "{:.0f}"),
         Row(
