@@ -47,8 +47,8 @@ class AuditedStudy(Protocol):
 
 def client_ip(request: HttpRequest | None, address: str | None = None) -> str | None:
     """The client's IP address: the request's, or `address` (a DICOM peer's) without one."""
-    # REMOTE_ADDR is what the server saw; behind the TLS proxy gunicorn is started with
-    # --forwarded-allow-ips so that this is the client's address, not the proxy's.
+    # REMOTE_ADDR is what the server saw; behind the TLS proxy relay.proxy has replaced the
+    # proxy's address with the client's (RELAY_TRUSTED_PROXIES).
     raw = request.META.get("REMOTE_ADDR", "") if request is not None else (address or "")
     try:
         return str(ipaddress.ip_address(raw))

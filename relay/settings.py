@@ -66,6 +66,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Behind the TLS proxy, the client's address from X-Forwarded-For when the connection comes
+    # from one of RELAY_TRUSTED_PROXIES (relay.proxy): first, so that everything below sees it.
+    "relay.proxy.ForwardedForMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Refuses a NUL in the path, query string or any header (400) and a URL over
     # RELAY_MAX_URL_CHARS (414) before the session, sign-in or any view sees it.
@@ -187,8 +190,11 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "portal.lockout.lockout_response"
 AXES_ENABLE_ACCESS_FAILURE_LOG = False
 AXES_VERBOSE = False
-# Behind the proxy, REMOTE_ADDR is the client's (gunicorn --forwarded-allow-ips; README).
+# Behind the proxy, REMOTE_ADDR is the client's (relay.proxy, RELAY_TRUSTED_PROXIES; README).
 AXES_IPWARE_META_PRECEDENCE_ORDER = ["REMOTE_ADDR"]
+# The addresses or networks of the TLS proxies (load balancers) in front of Relay, whose
+# X-Forwarded-For names the client (comma-separated; unset: no proxy is believed).
+RELAY_TRUSTED_PROXIES = env_list("RELAY_TRUSTED_PROXIES")
 
 ACCOUNT_ADAPTER = "portal.adapters.AccountAdapter"
 SOCIALACCOUNT_ADAPTER = "portal.adapters.SocialAccountAdapter"
