@@ -290,15 +290,16 @@ else:
     }
 STORAGES = {
     "default": _default_storage,
+    # Hashed, compressed and cached for a year once `collectstatic` has run (relay.static);
+    # before that, the source files' own names.
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if DEBUG
-        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        else "relay.static.StaticStorage"
     },
 }
 if not DEBUG and not (STATIC_ROOT / "staticfiles.json").exists():
     # Before `collectstatic` has run (tests, a fresh checkout) serve from the source folders.
-    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
     WHITENOISE_USE_FINDERS = True
 
 # Uploads: bodies larger than this spill from memory to temporary files.
