@@ -35,6 +35,7 @@ lint: install
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	DEBUG=0 SECRET_KEY="lint-$$(date +%s%N)-not-a-real-secret-but-long-enough-for-check" \
 	  SITE_URL=https://relay.example.org ALLOWED_HOSTS=relay.example.org RELAY_STORAGE_ENCRYPTED=1 \
+	  EMAIL_HOST=smtp.relay.example.org \
 	  $(BIN)/python manage.py check --deploy --fail-level WARNING
 
 bench: install

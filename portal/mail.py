@@ -1,11 +1,14 @@
-"""The embedded default's e-mail: one file per message under var/mail, readable by its owner
-only (the messages hold password-reset, invitation and patient links)."""
+"""E-mail without an SMTP server. The embedded default writes one file per message under
+var/mail, readable by its owner only (the messages hold password-reset, invitation and patient
+links); production refuses to send instead (`UndeliverableEmailBackend`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.backends.filebased import EmailBackend
 
 
@@ -25,3 +28,20 @@ class PrivateFileEmailBackend(EmailBackend):
             self.stream = os.fdopen(fd, "ab")
             return True
         return False
+
+
+class MailNotConfigured(RuntimeError):
+    """Production without an SMTP server: nothing would reach anyone."""
+
+
+class UndeliverableEmailBackend(BaseEmailBackend):
+    """Production (an https:// SITE_URL, DEBUG off) without EMAIL_HOST: every message is
+    refused with an error instead of being written to a file on the server, where nobody would
+    read the share notices, invitations and password resets. `manage.py check --deploy` says so
+    before the first one (relay.E001)."""
+
+    def send_messages(self, email_messages: Any) -> int:
+        raise MailNotConfigured(
+            "E-mail is not configured: set EMAIL_HOST (and EMAIL_HOST_USER, EMAIL_HOST_PASSWORD)"
+            " to the SMTP server; nothing was sent."
+        )

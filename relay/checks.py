@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 
 @register(Tags.security, deploy=True)
@@ -30,5 +30,31 @@ def storage_encrypted_check(app_configs: Any = None, **kwargs: Any) -> list[Chec
             hint="Put MEDIA_ROOT on an encrypted volume, then set RELAY_STORAGE_ENCRYPTED=1 "
             "(README: Encryption at rest).",
             id="relay.W002",
+        )
+    ]
+
+
+# Backends that deliver nothing to anyone outside the server.
+NOT_DELIVERED = (
+    "portal.mail.UndeliverableEmailBackend",
+    "portal.mail.PrivateFileEmailBackend",
+    "django.core.mail.backends.filebased.EmailBackend",
+    "django.core.mail.backends.console.EmailBackend",
+    "django.core.mail.backends.locmem.EmailBackend",
+    "django.core.mail.backends.dummy.EmailBackend",
+)
+
+
+@register(Tags.security, deploy=True)
+def email_delivered_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    if settings.EMAIL_BACKEND not in NOT_DELIVERED:
+        return []
+    return [
+        Error(
+            "E-mail is not sent to anyone: share notices, invitations and password resets would "
+            "fail (or stay in files on the server).",
+            hint="Set EMAIL_HOST (and EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, DEFAULT_FROM_EMAIL) "
+            "to your SMTP server (README: Configuration).",
+            id="relay.E001",
         )
     ]

@@ -404,7 +404,16 @@ if EMAIL_HOST:
     EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
     EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
 else:
-    EMAIL_BACKEND = env_str("EMAIL_BACKEND", "portal.mail.PrivateFileEmailBackend")
+    # No SMTP server: the embedded default writes each message to a private file. In production
+    # (an https:// SITE_URL, DEBUG off) that would keep every share notice and password reset on
+    # the server unread: there sending fails loudly until EMAIL_HOST is set (`check --deploy`
+    # says so first, relay.E001), unless EMAIL_BACKEND names a backend on purpose.
+    EMAIL_BACKEND = env_str(
+        "EMAIL_BACKEND",
+        "portal.mail.UndeliverableEmailBackend"
+        if SITE_URL.startswith("https://") and not DEBUG
+        else "portal.mail.PrivateFileEmailBackend",
+    )
     EMAIL_FILE_PATH = env_str("EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Relay <relay@localhost>")
 
