@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 from gunicorn.glogging import Logger
@@ -24,6 +25,19 @@ def redact(text: str) -> str:
     """The text with tokens in paths and whole query strings replaced by [redacted]."""
     text = _TOKEN_PATHS.sub(lambda m: m.group(1) + REDACTED, text)
     return _QUERY.sub("?" + REDACTED, text)
+
+
+class UtcFormatter(logging.Formatter):
+    """Times in UTC, ISO 8601 with a Z (2026-12-04T15:10:00.123Z), in every process: the web
+    workers, Celery's workers and beat, and the gateway wrote local (Denver) time without an
+    offset while PostgreSQL and the proxies wrote UTC."""
+
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        stamp = time.strftime(datefmt or self.default_time_format, time.gmtime(record.created))
+        return self.default_msec_format % (stamp, record.msecs) if not datefmt else stamp
 
 
 class RedactingFilter(logging.Filter):

@@ -393,6 +393,9 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RELAY_BROKER_VISIBILITY_TIMEOUT}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
+# Celery's workers and beat log through LOGGING below (redacted, UTC) instead of replacing the
+# root logger's handlers with their own (local time, no redaction).
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # E-mail: SMTP when EMAIL_HOST is set, otherwise one file per message under var/mail.
 EMAIL_HOST = env_str("EMAIL_HOST")
@@ -481,7 +484,11 @@ LOGGING = {
     # Tokens in paths and query strings (patient names in searches) never reach a log line.
     "filters": {"redact": {"()": "relay.logs.RedactingFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        # UTC with a Z, in every process (relay.logs.UtcFormatter).
+        "plain": {
+            "()": "relay.logs.UtcFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
         "server": {
             "()": "django.utils.log.ServerFormatter",
             "format": "[{server_time}] {message}",

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
@@ -40,6 +40,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        self.worker_log: Path | None = None  # the worker's output (set by the fixture)
 
     async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:  # noqa: N802
         self.messages.append(BytesParser(policy=default_policy).parsebytes(envelope.content))
@@ -89,6 +90,7 @@ def _worker_process(
         app.amqp._producer_pool = None
     app.conf.task_always_eager = False
     log = tmp_path / "worker.log"
+    smtp.handler.worker_log = log
     process = subprocess.Popen(
         [
             sys.executable,
@@ -194,3 +196,29 @@ def test_the_worker_completes_quiet_studies_in_the_database(worker: Inbox, krmc)
     )
     studies_complete_quiet.delay()
     _wait_for(lambda: Study.objects.get(pk=study.pk).status == StudyStatus.COMPLETE)
+
+
+# A line the logging module wrote: an ISO 8601 UTC time with a Z (relay.logs.UtcFormatter).
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+)
+
+
+def test_the_workers_log_is_in_utc_like_every_other_process(worker: Inbox) -> None:
+    """Celery's own log lines (a task received and finished) go through Relay's logging: UTC
+    with a Z, not Celery's local time without an offset (issue 18: logs mixed Denver time and
+    UTC), and through the same redaction as the web's."""
+    assert worker.worker_log is not None
+    studies_complete_quiet.delay()
+
+    def finished() -> bool:
+        text = worker.worker_log.read_text(errors="replace")  # type: ignore[union-attr]
+        return "studies_complete_quiet" in text and "succeeded" in text
+
+    _wait_for(finished)
+    lines = worker.worker_log.read_text(errors="replace").splitlines()
+    task_lines = [ln for ln in lines if "studies_complete_quiet[" in ln]  # not the banner
+    assert task_lines and all(LOG_LINE.match(ln) for ln in task_lines), task_lines
+    stamp = LOG_LINE.match(task_lines[-1]).group(1)  # type: ignore[union-attr]
+    written = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 120
