@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.beat import PersistentScheduler
 from celery.schedules import crontab
 from celery.signals import beat_init, celeryd_init, worker_process_init
 from kombu import Exchange, Queue
 
 from .embedded import var_prepare
+from .env import var_dir
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "relay.settings")
 
@@ -26,6 +28,10 @@ app.conf.update(
     task_soft_time_limit=300,
     task_time_limit=360,
     broker_connection_retry_on_startup=True,
+    # beat's record of when each entry last ran: in the var folder, not in the folder it was
+    # started from (a checkout, or / under systemd). Run exactly one beat per installation.
+    beat_schedule_filename=str(var_dir() / "celerybeat-schedule"),
+    beat_scheduler="relay.celery:VarScheduler",
     task_default_queue="quick",
     task_queues=[
         Queue(name, Exchange(name), routing_key=name) for name in ("quick", "slow", "render")
@@ -90,6 +96,15 @@ app.conf.update(
 # Each app's tasks.py; transfers' feature packages keep their tasks beside their services and
 # TransfersConfig.ready() registers them.
 app.autodiscover_tasks()
+
+
+class VarScheduler(PersistentScheduler):
+    """Celery's file-backed scheduler, whose folder (the var folder) exists before it opens the
+    file: beat reads its schedule for the start-up banner, before beat_init."""
+
+    def setup_schedule(self) -> None:
+        var_prepare()
+        super().setup_schedule()
 
 
 @celeryd_init.connect
