@@ -20,6 +20,13 @@ import gc
 from typing import Any
 
 preload_app = True
+# Long transfers (a 2 GiB upload, a study's ZIP over a slow line) run as long as they take. A
+# sync worker tells the master it is alive only between requests, so any request longer than
+# `timeout` (30 s) was killed mid-transfer; a gthread worker's main thread keeps telling it
+# while its request thread works (tests/relay/test_long_transfers.py). One thread per worker:
+# the same one-request-at-a-time concurrency as before.
+worker_class = "gthread"
+threads = 1
 # Every access-log field that can hold a URL is redacted (link tokens, QIDO query strings).
 logger_class = "relay.logs.RedactingGunicornLogger"
 
