@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from relay.env import var_dir
+
 preload_app = True
 # Long transfers (a 2 GiB upload, a study's ZIP over a slow line) run as long as they take. A
 # sync worker tells the master it is alive only between requests, so any request longer than
@@ -29,6 +31,9 @@ worker_class = "gthread"
 threads = 1
 # Every access-log field that can hold a URL is redacted (link tokens, QIDO query strings).
 logger_class = "relay.logs.RedactingGunicornLogger"
+# gunicorn 27's control socket (`gunicornc`) in Relay's var folder: its default,
+# ~/.gunicorn/gunicorn.ctl, is one path for every gunicorn the user runs.
+control_socket = str(var_dir() / "gunicorn.ctl")
 
 
 def pre_fork(server: Any, worker: Any) -> None:

@@ -59,7 +59,6 @@ def test_four_idle_workers_share_the_preloaded_application(tmp_path: Path) -> No
                 f"127.0.0.1:{port}",
                 "--workers",
                 str(WORKERS),
-                "--no-control-socket",
                 "--access-logfile",
                 "-",
             ],  # fmt: skip
@@ -94,6 +93,8 @@ def test_four_idle_workers_share_the_preloaded_application(tmp_path: Path) -> No
         print(f"{WORKERS} idle workers and the master: PSS {pss:.0f} MiB, RSS sum {rss:.0f} MiB,")
         print(f"each worker's own (unshared) memory {own} MiB")
         assert pss < CEILING_MIB
+        # Its control socket is in its own var folder, not ~/.gunicorn/ shared by every gunicorn.
+        assert (tmp_path / "var" / "gunicorn.ctl").is_socket()
         # The configuration's logger class is the one that writes the access log: a query
         # string (a worklist search holds a patient's name) is not in it.
         assert _get(base + "/accounts/login/?q=DOE%5EJANE") == 200
