@@ -58,3 +58,47 @@ def email_delivered_check(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             id="relay.E001",
         )
     ]
+
+
+@register(Tags.security, deploy=True)
+def storage_bucket_check(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The image bucket exists and this process can reach it: Relay does not create it (its
+    versioning, encryption and lifecycle are the operator's), and an upload into a missing
+    bucket can only be refused."""
+    if not settings.STORAGES["default"]["BACKEND"].endswith("S3Storage"):
+        return []
+    from botocore.exceptions import BotoCoreError, ClientError
+    from django.core.files.storage import storages
+
+    storage: Any = storages["default"]
+    name = storage.bucket_name
+    try:
+        storage.connection.meta.client.head_bucket(Bucket=name)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return [
+                Error(
+                    f"The image bucket '{name}' does not exist.",
+                    hint="Create it (with versioning and default encryption) before starting "
+                    "Relay, or correct S3_BUCKET / S3_ENDPOINT_URL.",
+                    id="relay.E002",
+                )
+            ]
+        return [
+            Error(
+                f"The image bucket '{name}' refused this server ({code}).",
+                hint="Check the credentials (S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY) and the "
+                "bucket's policy.",
+                id="relay.E003",
+            )
+        ]
+    except BotoCoreError as exc:
+        return [
+            Error(
+                f"The image bucket '{name}' cannot be reached: {exc}",
+                hint="Check S3_ENDPOINT_URL and the network.",
+                id="relay.E003",
+            )
+        ]
+    return []

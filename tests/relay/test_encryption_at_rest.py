@@ -12,7 +12,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from moto.server import ThreadedMotoServer
 
-from relay.checks import storage_encrypted_check
+from relay.checks import storage_bucket_check, storage_encrypted_check
 from relay.storage import s3_storage
 from tests.helpers import read_testdata, upload
 from transfers.models import Instance
@@ -88,3 +88,28 @@ def test_a_folder_is_a_warning_until_declared_encrypted(settings):
 def test_a_misspelt_encryption_setting_stops_the_start(settings):
     with pytest.raises(ImproperlyConfigured):
         s3_storage(bucket=BUCKET, endpoint_url=None, region=None, sse="AES-256", **CREDENTIALS)
+
+
+def _bucket_named(settings: Any, endpoint: str, bucket: str) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": s3_storage(
+            bucket=bucket, endpoint_url=endpoint, region="us-east-1", sse="AES256", **CREDENTIALS
+        ),
+    }
+
+
+def test_a_missing_or_unreachable_bucket_fails_the_deploy_check(settings, s3_endpoint):
+    """Relay does not create its bucket: `check --deploy` says plainly when it is missing or out
+    of reach (issue 18: an operator found out from refused uploads)."""
+    endpoint, _ = s3_endpoint
+    _bucket_named(settings, endpoint, BUCKET)
+    assert storage_bucket_check() == []
+
+    _bucket_named(settings, endpoint, "relay-never-made")
+    (missing,) = storage_bucket_check()
+    assert missing.id == "relay.E002" and "relay-never-made" in missing.msg
+
+    _bucket_named(settings, "http://127.0.0.1:9", BUCKET)  # nothing listens on port 9
+    (unreachable,) = storage_bucket_check()
+    assert unreachable.id == "relay.E003" and "cannot be reached" in unreachable.msg
