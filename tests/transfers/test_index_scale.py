@@ -151,6 +151,11 @@ def test_it_answers_the_worklist_from_indexes(
             "study_uid",
         ),
         ("/dicom-web/instances?PatientID=MRN0000123", "study_patient_id"),
+        # By SOP Instance UID alone: the (facility, UID) index, not the whole instance table.
+        (
+            "/dicom-web/instances?SOPInstanceUID=1.2.826.0.1.3680043.10.123.1.3",
+            "instance_unique_per_facility",
+        ),
     ],
 )
 def test_it_answers_qido_from_indexes(

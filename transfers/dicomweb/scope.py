@@ -14,12 +14,13 @@ portal page does, for what may be done with it. A study nobody may see is a 404,
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest
 
 from portal.audit import audit_record
-from portal.models import ApiToken, AuditAction, Membership, Outcome, User
+from portal.models import ApiToken, AuditAction, Facility, Membership, Outcome, User
 
 from ..access import StudyAccess, study_access, study_access_refused
 from ..models import ORIGINALS, Share, Study
@@ -41,10 +42,9 @@ def request_token(request: HttpRequest) -> ApiToken | None:
     return getattr(request, "api_token", None)
 
 
-def studies_visible(request: HttpRequest) -> QuerySet[Study]:
-    """Every study this request may find: held by a facility the user belongs to, or in an
-    active share received by the user (with a right to view or download it); with a facility's
-    token, only that facility's own and received ones. Purged studies are not in it."""
+def _sources(request: HttpRequest) -> tuple[QuerySet[Membership], QuerySet[Any]]:
+    """(the memberships whose facilities' studies the request sees, the ids of the studies
+    shared with it)."""
     user: User = request.user  # type: ignore[assignment]
     token = request_token(request)
     memberships = Membership.objects.filter(user=user)
@@ -53,11 +53,31 @@ def studies_visible(request: HttpRequest) -> QuerySet[Study]:
         memberships = memberships.filter(facility_id=token.facility_id)
         shares = shares.filter(recipient_facility_id=token.facility_id)
     shared = Share.studies.through.objects.filter(share__in=shares.values("pk")).values("study_id")
+    return memberships, shared
+
+
+def studies_visible(request: HttpRequest) -> QuerySet[Study]:
+    """Every study this request may find: held by a facility the user belongs to, or in an
+    active share received by the user (with a right to view or download it); with a facility's
+    token, only that facility's own and received ones. Purged studies are not in it."""
+    memberships, shared = _sources(request)
     # The facility's own de-identified copies are not among its studies; a recipient finds one
     # through its share.
     return Study.objects.filter(purged_at__isnull=True).filter(
         (Q(facility_id__in=memberships.values("facility_id")) & ORIGINALS) | Q(pk__in=shared)
     )
+
+
+def facilities_visible(request: HttpRequest) -> QuerySet[Any]:
+    """The ids of the facilities holding the studies of `studies_visible` (and maybe a few
+    more: it narrows a search, it grants nothing): the user's own facilities and those of the
+    studies shared with them, read from the memberships and shares rather than from every
+    visible study."""
+    memberships, shared = _sources(request)
+    return Facility.objects.filter(
+        Q(pk__in=memberships.values("facility_id"))
+        | Q(pk__in=Study.objects.filter(pk__in=shared).values("facility_id"))
+    ).values("pk")
 
 
 def study_for(request: HttpRequest, study_uid: str, *, need: Need) -> StudyAccess:

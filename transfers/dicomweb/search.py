@@ -140,6 +140,9 @@ class Search:
     limit: int
     offset: int
     warnings: list[str]
+    # Matched on SOP Instance UID: the instances are looked up by (facility, UID), the index
+    # every stored instance has, instead of through their studies.
+    by_instance_uid: bool = False
 
 
 def search_parse(
@@ -155,6 +158,7 @@ def search_parse(
     limit = MAX_RESULTS
     offset = 0
     warnings: list[str] = []
+    by_instance_uid = False
     for keyword, value in (fixed or {}).items():
         filters.append(_match(level, offered[keyword], value))
     for key, value in params:
@@ -186,6 +190,8 @@ def search_parse(
                 unknown.append(name[:64])
                 continue
             filters.append(_match(level, attribute, value))
+            if attribute.keyword == "SOPInstanceUID" and level == Level.INSTANCE and value.strip():
+                by_instance_uid = True
     if unknown:
         names = ", ".join(sorted(set(unknown))[:20])
         warnings.append(f"The following attributes are not supported for matching: {names}")
@@ -195,7 +201,7 @@ def search_parse(
     if include_all:
         wanted |= set(offered)
     fields = [a for a in ATTRIBUTES if a.keyword in wanted]
-    return Search(level, filters, fields, max(limit, 0), offset, warnings)
+    return Search(level, filters, fields, max(limit, 0), offset, warnings, by_instance_uid)
 
 
 def _count(value: str, name: str) -> int:
@@ -336,11 +342,17 @@ def _range_match(
 
 
 def search_run(
-    search: Search, visible: QuerySet[Study], *, retrieve_base: str
+    search: Search,
+    visible: QuerySet[Study],
+    *,
+    retrieve_base: str,
+    facilities: QuerySet[Any] | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     """(the DICOM JSON objects of one page, whether more results follow) in one statement.
 
-    `retrieve_base` is the absolute URL of /dicom-web/ (for RetrieveURL)."""
+    `retrieve_base` is the absolute URL of /dicom-web/ (for RetrieveURL); `facilities`, the ids
+    of the facilities holding the visible studies (or more), narrows a search by SOP Instance
+    UID to an index."""
     level = search.level
     model = _MODEL[level]
     study_path = _PATH[(level, Level.STUDY)]
@@ -351,6 +363,12 @@ def search_run(
         queryset = visible
     else:
         queryset = model.objects.filter(**{f"{study_path}pk__in": visible.values("pk")})  # type: ignore[attr-defined]
+    if search.by_instance_uid and facilities is not None:
+        # Every instance belongs to its study's facility: naming those facilities lets
+        # PostgreSQL find the UID through instance_unique_per_facility (a few index probes)
+        # instead of reading the whole instance table (574 ms at 10 million, issue 17). The
+        # visible studies still decide what is answered.
+        queryset = queryset.filter(facility_id__in=facilities)
     for condition in search.filters:
         queryset = queryset.filter(condition)
     columns = {a.keyword: _column(level, a) for a in search.fields}

@@ -47,7 +47,7 @@ from ..sharing.services import share_downloaded
 from . import retrieve, search
 from .accept import AcceptError, accept_parse
 from .answers import delivery_meter, text_answer, uids_refused
-from .scope import DownloadRefused, Need, studies_visible, study_for
+from .scope import DownloadRefused, Need, facilities_visible, studies_visible, study_for
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,10 @@ def _search(
     except search.QueryError as exc:
         return text_answer(str(exc), 400)
     answers, more = search.search_run(
-        query, studies_visible(request), retrieve_base=_base_url(request)
+        query,
+        studies_visible(request),
+        retrieve_base=_base_url(request),
+        facilities=facilities_visible(request),
     )
     response = JsonResponse(answers, safe=False, json_dumps_params={"ensure_ascii": False})
     response["Content-Type"] = DICOM_JSON

@@ -50,6 +50,12 @@ def _found(client: Client, headers: dict[str, Any]) -> set[str]:
     return {a["0020000D"]["Value"][0] for a in answer.json()}
 
 
+def _by_instance_uid(client: Client, headers: dict[str, Any], sop: str) -> list[str]:
+    answer = client.get("/dicom-web/instances", {"SOPInstanceUID": sop}, **headers)
+    assert answer.status_code == 200
+    return [a["00080018"]["Value"][0] for a in answer.json()]
+
+
 def _body(answer: Any) -> bytes:
     return b"".join(answer.streaming_content) if answer.streaming else answer.content
 
@@ -61,6 +67,7 @@ def test_an_outsider_finds_nothing_and_retrieves_nothing(
         outsider = client_for(charlie) if not headers else client
         assert _found(outsider, headers) == set()
         assert outsider.get(_urls(ct_study)["series_search"], **headers).json() == []
+        assert _by_instance_uid(outsider, headers, ct_study.sop_of("CT_small.dcm")) == []
         for name in ("study", "series", "instance", "metadata", "frames", "bulk"):
             accept = MULTIPART_DICOM if name in ("study", "series", "instance") else "*/*"
             answer = outsider.get(_urls(ct_study)[name], HTTP_ACCEPT=accept, **headers)
@@ -91,6 +98,9 @@ def test_a_recipient_sees_the_shared_study_only_and_a_view_only_share_takes_no_c
     )
     headers = bearer(_token(dana))
     assert _found(client, headers) == {shared.uid}
+    # Found by its SOP Instance UID too (that search goes through the holders' facilities).
+    sop = shared.sop_of("CT_small.dcm")
+    assert _by_instance_uid(client, headers, sop) == [sop]
     urls = _urls(shared)
     assert client.get(urls["metadata"], **headers).status_code == 200
     frames = client.get(
