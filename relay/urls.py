@@ -12,6 +12,7 @@ from django.views.decorators.http import require_safe
 
 from portal.reauth import reauthentication_required
 from portal.views import admin_login
+from relay import health
 
 # The admin site has no sign-in of its own: it sits behind Relay's (second factor included),
 # and every change made there (plans, facilities, SSO) asks for the password or second factor
@@ -40,6 +41,9 @@ def favicon(request: HttpRequest) -> HttpResponseRedirect:
 
 urlpatterns = [
     path("favicon.ico", favicon),
+    # For load balancers and monitors (relay/health.py).
+    path("health/live/", health.live, name="health_live"),
+    path("health/ready/", health.ready, name="health_ready"),
     path("", include("portal.urls")),
     path("", include("billing.urls")),
     path("", include("transfers.urls")),
