@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pydicom
 import pytest
@@ -21,16 +21,29 @@ from portal.models import User
 PASSWORD = "correct horse battery staple 42"
 
 
+def peer_missing(reason: str) -> NoReturn:
+    """Something the test needs (a program, a plugin, PostgreSQL) is not here: fail in CI, skip
+    elsewhere, printing why."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    print(f"SKIP: {reason}")
+    pytest.skip(reason)
+
+
 def require_peer(program: str) -> str:
     """The path of an external program the test needs. Missing: fail in CI, skip elsewhere."""
     path = shutil.which(program)
     if path is None:
-        reason = f"{program} is not installed (Debian package; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+        peer_missing(f"{program} is not installed (Debian package; .ci/run installs it)")
     return path
+
+
+def require_postgresql(reason: str) -> None:
+    """The test needs PostgreSQL (CI runs the suite with DATABASE_URL); `reason` says why."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        peer_missing(reason)
 
 
 def client_for(user: User | None, *, second_factor: bool = True) -> Client:

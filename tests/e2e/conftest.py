@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import peer_missing
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -28,11 +30,7 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module", autouse=True)
 def e2e_chromium() -> str:
     if not os.path.exists(CHROMIUM):
-        reason = f"{CHROMIUM} is not installed (Debian package 'chromium')"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+        peer_missing(f"{CHROMIUM} is not installed (Debian package 'chromium')")
     return CHROMIUM
 
 

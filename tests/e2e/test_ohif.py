@@ -12,7 +12,6 @@ Without npm the tests skip with the reason printed, and fail in CI (.ci/run inst
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from playwright.sync_api import expect
 
 from portal.models import Facility, Membership, User
 from relay.management.commands.seed_demo import demo_ct_series
+from tests.helpers import peer_missing
 from transfers.ingest import instance_ingest
 from transfers.models import Study, StudyStatus
 from transfers.sharing.services import share_create
@@ -56,11 +56,7 @@ NON_BLANK = 1000
 def ohif_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """OHIF installed once for the session by the management command, as `make install` does."""
     if shutil.which("npm") is None:
-        reason = "npm is not installed (Debian packages nodejs and npm; .ci/run installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+        peer_missing("npm is not installed (Debian packages nodejs and npm; .ci/run installs them)")
     base = tmp_path_factory.mktemp("ohif")
     call_command("ohif_install", dir=base)
     assert (base / "site" / "relay-ohif.json").is_file()

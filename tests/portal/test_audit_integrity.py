@@ -8,7 +8,6 @@ connects as: a superuser may do anything, including dropping the triggers.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +16,7 @@ from django.db import DatabaseError, connection, transaction
 
 from portal.audit import audit_record
 from portal.models import AuditAction, AuditEvent, Facility, User
-from tests.helpers import client_for
+from tests.helpers import client_for, require_postgresql
 
 pytestmark = pytest.mark.django_db
 
@@ -34,12 +33,7 @@ UPDATE = "UPDATE portal_auditevent SET outcome = 'failure' WHERE id = %s"
 
 
 def _needs_postgresql() -> None:
-    if connection.vendor != "postgresql":
-        reason = "PostgreSQL only (CI runs it with DATABASE_URL); SQLite has no roles"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+    require_postgresql("PostgreSQL only (CI runs it with DATABASE_URL); SQLite has no roles")
 
 
 def _refused(sql: str, *params: int | str) -> bool:

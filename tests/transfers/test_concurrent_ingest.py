@@ -10,14 +10,13 @@ four parallel associations into one study lost instances to "deadlock detected" 
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 
 from portal.models import Facility
-from tests.helpers import dicom_bytes
+from tests.helpers import dicom_bytes, require_postgresql
 from transfers.ingest import STORED, IngestBatch, instance_ingest
 from transfers.models import Series, Study
 
@@ -29,12 +28,7 @@ PER_THREAD = 25
 
 @pytest.fixture(autouse=True)
 def _postgresql_only() -> None:
-    if connection.vendor != "postgresql":
-        reason = "SQLite takes one writer at a time (CI runs the suite with DATABASE_URL)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+    require_postgresql("SQLite takes one writer at a time (CI runs the suite with DATABASE_URL)")
 
 
 def test_parallel_writers_into_one_series_all_store_and_count(krmc: Facility) -> None:

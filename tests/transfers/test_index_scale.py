@@ -12,7 +12,6 @@ study table).
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +19,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from portal.models import Facility, User
-from tests.helpers import client_for
+from tests.helpers import client_for, require_postgresql
 from transfers.models import Series, Study
 
 pytestmark = pytest.mark.django_db
@@ -31,12 +30,7 @@ SURNAMES = ["Hamilton", "Nguyen", "Okafor", "Lindqvist", "Brown", "Garcia", "Kow
 
 @pytest.fixture(autouse=True)
 def _postgresql_only() -> None:
-    if connection.vendor != "postgresql":
-        reason = "the plans are PostgreSQL's (CI runs the suite with DATABASE_URL)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+    require_postgresql("the plans are PostgreSQL's (CI runs the suite with DATABASE_URL)")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +14,13 @@ import pytest
 from django.core.files.storage import storages
 
 from portal.models import AuditAction, AuditEvent, Facility
-from tests.helpers import dicom_bytes, gateway_allow, gateway_running, require_peer
+from tests.helpers import (
+    dicom_bytes,
+    gateway_allow,
+    gateway_running,
+    require_peer,
+    require_postgresql,
+)
 from transfers.dicom.gateway import Gateway
 from transfers.models import Instance, Study, StudyStatus
 
@@ -185,12 +190,9 @@ def test_a_database_outage_mid_association_is_a_retryable_failure(
     from django.db import connection, connections
     from pynetdicom import AE
 
-    if connection.vendor != "postgresql":
-        reason = "needs PostgreSQL to cut the gateway's connection (CI runs it with DATABASE_URL)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+    require_postgresql(
+        "needs PostgreSQL to cut the gateway's connection (CI runs it with DATABASE_URL)"
+    )
     files = [pydicom.dcmread(io.BytesIO(dicom_bytes("CT_small.dcm"))) for _ in range(3)]
     ae = AE(ae_title="PACS1")
     ae.add_requested_context(files[0].SOPClassUID, files[0].file_meta.TransferSyntaxUID)

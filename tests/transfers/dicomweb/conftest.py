@@ -5,7 +5,6 @@ the API as a sender would, and its source files kept for comparison."""
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from bench.servers import DICOMWEB_PLUGIN
 from portal.models import ApiToken, Facility, TokenAccess, User
-from tests.helpers import require_peer, upload
+from tests.helpers import peer_missing, require_peer, upload
 from transfers.models import Study
 
 SOURCES = (
@@ -110,7 +109,4 @@ def orthanc_dicomweb_required() -> None:
     """Orthanc and its DICOMweb plugin, or the test fails in CI (skips elsewhere, saying why)."""
     require_peer("Orthanc")
     if not DICOMWEB_PLUGIN.exists():
-        reason = "Orthanc's DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        peer_missing("Orthanc's DICOMweb plugin is missing (Debian package orthanc-dicomweb)")

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
-from tests.helpers import dicom_bytes, upload
+from tests.helpers import dicom_bytes, peer_missing, upload
 from transfers.media import disc_viewer
 from transfers.media.export import export_plan, iso_build, zip_size, zip_stream
 from transfers.models import Instance, Study
@@ -104,10 +104,7 @@ def _owner_reports(study: Study) -> list[Any]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
-        reason = f"{CHROMIUM} is not installed (Debian package 'chromium')"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        peer_missing(f"{CHROMIUM} is not installed (Debian package 'chromium')")
     from playwright.sync_api import sync_playwright
 
     previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
