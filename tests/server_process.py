@@ -33,6 +33,7 @@ class Answer:
 class Server:
     url: str
     log: Path
+    pid: int
 
     def request(
         self,
@@ -68,16 +69,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@contextmanager
-def relay_server(
-    tmp_path: Path,
-    *,
-    database_url: str,
-    env: dict[str, str] | None = None,
-    preexec: Callable[[], None] | None = None,
-) -> Iterator[Server]:
-    port = free_port()
-    log = tmp_path / "server.log"
+def relay_environment(
+    tmp_path: Path, *, database_url: str, env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a Relay process of the test's own: its database, var and broker
+    folders under `tmp_path`, no shared Redis (tasks go to the private broker folder)."""
     environment = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -87,7 +83,42 @@ def relay_server(
         "LOG_LEVEL": "INFO",
         **(env or {}),
     }
-    environment.pop("REDIS_URL", None)  # tasks go to a private broker folder, not a shared Redis
+    environment.pop("REDIS_URL", None)
+    return environment
+
+
+def relay_run(
+    tmp_path: Path, args: list[str], *, database_url: str, env: dict[str, str] | None = None
+) -> str:
+    """`python ARGS` in that environment (a manage.py command, a -c script); its output."""
+    done = subprocess.run(  # noqa: S603 - our own interpreter and arguments
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=relay_environment(tmp_path, database_url=database_url, env=env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@contextmanager
+def relay_server(
+    tmp_path: Path,
+    *,
+    database_url: str,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+    workers: int = 1,
+    control_socket: bool = False,
+    args: tuple[str, ...] = (),
+) -> Iterator[Server]:
+    """gunicorn as production runs it (relay/gunicorn_conf.py), on a free port; `args` are
+    more gunicorn options (given last, they win)."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    environment = relay_environment(tmp_path, database_url=database_url, env=env)
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [
@@ -100,10 +131,11 @@ def relay_server(
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",
-                "1",
+                str(workers),
                 "--timeout",
                 "120",
-                "--no-control-socket",
+                *(() if control_socket else ("--no-control-socket",)),
+                *args,
             ],  # fmt: skip
             cwd=ROOT,
             env=environment,
@@ -121,7 +153,7 @@ def relay_server(
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start:\n{log.read_text()}") from None
                 time.sleep(0.1)
-        yield Server(f"http://127.0.0.1:{port}", log)
+        yield Server(f"http://127.0.0.1:{port}", log, process.pid)
     finally:
         process.terminate()
         try:

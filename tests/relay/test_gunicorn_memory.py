@@ -10,9 +10,6 @@ shared page once per process (about 360 MiB either way) and is printed beside it
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.server_process import ROOT, free_port
+from tests.server_process import relay_run, relay_server
 
 WORKERS = 4
 CEILING_MIB = 210
@@ -38,45 +35,23 @@ def _get(url: str) -> int:
 
 
 def test_four_idle_workers_share_the_preloaded_application(tmp_path: Path) -> None:
-    env = {**os.environ, "RELAY_VAR_DIR": str(tmp_path / "var"), "DEBUG": "0"}
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)  # the embedded default: a database of the test's own
-    subprocess.run(  # noqa: S603 - our own interpreter and arguments
-        [sys.executable, "manage.py", "migrate", "--verbosity", "0"], cwd=ROOT, env=env, check=True
-    )
-    port = free_port()
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "python:relay.gunicorn_conf",
-                "relay.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(WORKERS),
-                "--access-logfile",
-                "-",
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    database = f"sqlite:///{tmp_path / 'relay.sqlite3'}"  # a database of the test's own
+    relay_run(tmp_path, ["manage.py", "migrate", "--verbosity", "0"], database_url=database)
+    with relay_server(
+        tmp_path,
+        database_url=database,
+        workers=WORKERS,
+        control_socket=True,
+        args=("--access-logfile", "-"),
+    ) as server:
         master = psutil.Process(server.pid)
-        base = f"http://127.0.0.1:{port}"
+        base = server.url
         deadline = time.monotonic() + 60
         while len(master.children()) < WORKERS or _get_quietly(base + "/accounts/login/") != 200:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"gunicorn did not start:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"gunicorn did not start:\n{server.log.read_text()}"
             time.sleep(0.2)
-        # Every worker answers a page and the API (sync workers take one request at a time, so
-        # rounds of 2 x workers concurrent requests reach each of them).
+        # Every worker answers a page and the API (each takes one request at a time, so rounds
+        # of 2 x workers concurrent requests reach each of them).
         with ThreadPoolExecutor(2 * WORKERS) as pool:
             for _ in range(6):
                 pages = list(pool.map(_get, [base + "/accounts/login/"] * (2 * WORKERS)))
@@ -99,15 +74,8 @@ def test_four_idle_workers_share_the_preloaded_application(tmp_path: Path) -> No
         # string (a worklist search holds a patient's name) is not in it.
         assert _get(base + "/accounts/login/?q=DOE%5EJANE") == 200
         time.sleep(0.3)
-        access = log.read_text()
+        access = server.log.read_text()
         assert "/accounts/login/?[redacted]" in access and "DOE" not in access
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def _get_quietly(url: str) -> int:

@@ -10,17 +10,14 @@ request runs, however long. The test runs gunicorn as configured with the timeou
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import dicom_bytes
-from tests.server_process import ROOT, free_port
+from tests.server_process import relay_run, relay_server
 
 # Above gunicorn's own 2 s linger when it closes a connection (on the worker's main thread).
 TIMEOUT_S = 3
@@ -39,54 +36,17 @@ print("TOKEN " + ApiToken.issue(user=user, name="slow")[1])
 
 @pytest.fixture
 def server(tmp_path: Path):
-    env = {**os.environ, "RELAY_VAR_DIR": str(tmp_path / "var"), "DEBUG": "0"}
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)
-    env["DJANGO_SETTINGS_MODULE"] = "relay.settings"
-    env["CELERY_TASK_ALWAYS_EAGER"] = "1"  # no worker here: the upload's tasks run inline
-    run = [sys.executable, "manage.py"]
-    subprocess.run([*run, "migrate", "--verbosity", "0"], cwd=ROOT, env=env, check=True)  # noqa: S603
-    out = subprocess.run(  # noqa: S603 - our own interpreter and arguments
-        [sys.executable, "-c", SETUP], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-    ).stdout
+    database = f"sqlite:///{tmp_path / 'relay.sqlite3'}"  # a database of the test's own
+    relay_run(tmp_path, ["manage.py", "migrate", "--verbosity", "0"], database_url=database)
+    out = relay_run(tmp_path, ["-c", SETUP], database_url=database)
     token = next(ln for ln in out.splitlines() if ln.startswith("TOKEN ")).split()[1]
-    port = free_port()
-    log = tmp_path / "gunicorn.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "python:relay.gunicorn_conf",
-                "relay.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--timeout",
-                str(TIMEOUT_S),
-                "--no-control-socket",
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-    try:
-        yield port, token, log
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with relay_server(
+        tmp_path,
+        database_url=database,
+        env={"CELERY_TASK_ALWAYS_EAGER": "1"},  # no worker here: the upload's tasks run inline
+        args=("--timeout", str(TIMEOUT_S)),
+    ) as running:
+        yield int(running.url.rsplit(":", 1)[1]), token, running.log
 
 
 def _request(port: int, head: bytes) -> socket.socket:

@@ -8,13 +8,10 @@ manifest, so pages named the plain files, served uncompressed with `max-age=60`.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.server_process import ROOT
+from tests.server_process import relay_run
 
 PAGE = r"""
 import json
@@ -44,25 +41,18 @@ print("RESULT " + json.dumps(answers))
 """
 
 
-def _run(args: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(  # noqa: S603 - our own interpreter and arguments
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 def test_collected_static_files_are_hashed_compressed_and_cached_for_good(tmp_path: Path) -> None:
-    env = {**os.environ, "RELAY_VAR_DIR": str(tmp_path / "var"), "DEBUG": "0"}
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
-        env.pop(name, None)
-    env["DJANGO_SETTINGS_MODULE"] = "relay.settings"
-    _run(["manage.py", "migrate", "--verbosity", "0"], env)
-    _run(["manage.py", "collectstatic", "--noinput", "--verbosity", "0"], env)
+    database = f"sqlite:///{tmp_path / 'relay.sqlite3'}"
+
+    def run(args: list[str]) -> str:
+        return relay_run(tmp_path, args, database_url=database, env={"DEBUG": "0"})
+
+    run(["manage.py", "migrate", "--verbosity", "0"])
+    run(["manage.py", "collectstatic", "--noinput", "--verbosity", "0"])
     manifest = json.loads((tmp_path / "var" / "static" / "staticfiles.json").read_text())
     assert manifest["paths"]["css/relay.css"] != "css/relay.css"
 
-    line = next(ln for ln in _run(["-c", PAGE], env).splitlines() if ln.startswith("RESULT "))
+    line = next(ln for ln in run(["-c", PAGE]).splitlines() if ln.startswith("RESULT "))
     answers = json.loads(line.removeprefix("RESULT "))
     assert answers, "the sign-in page names no stylesheet"
     for link, answer in answers.items():
