@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
+
+from servers import psql_admin, scratch_database_url
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
@@ -605,18 +607,6 @@ print("INDEX-BENCH " + json.dumps({{"fill": fill, "timed": timed}}))
 """
 
 
-def _server_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        url = "postgres://postgres@127.0.0.1:5432/postgres"
-    return urlunsplit(urlsplit(url)._replace(path=f"/{DB_NAME}"))
-
-
-def _psql(url: str, statement: str) -> None:
-    admin = urlunsplit(urlsplit(url)._replace(path="/postgres"))
-    subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
-
-
 def index_section(
     *,
     studies: int = STUDIES,
@@ -625,10 +615,10 @@ def index_section(
     reuse: bool = False,
     plans: Path = OUT / "index_plans.txt",
 ) -> dict[str, Any]:
-    url = _server_url()
+    url = scratch_database_url(DB_NAME)
     if not reuse:
-        _psql(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-        _psql(url, f"CREATE DATABASE {DB_NAME}")
+        psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
+        psql_admin(url, f"CREATE DATABASE {DB_NAME}")
     var = tempfile.mkdtemp(prefix="relay-bench-index-")
     env = {
         **os.environ,
@@ -655,7 +645,7 @@ def index_section(
             raise RuntimeError(f"index benchmark failed (exit {done.returncode})")
     finally:
         if not keep:
-            _psql(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
+            psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
         shutil.rmtree(var, ignore_errors=True)
     line = next(x for x in done.stdout.splitlines() if x.startswith("INDEX-BENCH "))
     result = dict(json.loads(line.removeprefix("INDEX-BENCH ")))

@@ -17,7 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from servers import psql_admin, scratch_database_url
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -36,23 +37,10 @@ print("BILLING-BENCH " + json.dumps(asdict(result)))
 """
 
 
-def _server_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        url = "postgres://postgres@127.0.0.1:5432/postgres"
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{DB_NAME}"))
-
-
-def _psql(url: str, statement: str) -> None:
-    admin = urlunsplit(urlsplit(url)._replace(path="/postgres"))
-    subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
-
-
 def billing_section(*, facilities: int = 1000, rows: int = 1_000_000) -> dict[str, Any]:
-    url = _server_url()
-    _psql(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-    _psql(url, f"CREATE DATABASE {DB_NAME}")
+    url = scratch_database_url(DB_NAME)
+    psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
+    psql_admin(url, f"CREATE DATABASE {DB_NAME}")
     var = tempfile.mkdtemp(prefix="relay-bench-billing-")
     env = {
         **os.environ,
@@ -75,7 +63,7 @@ def billing_section(*, facilities: int = 1000, rows: int = 1_000_000) -> dict[st
         if done.returncode != 0:
             raise RuntimeError(f"billing_bench failed:\n{done.stderr[-3000:]}")
     finally:
-        _psql(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
+        psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
         shutil.rmtree(var, ignore_errors=True)
     line = next(x for x in done.stdout.splitlines() if x.startswith("BILLING-BENCH "))
     return dict(json.loads(line.removeprefix("BILLING-BENCH ")))

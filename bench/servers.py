@@ -49,6 +49,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def scratch_database_url(name: str) -> str:
+    """A throwaway PostgreSQL database called `name` on the server DATABASE_URL names (else
+    127.0.0.1:5432 as postgres): never the named database itself, which may hold someone's
+    data. The billing and index benchmarks fill and drop theirs."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        url = "postgres://postgres@127.0.0.1:5432/postgres"
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def psql_admin(url: str, statement: str) -> None:
+    """One statement (CREATE or DROP DATABASE) through the server's `postgres` database."""
+    admin = urlunsplit(urlsplit(url)._replace(path="/postgres"))
+    subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
