@@ -224,14 +224,19 @@ def _stacks(study: Study) -> tuple[list[Series], dict[int, list[Instance]]]:
     for instance in images:
         by_series[instance.series_id].append(instance)
     for instances in by_series.values():
-        # Unnumbered images after the numbered ones, in the order they arrived.
-        instances.sort(key=lambda i: (i.instance_number is None, i.instance_number or 0, i.pk))
+        instances.sort(key=lambda i: _shown_order(i.instance_number, i.pk))
     return series_list, by_series
 
 
+def _shown_order(number: int | None, pk: int) -> tuple[bool, int, int]:
+    """Where an image stands in its series in the viewer (study.json, geometry.json): by
+    Instance Number, the unnumbered ones after the numbered ones in the order they arrived."""
+    return (number is None, number or 0, pk)
+
+
 def _stack_rows(study: Study) -> dict[int, list[tuple[str, int | None, int]]]:
-    """(SOP Instance UID, Instance Number, frames) of every image, by series, in `_stacks`'s
-    order. Plain rows rather than model objects: the page waits for this, and a 300-slice CT
+    """(SOP Instance UID, Instance Number, frames) of every image, by series, in the viewer's
+    order (`_shown_order`, as `_stacks`). Plain rows rather than model objects: the page waits for this, and a 300-slice CT
     built as Instance objects took half of the page's time on the server."""
     rows = (
         Instance.objects.filter(series__study=study, rows__isnull=False)
@@ -243,8 +248,7 @@ def _stack_rows(study: Study) -> dict[int, list[tuple[str, int | None, int]]]:
         by_series.setdefault(series_id, []).append((uid, number, frames, pk))
     result: dict[int, list[tuple[str, int | None, int]]] = {}
     for series_id, images in by_series.items():
-        # Unnumbered images after the numbered ones, in the order they arrived (as `_stacks`).
-        images.sort(key=lambda i: (i[1] is None, i[1] or 0, i[3]))
+        images.sort(key=lambda i: _shown_order(i[1], i[3]))
         result[series_id] = [(uid, number, frames) for uid, number, frames, _ in images]
     return result
 
