@@ -944,7 +944,7 @@ def _lookup(
     existing = None
     if copy[0] is not None:
         sha, original, study_uuid, purged_at = copy
-        existing = ({sha, original} - {""}, study_uuid, purged_at is not None)
+        existing = _known_copy(sha, original, study_uuid, purged_at is not None)
     return existing, (series if series.study.purged_at is None else None)
 
 
@@ -1089,17 +1089,24 @@ def _insert_sql(obj: Any) -> tuple[str, list[Any]]:
     return sql, list(params)
 
 
+def _known_copy(
+    sha256: str, original_sha256: str, study_uuid: Any, purged: bool
+) -> tuple[set[str], str, bool]:
+    """A stored copy as dedup compares with it: (the SHA-256s it is known by: its own, and the
+    one it arrived with when it was rewritten since by patient reconciliation; its study's
+    uuid; whether a purge claimed that study)."""
+    return {sha256, original_sha256} - {""}, str(study_uuid), purged
+
+
 def _existing(facility: Facility, sop_uid: str) -> tuple[set[str], str, bool] | None:
-    """(the SHA-256s the copy is known by, study uuid, whether a purge claimed its study) of
-    the copy this facility holds, if any: its own, and the one it arrived with when it was
-    rewritten since (patient reconciliation)."""
+    """The copy this facility holds of this SOP Instance UID, if any (`_known_copy`)."""
     rows = Instance.objects.filter(facility=facility, sop_instance_uid=sop_uid).values_list(
         "sha256", "original_sha256", "series__study__uuid", "series__study__purged_at"
     )[:1]
     if not rows:
         return None
     sha, original, study_uuid, purged_at = rows[0]
-    return {sha, original} - {""}, str(study_uuid), purged_at is not None
+    return _known_copy(sha, original, study_uuid, purged_at is not None)
 
 
 def _purge_finish_soon() -> None:
@@ -1289,7 +1296,7 @@ class IngestBatch:
             return _TOO_MANY
         purged = study["purged_at"] is not None
         return {
-            sop: ({sha, original} - {""}, str(study["uuid"]), purged)
+            sop: _known_copy(sha, original, study["uuid"], purged)
             for sop, sha, original in Instance.objects.filter(
                 facility=self.facility, series__study_id=study["pk"]
             ).values_list("sop_instance_uid", "sha256", "original_sha256")
