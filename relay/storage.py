@@ -11,6 +11,11 @@ Either way an object is written whole or not at all, so that a write failing par
 full, a file size limit, the bucket dropping the connection) leaves no partial object without a
 row: `AtomicFileSystemStorage` here, `relay.s3.AtomicS3Storage` for a bucket (in its own module
 so that importing the settings does not import boto3).
+
+Both also read an object in one go without asking first whether it exists (`read_bytes`: the
+bytes, or None when there is none), and list every name below a folder at once (`names_under`):
+the viewer's renders and thumbnails are read that way (transfers/viewer/render.py), so a frame
+costs one request to a bucket, not a HEAD per check (issue 18).
 """
 
 from __future__ import annotations
@@ -76,6 +81,27 @@ class AtomicFileSystemStorage(FileSystemStorage):
                 os.unlink(partial)
         self._ensure_location_group_id(full_path)  # type: ignore[attr-defined]
         return os.path.relpath(full_path, self.location).replace("\\", "/")
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The whole object, or None when there is none (one open, no separate existence check
+        that a purge could overtake)."""
+        try:
+            with open(self.path(name), "rb") as fp:
+                return fp.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def names_under(self, folder: str) -> set[str]:
+        """The name of every object below `folder`, at any depth (none while a write is still
+        a hidden `.partial-*` file)."""
+        root = self.path(folder)
+        base = folder.rstrip("/")
+        names: set[str] = set()
+        for directory, _, files in os.walk(root):
+            relative = os.path.relpath(directory, root).replace(os.sep, "/")
+            inside = base if relative == "." else f"{base}/{relative}"
+            names.update(f"{inside}/{f}" for f in files if not f.startswith(PARTIAL_PREFIX))
+        return names
 
 
 SSE_CHOICES = ("", "AES256", "aws:kms")

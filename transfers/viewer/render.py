@@ -13,6 +13,20 @@ carries which instance and frame it shows (a text chunk), so a thumbnail made wh
 still arriving is made again once its middle image is another one.
 
 Everything goes through `storages["default"]`, so renders live wherever the images live (S3 too).
+
+Reading one back is one request: `_read` asks the storage for the object's bytes once (Relay's
+storages have `read_bytes`, relay/storage.py and relay/s3.py: one GetObject on S3, a NoSuchKey
+meaning "not rendered yet"), never `exists()` and then `open()`, which on S3 cost three HEADs and
+a GET per frame or thumbnail (issue 18). Renders are not served by redirect to presigned bucket
+URLs: a presigned URL is a bearer link to patient images that lives in browser history, proxy
+logs and Referer headers for its lifetime, outside the access check and the metering that every
+frame request passes (views.py), and outside the no-store and CSP headers Relay sets. Nor are they
+cached on the server: a copy in Redis or in a worker's memory would not have the bucket's
+encryption at rest nor be removed by the purge, and it would save only the one GET left. What
+lasts across requests is the render itself in storage (a frame is decoded once, ever) and the
+viewer's own in-memory cache in the browser (static/js/viewer/data.js), which holds the frames it
+fetched for as long as the page is open; the answers stay `no-store`, so no copy lands on a
+shared computer's disk (relay/headers.py).
 """
 
 from __future__ import annotations
@@ -107,12 +121,14 @@ def _storage() -> Storage:
 
 
 def _read(storage: Storage, key: str) -> bytes | None:
-    if not storage.exists(key):
-        return None
+    """The stored object's bytes, or None when there is none: one read, no `exists()` first."""
+    read_bytes = getattr(storage, "read_bytes", None)
+    if read_bytes is not None:  # relay.storage.AtomicFileSystemStorage, relay.s3.AtomicS3Storage
+        return cast("bytes | None", read_bytes(key))
     try:
         with storage.open(key, "rb") as fp:
             return bytes(fp.read())
-    except FileNotFoundError:  # deleted between the two calls
+    except FileNotFoundError:
         return None
 
 
@@ -418,18 +434,38 @@ def _placeholder(text: str) -> Image.Image:
 # --- a whole study ------------------------------------------------------------------------------
 
 
-def _frames_missing(storage: Storage, instance: Instance) -> list[int]:
+def _frames_missing(
+    storage: Storage, instance: Instance, listings: dict[str, set[str]] | None = None
+) -> list[int]:
+    """The frames of the instance with no stored render.
+
+    With a storage that lists a folder's names at any depth (`names_under`), the folder holding
+    the instance's render folder is listed once and the listing kept in `listings` for the
+    instances beside it (a series' images share it): one request per series on S3 rather than
+    a HEAD per image. Otherwise one `exists` for a single frame, one listing for several."""
     frames = max(instance.number_of_frames, 1)
+    render_dir = _render_dir(instance.storage_key)
+    names_under = getattr(storage, "names_under", None)
+    if names_under is not None and listings is not None:
+        folder = render_dir.rsplit("/", 1)[0]
+        if folder not in listings:
+            listings[folder] = set(names_under(folder))
+        present = listings[folder]
+        return [
+            frame
+            for frame in range(frames)
+            if frame_render_key(storage_key=instance.storage_key, frame=frame) not in present
+        ]
     if frames == 1:
         key = frame_render_key(storage_key=instance.storage_key, frame=0)
         return [] if storage.exists(key) else [0]
     # One listing rather than one request per frame (S3: one LIST instead of N HEADs).
     try:
-        _, names = storage.listdir(_render_dir(instance.storage_key) + "/")
+        _, names = storage.listdir(render_dir + "/")
     except FileNotFoundError:
         names = []
-    present = set(names)
-    return [frame for frame in range(frames) if f"{frame}.rly" not in present]
+    found = set(names)
+    return [frame for frame in range(frames) if f"{frame}.rly" not in found]
 
 
 def study_render(study: Study) -> int:
@@ -440,8 +476,11 @@ def study_render(study: Study) -> int:
     storage = _storage()
     made = 0
     for series in study.series.select_related("study__facility").order_by("pk"):
+        # Listed before this series' renders are made: what a concurrent run stores meanwhile
+        # is made again here and then kept as theirs (`_write`).
+        listings: dict[str, set[str]] = {}
         for instance in series.instances.select_related("series").order_by("pk").iterator():
-            missing = _frames_missing(storage, instance)
+            missing = _frames_missing(storage, instance, listings)
             if not missing:
                 continue
             _, stored = _instance_render(instance, missing, storage=storage)

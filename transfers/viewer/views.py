@@ -671,6 +671,8 @@ def _thumbnail(access: StudyAccess, series_uid: str) -> HttpResponse:
 def _no_store(response: HttpResponse) -> None:
     # Frames and thumbnails are PHI: no browser or proxy keeps a copy (relay.headers does this
     # for every answer; said here too so the view stands on its own). The viewer holds what it
-    # fetched in memory while the page is open.
+    # fetched in memory while the page is open, so a frame is asked for once per page view; each
+    # ask is served from the stored render with one read (one GetObject on S3, render._read),
+    # after the access check, never by redirect to a bucket URL that would skip it.
     patch_cache_control(response, no_store=True)
     patch_vary_headers(response, ["Cookie"])
