@@ -7,6 +7,7 @@ from celery import shared_task
 from django.core.mail import EmailMultiAlternatives
 from django.utils import timezone
 
+from .metrics import EMAIL_FAILURES, EMAILS_SENT
 from .models import Invitation
 from .siem import audit_forward
 
@@ -22,7 +23,13 @@ from .siem import audit_forward
 def email_send(*, to: str, subject: str, text: str, html: str) -> None:
     message = EmailMultiAlternatives(subject=subject, body=text, to=[to])
     message.attach_alternative(html, "text/html")
-    message.send()
+    try:
+        message.send()
+    except Exception as exc:
+        # Each failed attempt (an OSError is retried with backoff; MailNotConfigured is not).
+        EMAIL_FAILURES.labels(error=type(exc).__name__).inc()
+        raise
+    EMAILS_SENT.inc()
 
 
 @shared_task(soft_time_limit=60, time_limit=90)

@@ -1,13 +1,23 @@
-"""The Celery application: JSON only, explicit time limits, slow and quick queues."""
+"""The Celery application: JSON only, explicit time limits, slow and quick queues; its workers'
+task failures and retries counted for /metrics (portal/metrics.py)."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
 from celery.beat import PersistentScheduler
 from celery.schedules import crontab
-from celery.signals import beat_init, celeryd_init, worker_process_init
+from celery.signals import (
+    beat_init,
+    celeryd_init,
+    task_failure,
+    task_retry,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 from kombu import Exchange, Queue
 
 from .embedded import var_prepare
@@ -122,3 +132,50 @@ def _worker_memory_cap(**_: object) -> None:
     from transfers.viewer.tasks import worker_memory_cap_from_settings
 
     worker_memory_cap_from_settings()
+
+
+@celeryd_init.connect
+def _metrics_files(sender: str | None = None, **_: object) -> None:
+    """The worker's processes count into the node's metrics folder under a role of their own
+    (the node name: a quick and a render worker on one machine keep apart), wiped when the
+    worker starts; before the pool forks (portal/metrics.py)."""
+    from django.conf import settings
+
+    from portal.metrics import metrics_process_start
+
+    metrics_process_start(f"worker.{sender or 'celery'}", settings.RELAY_METRICS_DIR)
+
+
+@worker_ready.connect
+def _metrics_exporter(**_: object) -> None:
+    """On a node without a web server, the node's metrics on RELAY_METRICS_PORT; started once
+    the pool has forked, so that no pool process inherits the thread."""
+    from django.conf import settings
+
+    from portal.metrics import metrics_exporter_start
+
+    if settings.RELAY_METRICS_PORT:
+        metrics_exporter_start(bind=settings.RELAY_METRICS_BIND, port=settings.RELAY_METRICS_PORT)
+
+
+@worker_process_shutdown.connect
+def _metrics_process_gone(pid: int | None = None, **_: object) -> None:
+    from portal.metrics import metrics_process_dead
+
+    if pid:
+        metrics_process_dead(pid)
+
+
+@task_failure.connect
+def _task_failed(sender: Any = None, **_: object) -> None:
+    """A task that raised and will not run again (a retry is counted by _task_retried)."""
+    from portal.metrics import TASK_FAILURES
+
+    TASK_FAILURES.labels(task=getattr(sender, "name", None) or "unknown").inc()
+
+
+@task_retry.connect
+def _task_retried(sender: Any = None, **_: object) -> None:
+    from portal.metrics import TASK_RETRIES
+
+    TASK_RETRIES.labels(task=getattr(sender, "name", None) or "unknown").inc()

@@ -10,6 +10,11 @@ so the collector does not copy the shared pages into every worker. Measured with
 (proportional set size, shared pages counted once, `tests/relay/test_gunicorn_memory.py`):
 272 MiB without preloading, 241 with it, 166 with it and the freeze.
 
+Metrics: the workers count into files of one folder (RELAY_METRICS_DIR, prometheus_client's
+multiprocess mode; portal/metrics.py says why files rather than a port per worker), which any
+worker's /metrics adds up. The master starts the folder afresh for its workers when it starts,
+and forgets a worker's live gauges when the worker ends; counters of ended workers stay counted.
+
 A preloaded application is not reloaded by SIGHUP: deploy new code by restarting gunicorn (or
 with USR2 then QUIT to the old master, gunicorn's upgrade without dropping connections).
 """
@@ -17,9 +22,10 @@ with USR2 then QUIT to the old master, gunicorn's upgrade without dropping conne
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Any
 
-from relay.env import var_dir
+from relay.env import env_str, var_dir
 
 preload_app = True
 # Long transfers (a 2 GiB upload, a study's ZIP over a slow line) run as long as they take. A
@@ -34,6 +40,20 @@ logger_class = "relay.logs.RedactingGunicornLogger"
 # gunicorn 27's control socket (`gunicornc`) in Relay's var folder: its default,
 # ~/.gunicorn/gunicorn.ctl, is one path for every gunicorn the user runs.
 control_socket = str(var_dir() / "gunicorn.ctl")
+
+
+def on_starting(server: Any) -> None:
+    """In the master, once, before the first worker is forked (after preloading)."""
+    from portal.metrics import metrics_process_start
+
+    metrics_process_start("web", Path(env_str("RELAY_METRICS_DIR") or str(var_dir() / "metrics")))
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, when a worker has ended (recycled, killed, timed out)."""
+    from portal.metrics import metrics_process_dead
+
+    metrics_process_dead(worker.pid)
 
 
 def pre_fork(server: Any, worker: Any) -> None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 from csp.constants import NONCE, NONE, SELF
+from django.core.exceptions import ImproperlyConfigured
 
 from .embedded import broker_database
 from .env import (
@@ -69,6 +70,10 @@ MIDDLEWARE = [
     # Behind the TLS proxy, the client's address from X-Forwarded-For when the connection comes
     # from one of RELAY_TRUSTED_PROXIES (relay.proxy): first, so that everything below sees it.
     "relay.proxy.ForwardedForMiddleware",
+    # Each request's id, on every log line written while answering it (relay.logs).
+    "relay.logs.RequestIdMiddleware",
+    # Counts and times every answer, and answers /metrics (relay.metrics: why here).
+    "relay.metrics.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Refuses a NUL in the path, query string or any header (400) and a URL over
     # RELAY_MAX_URL_CHARS (414) before the session, sign-in or any view sees it.
@@ -478,6 +483,23 @@ RELAY_AUDIT_SYSLOG_GAP_SECONDS = env_int("RELAY_AUDIT_SYSLOG_GAP_SECONDS", 60)
 # Second-factor secrets are encrypted with a key derived from this (or SECRET_KEY).
 RELAY_MFA_KEY = env_str("RELAY_MFA_KEY")
 
+# Prometheus metrics (README: Metrics; relay/metrics.py, portal/metrics.py). /metrics answers
+# only a scrape with this bearer token and/or from these addresses or networks (comma-separated);
+# with neither set it is off (404). Each node's processes count in files under RELAY_METRICS_DIR;
+# a node without a web server serves them on RELAY_METRICS_BIND:RELAY_METRICS_PORT (0: not) from
+# its Celery worker or gateway.
+RELAY_METRICS_TOKEN = env_str("RELAY_METRICS_TOKEN")
+RELAY_METRICS_ALLOW = env_list("RELAY_METRICS_ALLOW")
+RELAY_METRICS_DIR = Path(env_str("RELAY_METRICS_DIR") or str(VAR_DIR / "metrics"))
+RELAY_METRICS_PORT = env_int("RELAY_METRICS_PORT", 0)
+RELAY_METRICS_BIND = env_str("RELAY_METRICS_BIND", "127.0.0.1")
+
+# Log lines as text (plain) or one JSON object each (json: relay.logs.JsonFormatter), in every
+# process; gunicorn's own lines follow the same variable (relay.logs.RedactingGunicornLogger).
+RELAY_LOG_FORMAT = env_str("RELAY_LOG_FORMAT", "plain").strip().lower()
+if RELAY_LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured("RELAY_LOG_FORMAT must be plain or json.")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -494,11 +516,20 @@ LOGGING = {
             "format": "[{server_time}] {message}",
             "style": "{",
         },
+        "json": {"()": "relay.logs.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if RELAY_LOG_FORMAT == "json" else "plain",
+            "filters": ["redact"],
+        },
         # The dev server's access log (`make run`), as Django logs it, redacted.
-        "server": {"class": "logging.StreamHandler", "formatter": "server", "filters": ["redact"]},
+        "server": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if RELAY_LOG_FORMAT == "json" else "server",
+            "filters": ["redact"],
+        },
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_safe
 
 from portal.reauth import reauthentication_required
 from portal.views import admin_login
-from relay import health
+from relay import health, metrics
 
 # The admin site has no sign-in of its own: it sits behind Relay's (second factor included),
 # and every change made there (plans, facilities, SSO) asks for the password or second factor
@@ -44,6 +44,8 @@ urlpatterns = [
     # For load balancers and monitors (relay/health.py).
     path("health/live/", health.live, name="health_live"),
     path("health/ready/", health.ready, name="health_ready"),
+    # For Prometheus, behind a token (relay/metrics.py; its middleware answers it first).
+    path("metrics", metrics.metrics, name="metrics"),
     path("", include("portal.urls")),
     path("", include("billing.urls")),
     path("", include("transfers.urls")),

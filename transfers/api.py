@@ -45,6 +45,7 @@ from portal.access import (
 )
 from portal.audit import audit_record, client_ip
 from portal.lockout import address_blocked, address_failure
+from portal.metrics import ingest_measure
 from portal.models import ApiToken, AuditAction, Facility, Outcome, User
 
 from .completion import ManifestError, manifest_apply
@@ -345,6 +346,12 @@ def instances_upload(request: AuthedRequest) -> JsonResponse:
         )
     if length > limit:
         # Refused before reading a byte of it.
+        ingest_measure(
+            source="browser" if bearer_token(request) is None else "api",
+            user_agent=request.META.get("HTTP_USER_AGENT", ""),
+            outcome=REJECTED,
+            size=0,
+        )
         result = IngestResult(
             REJECTED,
             filename=filename,

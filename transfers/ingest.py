@@ -50,6 +50,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from portal import metrics
 from portal.access import acting_facility
 from portal.audit import audit_event
 from portal.models import AuditAction, AuditEvent, Facility, Outcome, User
@@ -608,7 +609,14 @@ def instance_ingest(
                 "could not audit a %s upload of %s", result.status, result.sop_instance_uid
             )
     result.extra.pop("patient_id", None)
+    _measure(result, source, request)
     return result
+
+
+def _measure(result: IngestResult, source: str, request: HttpRequest | None) -> None:
+    """Count a final result for /metrics, by entry point (portal.metrics.ingest_entry)."""
+    agent = request.META.get("HTTP_USER_AGENT", "") if request is not None else ""
+    metrics.ingest_measure(source=source, user_agent=agent, outcome=result.status, size=result.size)
 
 
 NOT_IN_STUDY = "This instance belongs to another study than the one the request names; not stored."
@@ -704,6 +712,7 @@ def _ingest_spooled(
         )
     except Exception as exc:  # disk full, bucket unreachable: the sender should retry
         log.exception("storage write failed for %s", header.sop_uid)
+        metrics.STORAGE_ERRORS.labels(operation="ingest_write").inc()
         raise Rejected(STORAGE_DOWN, 503) from exc
     pending = _Pending(
         result=result,
@@ -1337,6 +1346,8 @@ class IngestBatch:
                 _delete_quietly(storages["default"], item.key)
             raise
         self._remember(pending)
+        for item in pending:  # final now
+            _measure(item.result, self.source, self.request)
 
     def _audit(self, result: IngestResult, patient_id: str) -> AuditEvent:
         """The event of an upload, not saved yet (inserted with the batch's others)."""

@@ -29,6 +29,7 @@ from django.core.files.storage import Storage, storages
 from django.http import HttpRequest
 from django.utils import timezone
 
+from portal import metrics
 from portal.audit import audit_record
 from portal.emails import email_queue
 from portal.models import AuditAction, Facility, Outcome, User
@@ -202,6 +203,7 @@ def integrity_failure(
     staff names the instance by its database id and the facility, never the patient."""
     key = key or (instance.storage_key if instance is not None else "")
     log.error("integrity check failed during %s: %s (%s)", where, key, reason)
+    metrics.INTEGRITY_FAILURES.labels(where=where).inc()
     facility: Facility | None = None
     detail: dict[str, Any] = {"where": where, "key": key, "reason": reason}
     study = None
@@ -323,6 +325,7 @@ def storage_verify(
                 _note(run, problem)
                 integrity_failure(instance, "storage_verify", reason=problem.reason, alert=False)
             run.checked += 1
+            metrics.STORAGE_VERIFY_CHECKED.inc()
             run.checked_bytes += instance.size_bytes
             run.last_instance_id = instance.pk
             if budget is not None:
@@ -396,6 +399,7 @@ def _instance_check(storage: Storage, instance: Instance) -> _Problem | None:
 
 
 def _note(run: StorageVerifyRun, problem: _Problem) -> None:
+    metrics.STORAGE_VERIFY_FINDINGS.labels(kind=problem.kind).inc()
     setattr(run, problem.kind, getattr(run, problem.kind) + 1)
     if len(run.problems) < PROBLEMS_KEPT:
         run.problems = [*run.problems, problem.as_dict()]

@@ -82,6 +82,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
+from portal import metrics
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome
 
@@ -106,6 +107,14 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x01)
 REJECT_LIMIT = (0x02, 0x03, 0x02)
+# The words /metrics counts refusals by (relay_gateway_associations_rejected_total{reason}).
+REJECT_REASONS = {
+    REJECT_CALLED_AE: "called_ae",
+    REJECT_CALLING_AE: "calling_ae",
+    REJECT_NO_REASON: "not_allowed",
+    REJECT_BUSY: "unavailable",
+    REJECT_LIMIT: "limit",
+}
 COMPOSITE_STORAGE = "1.2.840.10008.5.1.4.1.1."
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 # A sender that opens the TLS port and says nothing is dropped after this many seconds.
@@ -365,6 +374,7 @@ def _handshake_failure_audit(exc: BaseException, *, address: str) -> None:
     log.warning("gateway: TLS handshake from %s failed: %s", address, exc)
     if not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError):
         return
+    metrics.GATEWAY_REJECTED.labels(reason="tls").inc()
     close_old_connections()
     _refusal_audit(
         Refusal(
@@ -532,6 +542,7 @@ class Gateway:
         except Exception:
             # The database is unreachable: a transient refusal, so the sender tries again later.
             log.exception("gateway: could not check association from %s@%s", calling, address)
+            metrics.GATEWAY_REJECTED.labels(reason=REJECT_REASONS[REJECT_BUSY]).inc()
             _reject(assoc, REJECT_BUSY)
             return
         if isinstance(caller, Refusal):
@@ -539,12 +550,15 @@ class Gateway:
                 "gateway: refused %s@%s calling %s: %s", calling, address, called, caller.reason
             )
             _refusal_audit(caller, called_ae=called, calling_ae=calling, address=address)
+            metrics.GATEWAY_REJECTED.labels(reason=REJECT_REASONS.get(caller.code, "other")).inc()
             _reject(assoc, caller.code)
             # No EVT_RELEASED follows a refusal: this thread's connection is closed here.
             connections.close_all()
             return
         with self._lock:
             self.callers[id(assoc)] = caller
+        metrics.GATEWAY_ACCEPTED.inc()
+        metrics.GATEWAY_ACTIVE.inc()
         _prefer_senders_order(assoc)
         log.info("gateway: %s@%s -> %s", calling, address, caller.facility.slug)
 
@@ -633,8 +647,10 @@ class Gateway:
 
     def _on_closed(self, event: Any) -> None:
         with self._lock:
-            self.callers.pop(id(event.assoc), None)
+            admitted = self.callers.pop(id(event.assoc), None)
             self.marked = {key for key in self.marked if key[0] != id(event.assoc)}
+        if admitted is not None:
+            metrics.GATEWAY_ACTIVE.dec()
         # Each association runs in its own thread with its own database connection.
         connections.close_all()
 
@@ -652,7 +668,10 @@ def gateway_serve(
     signals to them; a process that ends on its own stops the others (exit status 1), for the
     supervisor to start the gateway again."""
     with_tls = bool(tls_port) and gateway_context() is not None
+    # Every process of the gateway counts into the node's metrics folder (portal/metrics.py).
+    metrics.metrics_process_start(f"gateway.{port}", settings.RELAY_METRICS_DIR)
     if processes <= 1:
+        _metrics_exporter_start()
         _serve_signalled(
             Gateway(ae_title=ae_title),
             host=host,
@@ -699,6 +718,7 @@ def gateway_serve(
     for sock in listening:
         sock.close()
     log.info("gateway: %d processes: %s", processes, " ".join(map(str, children)))
+    _metrics_exporter_start()  # after the fork: no child inherits its thread
     status = 0
     stopping = False
 
@@ -720,6 +740,7 @@ def gateway_serve(
         except ChildProcessError:
             break
         children.pop(pid, None)
+        metrics.metrics_process_dead(pid)  # its open associations count no more
         if not stopping:
             log.error(
                 "gateway: process %d ended (%s): stopping the others",
@@ -729,6 +750,14 @@ def gateway_serve(
             status = 1
             forward(GRACEFUL, None)
     return status
+
+
+def _metrics_exporter_start() -> None:
+    """On a node without a web server, the node's metrics on RELAY_METRICS_PORT."""
+    if settings.RELAY_METRICS_PORT:
+        metrics.metrics_exporter_start(
+            bind=settings.RELAY_METRICS_BIND, port=settings.RELAY_METRICS_PORT
+        )
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -36,6 +36,7 @@ from django.db.models import Count, Q
 from django.http import HttpRequest
 from django.utils import timezone
 
+from portal import metrics
 from portal.audit import audit_record
 from portal.models import COPY_ROLES, AuditAction, Membership, User
 
@@ -689,6 +690,10 @@ def _finish(push: Push, *, transient: str) -> None:
         status = PushStatus.PARTIAL
     else:
         status = PushStatus.FAILED
+    if status == PushStatus.QUEUED:
+        metrics.PUSH_ATTEMPTS_FAILED.inc()
+    else:
+        metrics.PUSHES_FINISHED.labels(outcome=status.value).inc()
     with transaction.atomic():
         Push.objects.filter(pk=push.pk).update(
             status=status,
@@ -709,6 +714,7 @@ def _finish(push: Push, *, transient: str) -> None:
 
 def pushes_give_up(*, push: Push, reason: str) -> None:
     """The task ran out of retries: the push is failed, with the last reason, for the user."""
+    metrics.PUSHES_FINISHED.labels(outcome=PushStatus.FAILED.value).inc()
     Push.objects.filter(pk=push.pk).exclude(status=PushStatus.CANCELLED).update(
         status=PushStatus.FAILED,
         error=reason[:300],

@@ -33,6 +33,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
 from portal.audit import audit_record
+from portal.metrics import ingest_measure
 from portal.models import AuditAction, Facility, Outcome, User
 
 from ..api import _upload_facility
@@ -327,6 +328,7 @@ def _part_ingest(
             outcome=Outcome.FAILURE,
             detail=upload_detail(result, source="dicomweb", filename=""),
         )
+        ingest_measure(source="dicomweb", user_agent="", outcome=REJECTED, size=0)
         return result
     return instance_ingest(
         facility=facility,
