@@ -7,6 +7,11 @@
   stores and returns a value, and the Celery broker accepts a connection. A JSON object names
   each check and says "OK" or what failed, with no address, credential or patient data.
 
+Both answer whatever Host header the request carries and over plain HTTP (`HealthMiddleware`, the
+first middleware): a load balancer asks each node by its own address (http://10.0.0.11:8000/...),
+which ALLOWED_HOSTS and the HTTPS redirect would otherwise refuse with 400 or 301. They carry no
+patient data, no cookie is read and nothing else runs for them.
+
 The checks are django-health-check's (database, storage, cache) and one of ours (the broker).
 The library is imported on the first readiness request, not when a worker starts: pages never
 load it (tests/relay/test_lean_imports.py keeps workers lean).
@@ -24,6 +29,19 @@ from asgiref.sync import async_to_sync
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+
+
+class HealthMiddleware:
+    """Answers the two health paths before any other middleware (see the module's docstring)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        view = _VIEWS.get(request.path_info)
+        if view is not None:
+            return view(request)  # type: ignore[no-any-return]
+        return self.get_response(request)
 
 
 @never_cache
@@ -80,3 +98,6 @@ def _ready_view() -> Callable[..., Any]:
             return self.render_to_response_json(503 if failed else 200)
 
     return Ready.as_view()
+
+
+_VIEWS: dict[str, Callable[..., Any]] = {"/health/live/": live, "/health/ready/": ready}

@@ -67,6 +67,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # /health/live/ and /health/ready/ answered first (relay.health): a load balancer asks each
+    # node by its own address over plain HTTP, which ALLOWED_HOSTS and the SSL redirect refuse.
+    "relay.health.HealthMiddleware",
     # Behind the TLS proxy, the client's address from X-Forwarded-For when the connection comes
     # from one of RELAY_TRUSTED_PROXIES (relay.proxy): first, so that everything below sees it.
     "relay.proxy.ForwardedForMiddleware",
@@ -396,6 +399,19 @@ else:
     CELERY_BROKER_TRANSPORT = "relay.broker:Transport"
     CELERY_BROKER_URL = f"sqlite:///{broker_database()}"
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RELAY_BROKER_VISIBILITY_TIMEOUT}
+# RabbitMQ (or another AMQP broker) instead: RELAY_BROKER_URL=amqp://user:password@host:5672/vhost.
+# Redis stays the cache when REDIS_URL is set too. RabbitMQ gives an unacknowledged task back as
+# soon as the worker's connection drops (no visibility timeout), but it closes a channel that holds
+# a delivery unacknowledged longer than its consumer_timeout (30 minutes by default), and retries
+# wait up to an hour on the worker: set consumer_timeout above RELAY_BROKER_VISIBILITY_TIMEOUT
+# (README: A task survives its worker being killed).
+RELAY_BROKER_URL = env_str("RELAY_BROKER_URL")
+if RELAY_BROKER_URL:
+    if not RELAY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
+        raise ImproperlyConfigured("RELAY_BROKER_URL must be an amqp:// or amqps:// URL.")
+    CELERY_BROKER_URL = RELAY_BROKER_URL
+    CELERY_BROKER_TRANSPORT = "pyamqp"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 # Celery's workers and beat log through LOGGING below (redacted, UTC) instead of replacing the

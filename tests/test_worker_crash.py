@@ -1,5 +1,6 @@
 """A task survives the worker that was running it being killed (SIGKILL), on the embedded
-default's broker and, when this run has REDIS_URL, on Redis.
+default's broker, on RabbitMQ (RELAY_BROKER_URL; the machine's server at 127.0.0.1:5672, a
+virtual host of the test's own) and, when this run has REDIS_URL, on Redis.
 
 The task is Relay's own `email_send` (every e-mail goes through it: share notices, invitations),
 sent to a real SMTP server on loopback that holds the first message's DATA unanswered: the test
@@ -32,6 +33,7 @@ from django.conf import settings
 
 from portal.tasks import email_send
 from relay.celery import app
+from tests.helpers import peer_missing, require_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 VISIBILITY_TIMEOUT = 4  # seconds; production's is an hour
@@ -136,13 +138,32 @@ def _broker_settings(env: dict[str, str]) -> dict[str, Any]:
     return dict(json.loads(result.stdout.decode().strip().splitlines()[-1]))
 
 
+RABBITMQ = os.environ.get("RELAY_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
+
 BROKERS = [
     "embedded",
+    "rabbitmq",
     pytest.param(
         "redis",
         marks=pytest.mark.skipif(not settings.REDIS_URL, reason="this run has no REDIS_URL"),
     ),
 ]
+
+
+def _rabbitmq_vhost_add() -> str:
+    """A virtual host of the test's own on the machine's RabbitMQ (queues of other runs stay
+    apart). RabbitMQ missing: fail in CI, skip elsewhere."""
+    import socket as sockets
+
+    try:
+        sockets.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError:
+        peer_missing("RabbitMQ is not running on 127.0.0.1:5672")
+    require_peer("rabbitmqctl")
+    vhost = f"relay-crash-{uuid.uuid4().hex[:8]}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)  # noqa: S603,S607
+    return vhost
 
 
 @pytest.fixture(params=BROKERS)
@@ -161,8 +182,13 @@ def workers(
     }
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     env.pop("RELAY_BROKER_DIR", None)
+    vhost = ""
     if request.param == "embedded":
         env.pop("REDIS_URL", None)
+    elif request.param == "rabbitmq":
+        vhost = _rabbitmq_vhost_add()
+        env.pop("REDIS_URL", None)
+        env["RELAY_BROKER_URL"] = f"{RABBITMQ}/{vhost}"
     else:
         env["REDIS_URL"] = settings.REDIS_URL
     broker = _broker_settings(env)
@@ -183,6 +209,8 @@ def workers(
         app._pool = None
         app.amqp._producer_pool = None
         app.conf.task_always_eager = True
+        if vhost:
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)  # noqa: S607
 
 
 def _send(workers: Workers) -> str:

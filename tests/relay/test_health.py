@@ -63,3 +63,19 @@ def test_ready_is_503_when_the_image_store_cannot_be_written(
     answer = client.get("/health/ready/")
     assert answer.status_code == 503
     assert [n for n, state in answer.json().items() if state != "OK" and "Storage" in n]
+
+
+def test_a_balancer_asking_a_node_by_its_address_over_http_gets_an_answer(
+    client: Client, settings: Any
+) -> None:
+    """Production refuses any Host but the site's (400) and redirects plain HTTP to HTTPS (301);
+    a load balancer asks each node by its own address over plain HTTP, and gets the health
+    answer. Everything else stays refused."""
+    settings.ALLOWED_HOSTS = ["relay.example.org"]
+    settings.SECURE_SSL_REDIRECT = True
+    node = {"HTTP_HOST": "10.0.0.11:8000"}
+    assert client.get("/health/live/", **node).status_code == 200
+    ready = client.get("/health/ready/", **node)
+    assert ready.status_code == 200 and ready.json()
+    assert client.get("/accounts/login/", **node).status_code == 400
+    assert client.get("/accounts/login/", HTTP_HOST="relay.example.org").status_code == 301
