@@ -95,3 +95,16 @@ class SecurityHeadersMiddleware:
         if self.permissions_policy:
             response.setdefault("Permissions-Policy", self.permissions_policy)
         return response
+
+
+def answered_first(response: HttpResponseBase) -> HttpResponseBase:
+    """The headers every Relay answer carries (this module, django-csp, SecurityMiddleware), on
+    an answer given by a middleware above them (the health checks, /metrics)."""
+    no_store(response)
+    response.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
+    response.setdefault(
+        "Content-Security-Policy", "default-src 'none'; object-src 'none'; frame-ancestors 'none'"
+    )
+    response.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    response.setdefault("X-Content-Type-Options", "nosniff")
+    return response

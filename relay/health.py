@@ -30,6 +30,8 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from relay.headers import answered_first
+
 
 class HealthMiddleware:
     """Answers the two health paths before any other middleware (see the module's docstring)."""
@@ -40,7 +42,7 @@ class HealthMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         view = _VIEWS.get(request.path_info)
         if view is not None:
-            return view(request)  # type: ignore[no-any-return]
+            return answered_first(view(request))  # type: ignore[return-value]
         return self.get_response(request)
 
 

@@ -126,6 +126,17 @@ class RedactingGunicornLogger(Logger):  # type: ignore[misc]
         if os.environ.get("RELAY_LOG_FORMAT", "").strip().lower() == "json":
             for handler in (*self.error_log.handlers, *self.access_log.handlers):
                 handler.setFormatter(JsonFormatter())
+        else:
+            # gunicorn's own lines ("Booting worker", "WORKER TIMEOUT") in UTC like every other
+            # line, not in the portal's TIME_ZONE, which Django puts into TZ for the process.
+            for handler in self.error_log.handlers:
+                handler.setFormatter(
+                    UtcFormatter("%(asctime)s %(levelname)s gunicorn [%(process)d] %(message)s")
+                )
+
+    def now(self) -> str:
+        """The access log's %(t)s: UTC, ISO 8601 with a Z (gunicorn's is local time)."""
+        return "[" + UtcFormatter().formatTime(logging.makeLogRecord({})) + "]"
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms = super().atoms(resp, req, environ, request_time)

@@ -33,7 +33,7 @@ from portal.metrics import (
     metrics_refused_record,
     metrics_registry,
 )
-from relay.headers import PERMISSIONS_POLICY, no_store
+from relay.headers import answered_first
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MetricsMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         start = time.perf_counter()
         if request.path_info == "/metrics":
-            response = _headed(metrics(request))
+            response = answered_first(metrics(request))
             view = "metrics"
         else:
             response = self.get_response(request)
@@ -64,19 +64,6 @@ class MetricsMiddleware:
         HTTP_LATENCY.labels(view=view, method=method).observe(time.perf_counter() - start)
         HTTP_REQUESTS.labels(view=view, method=method, status=str(response.status_code)).inc()
         return response
-
-
-def _headed(response: HttpResponse) -> HttpResponse:
-    """The headers every Relay answer carries (relay.headers, django-csp, SecurityMiddleware),
-    which the middleware below would have added."""
-    no_store(response)
-    response.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
-    response.setdefault(
-        "Content-Security-Policy", "default-src 'none'; object-src 'none'; frame-ancestors 'none'"
-    )
-    response.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-    response.setdefault("X-Content-Type-Options", "nosniff")
-    return response
 
 
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}

@@ -4,7 +4,11 @@ gunicorn's access log redact link tokens and query strings; mail files are priva
 from __future__ import annotations
 
 import logging
+import os
+import re
 import stat
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,14 +56,18 @@ def test_the_dev_server_and_django_warnings_log_no_token(caplog: Any) -> None:
             assert TOKEN not in root_handler.format(record)
 
 
-def test_gunicorns_access_log_is_redacted() -> None:
-    cfg = SimpleNamespace(
+def _gunicorn_config() -> SimpleNamespace:
+    return SimpleNamespace(
         errorlog="-", loglevel="info", accesslog=None, syslog=False, capture_output=False,
         logconfig=None, logconfig_dict={}, logconfig_json=None, disable_redirect_access_to_syslog=False,
         access_log_format='%(h)s "%(r)s" %(s)s "%(f)s"', user=None, group=None,
         syslog_addr=None, syslog_prefix=None, syslog_facility="user", dogstatsd_tags="",
         statsd_host=None, statsd_prefix="",
     )  # fmt: skip
+
+
+def test_gunicorns_access_log_is_redacted() -> None:
+    cfg = _gunicorn_config()
     logger = RedactingGunicornLogger(cfg)
     req = SimpleNamespace(method="GET", uri=f"/p/{TOKEN}/?x=1", path=f"/p/{TOKEN}/",
                           query="x=1", version=(1, 1), headers=[])  # fmt: skip
@@ -89,3 +97,32 @@ def test_mail_files_are_readable_by_their_owner_only(settings: Any, tmp_path: Pa
     (written,) = (tmp_path / "mail").iterdir()
     assert stat.S_IMODE(written.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "mail").stat().st_mode) == 0o700
+
+
+def test_gunicorns_own_lines_and_access_times_are_in_utc(monkeypatch: Any) -> None:
+    """gunicorn wrote its lines ("Booting worker", "WORKER TIMEOUT") and its access log's time
+    in the process's local time, which Django sets to the portal's TIME_ZONE (Denver): -0700
+    beside every other line's UTC (issue 18)."""
+    monkeypatch.delenv("RELAY_LOG_FORMAT", raising=False)
+    zone = os.environ.get("TZ")
+    os.environ["TZ"] = "America/Denver"
+    time.tzset()
+    try:
+        logger = RedactingGunicornLogger(_gunicorn_config())
+        record = logging.makeLogRecord({"msg": "Booting worker with pid: 42", "levelname": "INFO"})
+        # (gunicorn's error logger is the process-wide "gunicorn.error": earlier loggers of this
+        # run may have left handlers on it; each of ours formats the same way.)
+        lines = [handler.format(record) for handler in logger.error_log.handlers]
+        assert len(set(lines)) == 1, lines
+        line = lines[0]
+        stamp = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d{3}Z INFO gunicorn ", line)
+        assert stamp, line
+        written = datetime.strptime(stamp.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        assert abs((datetime.now(UTC) - written).total_seconds()) < 60
+        assert re.fullmatch(r"\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\]", logger.now())
+    finally:
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
