@@ -39,7 +39,9 @@ from dicom import Workbench, cd_section, gateway_section, push_section, zip_sect
 from dicomweb import dicomweb_section
 from index_scale import index_section, index_table
 from invoicing import billing_section, billing_table
+from load import load_section, load_table
 from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
+from s3_frames import s3_frames_section, s3_frames_table
 from series import SIZE, Series, ensure_series
 from servers import ORTHANC, REPO, Database, OrthancServer, RelayServer
 from viewer import browser_section, render_section, viewer_section
@@ -226,7 +228,30 @@ SECTIONS: dict[str, tuple[str, Callable[[Workbench], Section]]] = {
     "dicomweb": ("8. DICOMweb STOW-RS and WADO-RS vs Orthanc's plugin", dicomweb_section),
 }
 PRINT_ORDER = ("gateway", "push", "zip", "cd", "render", "viewer", "browser", "dicomweb")
-CHOICES = ("ingest", *PRINT_ORDER, "billing", "index")
+# Sections that start what they need themselves: (what the line says, run it, its table).
+STANDALONE: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "billing": (
+        "billing: 1,000 facilities, 1,000,000 usage rows on PostgreSQL",
+        billing_section,
+        billing_table,
+    ),
+    "index": (
+        "index: 100,000 studies, 10,000,000 instances on PostgreSQL",
+        index_section,
+        index_table,
+    ),
+    "s3frames": (
+        "frames and stored images read from S3 (moto) and from disk",
+        s3_frames_section,
+        s3_frames_table,
+    ),
+    "load": (
+        "load test: 30 facilities on one and on two web nodes (tests/cluster.py)",
+        load_section,
+        load_table,
+    ),
+}
+CHOICES = ("ingest", *PRINT_ORDER, *STANDALONE)
 
 
 def run_sections(series: Series, database: Database, selected: list[str]) -> list[Section]:
@@ -363,20 +388,15 @@ def main() -> int:
     if wanted:
         print(f"DICOM, media and viewer ({', '.join(wanted)}):", flush=True)
         sections = run_sections(series, database, wanted)
-    billing: dict[str, Any] | None = None
-    if "billing" in selected:
-        print("billing: 1,000 facilities, 1,000,000 usage rows on PostgreSQL ...", flush=True)
+    standalone: dict[str, dict[str, Any]] = {}
+    for key, (what, measure, _) in STANDALONE.items():
+        if key not in selected:
+            continue
+        print(f"{what} ...", flush=True)
         try:
-            billing = billing_section()
+            standalone[key] = measure()
         except Exception as exc:  # the other tables still print
-            print(f"  billing failed: {exc!r}", flush=True)
-    index: dict[str, Any] | None = None
-    if "index" in selected:
-        print("index: 100,000 studies, 10,000,000 instances on PostgreSQL ...", flush=True)
-        try:
-            index = index_section()
-        except Exception as exc:  # the other tables still print
-            print(f"  index failed: {exc!r}", flush=True)
+            print(f"  {key} failed: {exc!r}", flush=True)
     context["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     context["elapsed_s"] = round(time.perf_counter() - started, 1)
 
@@ -414,17 +434,13 @@ def main() -> int:
             print()
             print(section_table(section))
 
-    if billing is not None:
+    for key, result in standalone.items():
         print()
-        print(billing_table(billing))
-    if index is not None:
-        print()
-        print(index_table(index))
+        print(STANDALONE[key][2](result))
 
     OUT.mkdir(parents=True, exist_ok=True)
     results = {
-        "billing": billing,
-        "index": index,
+        **standalone,
         **context,
         "summary": list(summary.values()),
         "runs": [run for runs in raw.values() for run in runs],

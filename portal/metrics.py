@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import glob
 import hmac
-import ipaddress
 import logging
 import os
 import re
@@ -50,6 +49,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+
+from .addresses import address_listed
 
 log = logging.getLogger(__name__)
 # No *_created sample beside each counter: Prometheus does not need them, and in multiprocess
@@ -255,7 +256,7 @@ def metrics_refusal(*, authorization: str, address: str) -> str | None:
     allowed: list[str] = settings.RELAY_METRICS_ALLOW
     if not token and not allowed:
         return OFF
-    if allowed and not _address_in(address, allowed):
+    if allowed and not address_listed(address, allowed):
         return "address not allowed"
     if token:
         scheme, _, given = authorization.partition(" ")
@@ -264,20 +265,6 @@ def metrics_refusal(*, authorization: str, address: str) -> str | None:
         ):
             return "no or wrong bearer token"
     return None
-
-
-def _address_in(address: str, allowed: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    for item in allowed:
-        try:
-            if ip in ipaddress.ip_network(item, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 def metrics_blocked(address: str) -> bool:

@@ -18,6 +18,7 @@ checks all four on every URL.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
@@ -97,7 +98,10 @@ class SecurityHeadersMiddleware:
         return response
 
 
-def answered_first(response: HttpResponseBase) -> HttpResponseBase:
+_Response = TypeVar("_Response", bound=HttpResponseBase)
+
+
+def answered_first(response: _Response) -> _Response:
     """The headers every Relay answer carries (this module, django-csp, SecurityMiddleware), on
     an answer given by a middleware above them (the health checks, /metrics)."""
     no_store(response)

@@ -122,6 +122,7 @@ def nginx_site(*, listen: int, upstreams: list[int], certificate: Path, key: Pat
     )
     site, count = re.subn(r"(?m)^    server 10\.0\.0\.\d+:8000 [^\n]*\n", "", site)
     assert count == 2, "the guide's upstream lists two web nodes"
+    assert upstreams
     site = site.replace("    keepalive 16;", servers + "\n    keepalive 16;")
     site, count = re.subn(r"server \{\n    listen 80;.*?\n\}\n", "", site, flags=re.S)
     assert count == 1
@@ -240,6 +241,7 @@ class Cluster:
     s3_endpoint: str
     bucket: str
     inbox: Inbox
+    s3_pid: int = 0
     url: str = ""
     certificate: Path = Path()
     web_ports: dict[str, int] = field(default_factory=dict)
@@ -262,9 +264,16 @@ class Cluster:
         return self.tmp / node / "var"
 
     def manage(self, node: str, *args: str, check: bool = True) -> str:
-        """`manage.py ARGS` run on `node`, as an operator would there."""
+        """`manage.py ARGS` run on `node`, as an operator would there; its output."""
+        return self._command(node, [str(BIN / "python"), "manage.py", *args], check=check)
+
+    def celery(self, node: str, *args: str) -> str:
+        """`celery -A relay ARGS` run on `node` (`call` queues a task by name)."""
+        return self._command(node, [str(BIN / "celery"), "-A", "relay", *args], check=True)
+
+    def _command(self, node: str, argv: list[str], *, check: bool) -> str:
         done = subprocess.run(  # noqa: S603
-            [str(BIN / "python"), "manage.py", *args],
+            argv,
             cwd=ROOT,
             env=self.env(node),
             capture_output=True,
@@ -273,20 +282,26 @@ class Cluster:
             check=False,
         )
         if check and done.returncode != 0:
-            raise RuntimeError(f"manage.py {' '.join(args)} on {node}:\n{done.stdout}{done.stderr}")
+            raise RuntimeError(f"{' '.join(argv[1:])} on {node}:\n{done.stdout}{done.stderr}")
         return done.stdout + done.stderr
 
-    def celery(self, node: str, *args: str) -> str:
-        done = subprocess.run(  # noqa: S603
-            [str(BIN / "celery"), "-A", "relay", *args],
-            cwd=ROOT,
-            env=self.env(node),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
+    def bucket_keys(self, prefix: str = "") -> list[str]:
+        """Every object name in the bucket under `prefix` (what the operator's S3 tools list)."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="cluster",
+            aws_secret_access_key="cluster",  # noqa: S106 - moto's, on loopback
         )
-        return done.stdout
+        keys: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+        return keys
 
     # -- processes
 
@@ -364,9 +379,17 @@ def _redis_flush(db: int) -> None:
 
 @contextmanager
 def cluster_running(
-    tmp: Path, *, database_server_url: str, broker: str = "redis", redis_db: int = 13
+    tmp: Path,
+    *,
+    database_server_url: str,
+    broker: str = "redis",
+    redis_db: int = 13,
+    web_nodes: int = 2,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
-    """Everything in the module's docstring, started; stopped and removed on leaving."""
+    """Everything in the module's docstring, started; stopped and removed on leaving.
+    `web_nodes` behind the balancer (the load test compares one with two); `extra_env` is added
+    to every node's environment."""
     from aiosmtpd.controller import Controller
 
     name = f"relay_cluster_{secrets.token_hex(4)}"
@@ -399,6 +422,7 @@ def cluster_running(
         s3_endpoint=f"http://127.0.0.1:{s3_port}",
         bucket="relay-images",
         inbox=inbox,
+        s3_pid=s3.popen.pid,
     )
     nginx: subprocess.Popen[bytes] | None = None
     try:
@@ -415,7 +439,7 @@ def cluster_running(
 
         lb_port = free_port()
         cluster.url = f"https://localhost:{lb_port}"
-        cluster.web_ports = {"web-a": free_port(), "web-b": free_port()}
+        cluster.web_ports = {name: free_port() for name in ("web-a", "web-b")[:web_nodes]}
         cluster.gateway_port = free_port()
         env = {
             key: os.environ[key] for key in ("PATH", "LANG", "HOME", "TMPDIR") if key in os.environ
@@ -446,6 +470,7 @@ def cluster_running(
             RELAY_STUDY_QUIET_SECONDS="2",
             DJANGO_SETTINGS_MODULE="relay.settings",
         )
+        env.update(extra_env or {})
         if broker == "rabbitmq":
             env["RELAY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
         cluster.base_env = env
@@ -454,7 +479,7 @@ def cluster_running(
         cluster.manage("web-a", "migrate", "--noinput")
         cluster.manage("web-a", "check", "--deploy", "--fail-level", "ERROR")
 
-        for node in ("web-a", "web-b"):
+        for node in cluster.web_ports:
             cluster.web_start(node)
         cluster.start_unit("worker-a", "relay-worker.service")
         cluster.start_unit("worker-b", "relay-worker-render.service")

@@ -22,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from django.utils import timezone
@@ -242,22 +241,6 @@ def _study_uuid(world: World, study_uid: str) -> str:
     return str(uuid)
 
 
-def _bucket_keys(cluster: Cluster, prefix: str = "") -> list[str]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=cluster.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="cluster",
-        aws_secret_access_key="cluster",  # noqa: S106 - moto's, on loopback
-    )
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=cluster.bucket, Prefix=prefix
-    ):
-        keys += [item["Key"] for item in page.get("Contents", [])]
-    return keys
-
-
 def _share_to_gfc(world: World, study_uuid: str) -> str:
     alice = world.client("alice@krmc.example")
     answer = world.post(
@@ -293,7 +276,7 @@ def test_a_study_goes_the_whole_way_across_the_nodes_with_either_web_node_down(
     # The study completed on the manifest and the render node rendered every frame into the
     # bucket; the main worker rendered nothing.
     _wait(
-        lambda: len(_bucket_keys(cluster, "renders/")) >= SLICES,
+        lambda: len(cluster.bucket_keys("renders/")) >= SLICES,
         120,
         "the render node did not render the study into the bucket",
         cluster,
@@ -522,9 +505,9 @@ def test_a_c_store_is_pushed_invoiced_once_and_purged_across_the_nodes(
         "print('RESULT ' + json.dumps(list(Instance.objects.filter(series__study=s)"
         ".values_list('storage_key', flat=True))))",
     )
-    assert len(keys) == 3 and set(keys) <= set(_bucket_keys(cluster))
+    assert len(keys) == 3 and set(keys) <= set(cluster.bucket_keys())
     cluster.manage("worker-a", "purge_expired")
-    assert not set(keys) & set(_bucket_keys(cluster))
+    assert not set(keys) & set(cluster.bucket_keys())
     assert alice.get(f"/studies/{study_uuid}/view/study.json").status_code in (404, 410)
 
 

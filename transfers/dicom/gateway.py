@@ -44,7 +44,6 @@ to on its own association; a sender proposing no role is unaffected.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import multiprocessing
@@ -83,6 +82,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from portal import metrics
+from portal.addresses import address_listed
 from portal.audit import audit_record
 from portal.models import AuditAction, Facility, Outcome
 
@@ -130,21 +130,6 @@ def _allowed(listing: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", listing.strip()) if item]
 
 
-def _address_allowed(address: str, listing: list[str]) -> bool:
-    """An address matches a listed address or network (CIDR)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    for item in listing:
-        try:
-            if ip in ipaddress.ip_network(item, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
-
-
 @dataclass(frozen=True)
 class Refusal:
     reason: str
@@ -186,7 +171,7 @@ def caller_admit(
         return Refusal(f"{facility.slug} accepts senders over TLS only", REJECT_NO_REASON, facility)
     certificates = _allowed(facility.gateway_client_certificates)
     by_certificate = bool(certificate) and certificate in certificates
-    if not by_certificate and not _address_allowed(address, _allowed(facility.gateway_addresses)):
+    if not by_certificate and not address_listed(address, _allowed(facility.gateway_addresses)):
         presented = " with an unlisted client certificate" if certificate else ""
         return Refusal(
             f"address {address}{presented} is not allowed for {facility.slug}",
