@@ -397,6 +397,10 @@ class AuditAction(models.TextChoices):
     SESSION_EXPIRED = "session_expired", "Session ended"
     INTEGRITY_FAILED = "integrity_failed", "Found a stored copy damaged"
     STUDY_COMPLETE = "study_complete", "Completed a study with images missing"
+    # `manage.py backup` and `restore` (relay.backup): a copy of every patient's data leaves, or
+    # a whole database comes back.
+    BACKUP = "backup", "Backed up the database"
+    RESTORE = "restore", "Restored the database from a backup"
 
 
 class Outcome(models.TextChoices):

@@ -53,6 +53,7 @@ INSTANCES_ACCESSED: Code = ("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
 STUDY_DELETED: Code = ("110105", "DCM", "DICOM Study Deleted")
 EXPORT: Code = ("110106", "DCM", "Export")
+IMPORT: Code = ("110107", "DCM", "Import")
 PATIENT_RECORD: Code = ("110110", "DCM", "Patient Record")
 QUERY: Code = ("110112", "DCM", "Query")
 SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
@@ -169,6 +170,10 @@ KINDS: dict[str, Kind] = {
     A.DICOM_REFUSED: _security(NODE_AUTHENTICATION),
     # A stored copy read back damaged: the access that failed, as a serious failure (8).
     A.INTEGRITY_FAILED: Kind(INSTANCES_ACCESSED, "R", failure="8"),
+    # A backup copies every patient's data out (A.5.3.4); a restore brings a whole database in
+    # (A.5.3.5), a failure when objects it refers to are missing from storage.
+    A.BACKUP: Kind(EXPORT, "R"),
+    A.RESTORE: Kind(IMPORT, "C"),
 }
 # An action retired since its events were written still reaches the SIEM.
 FALLBACK = Kind(APPLICATION_ACTIVITY, "E")
