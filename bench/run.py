@@ -41,6 +41,7 @@ from index_scale import index_section, index_table
 from invoicing import billing_section, billing_table
 from load import load_section, load_table
 from measure import MiB, Section, UploadFailed, UploadRun, summarize, upload_series
+from purge_scale import purge_section, purge_table
 from s3_frames import s3_frames_section, s3_frames_table
 from series import SIZE, Series, ensure_series
 from servers import ORTHANC, REPO, Database, OrthancServer, RelayServer
@@ -244,6 +245,11 @@ STANDALONE: dict[str, tuple[str, Callable[[], dict[str, Any]], Callable[[dict[st
         "frames and stored images read from S3 (moto) and from disk",
         s3_frames_section,
         s3_frames_table,
+    ),
+    "purge": (
+        "purge: 1,000,000 instances of studies whose shares lapsed, on PostgreSQL",
+        purge_section,
+        purge_table,
     ),
     "load": (
         "load test: 30 facilities on one and on two web nodes (tests/cluster.py)",

@@ -4,7 +4,8 @@
   outage does not make a balancer or a supervisor restart every web process.
 - `GET /health/ready/`: 200 when this process can do its work, 503 otherwise: the database
   answers `SELECT 1`, the image store saves, reads back and deletes a small file, the cache
-  stores and returns a value, and the Celery broker accepts a connection. A JSON object names
+  stores and returns a value, the Celery broker accepts a connection, and each DICOM gateway of
+  RELAY_HEALTH_GATEWAYS accepts one. A JSON object names
   each check and says "OK" or what failed, with no address, credential or patient data.
 
 Both answer whatever Host header the request carries and over plain HTTP (`HealthMiddleware`, the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -82,12 +84,35 @@ def _ready_view() -> Callable[..., Any]:
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 raise ServiceUnavailable(f"no connection ({type(exc).__name__})") from None
 
+    @dataclasses.dataclass
+    class Gateway(HealthCheck):
+        """Each DICOM gateway of RELAY_HEALTH_GATEWAYS accepts a connection. A TCP connect, not
+        an association: an association from a calling AE the gateway does not admit is a
+        refusal it audits, every few seconds. A full DICOM check is `echoscu` from monitoring,
+        with an admitted AE title."""
+
+        def run(self) -> None:
+            from django.conf import settings
+
+            for number, address in enumerate(settings.RELAY_HEALTH_GATEWAYS, start=1):
+                host, _, port = address.rpartition(":")
+                try:
+                    socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+                except (OSError, ValueError) as exc:
+                    raise ServiceUnavailable(
+                        f"gateway {number} refuses connections ({type(exc).__name__})"
+                    ) from None
+
+    # Named as the answer shows them ("Broker()", not "_ready_view.<locals>.Broker()").
+    Broker.__qualname__, Gateway.__qualname__ = "Broker", "Gateway"
+
     class Ready(HealthCheckView):
         checks = (
             "health_check.checks.Database",
             "health_check.checks.Storage",
             "health_check.checks.Cache",
             Broker,
+            Gateway,
         )
 
         async def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:

@@ -374,6 +374,9 @@ DICOM_GATEWAY_MAX_PDU = env_int("DICOM_GATEWAY_MAX_PDU", 1024 * 1024)
 # Gateway processes sharing the port(s) (`dicom_gateway --processes`): one per CPU core lets
 # concurrent associations use every core, at one process's memory each.
 DICOM_GATEWAY_PROCESSES = env_int("DICOM_GATEWAY_PROCESSES", 1)
+# The gateways /health/ready/ checks ("host:port", comma-separated): each must accept a TCP
+# connection, as a network balancer in front of them checks (relay.health). Empty: no check.
+RELAY_HEALTH_GATEWAYS = env_list("RELAY_HEALTH_GATEWAYS")
 
 # Cache and Celery broker: Redis when REDIS_URL is set; otherwise nothing that needs a server.
 # Either broker keeps a task until the worker acknowledges it after running it (relay.celery acks

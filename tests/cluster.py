@@ -466,6 +466,7 @@ def cluster_running(
             DICOM_GATEWAY_BIND="127.0.0.1",
             DICOM_GATEWAY_PORT=str(cluster.gateway_port),
             DICOM_GATEWAY_PROCESSES="1",
+            RELAY_HEALTH_GATEWAYS=f"127.0.0.1:{cluster.gateway_port}",
             # Studies sent by C-STORE complete after 2 quiet seconds, not 5 minutes.
             RELAY_STUDY_QUIET_SECONDS="2",
             DJANGO_SETTINGS_MODULE="relay.settings",

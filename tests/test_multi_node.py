@@ -265,6 +265,15 @@ def test_a_study_goes_the_whole_way_across_the_nodes_with_either_web_node_down(
     world: World, tmp_path: Path
 ) -> None:
     cluster = world.cluster
+    # Each web node is ready, asked by its own address as a balancer would: the shared
+    # database, the bucket, the cache, the broker (Redis or RabbitMQ) and the gateway answer.
+    for node, port in cluster.web_ports.items():
+        ready = httpx.get(f"http://127.0.0.1:{port}/health/ready/", timeout=30)
+        assert ready.status_code == 200, (node, ready.text)
+        assert {"Database", "Storage", "Cache", "Broker", "Gateway"} <= {
+            name.split("(")[0].strip() for name in ready.json()
+        }, ready.json()
+
     study_uid = _series_folder(tmp_path / "ct", patient="Nodes^Anna")
     _relay_send(world, tmp_path / "ct")
     study_uuid = _study_uuid(world, study_uid)

@@ -79,3 +79,20 @@ def test_a_balancer_asking_a_node_by_its_address_over_http_gets_an_answer(
     assert ready.status_code == 200 and ready.json()
     assert client.get("/accounts/login/", **node).status_code == 400
     assert client.get("/accounts/login/", HTTP_HOST="relay.example.org").status_code == 301
+
+
+def test_ready_checks_the_gateways_it_is_told_about(client: Client, settings: Any) -> None:
+    """With RELAY_HEALTH_GATEWAYS set, readiness asks each gateway for a connection: 200 while
+    the gateway listens, 503 naming the gateway (not its address) once it is gone."""
+    from tests.helpers import gateway_running
+
+    with gateway_running() as port:
+        settings.RELAY_HEALTH_GATEWAYS = [f"127.0.0.1:{port}"]
+        up = client.get("/health/ready/")
+        assert up.status_code == 200, up.json()
+        assert any("Gateway" in name for name in up.json())
+    down = client.get("/health/ready/")
+    assert down.status_code == 503
+    failing = {name: state for name, state in down.json().items() if state != "OK"}
+    assert [name for name in failing if "Gateway" in name] == list(failing), failing
+    assert "gateway 1" in str(failing) and str(port) not in down.content.decode()
