@@ -30,13 +30,9 @@ bench/out/index_plans.txt; the table names which scans each one used.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time as clock
 import uuid
 from dataclasses import dataclass, field
@@ -45,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from servers import psql_admin, scratch_database_url
+from servers import scratch_relay_run
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
@@ -129,31 +125,42 @@ class Filled:
     sizes_mib: dict[str, float] = field(default_factory=dict)
 
 
-def index_fill(*, seed: int = 7, studies: int = STUDIES, instances: int = INSTANCES) -> Filled:
-    """Fill the (empty, migrated) database: facilities and members, studies, series, instances,
-    shares; ANALYZE. Only for a throwaway database."""
-    from django.db import connection, transaction
+def facilities_with_senders(prefix: str, count: int) -> tuple[list[Any], list[Any]]:
+    """`count` facilities ("<Prefix> facility NN", slug "<prefix>-NN"), each with one sender;
+    the facilities and their senders."""
+    from django.db import transaction
 
     from portal.models import Facility, Membership, User
 
-    rng = random.Random(seed)  # noqa: S311 - benchmark data, not secrets
-    filled = Filled()
-    started = clock.perf_counter()
     with transaction.atomic():
         facilities = Facility.objects.bulk_create(
             Facility(
-                name=f"Bench facility {i:02d}", slug=f"bench-{i:02d}", ae_title=f"BENCH{i:02d}"
+                name=f"{prefix.title()} facility {i:02d}",
+                slug=f"{prefix}-{i:02d}",
+                ae_title=f"{prefix.upper()[:12]}{i:02d}",
             )
-            for i in range(FACILITIES)
+            for i in range(count)
         )
         users = User.objects.bulk_create(
-            User(email=f"member-{i:02d}@bench.example", full_name=f"Member {i:02d}")
-            for i in range(FACILITIES)
+            User(email=f"member-{i:02d}@{prefix}.example", full_name=f"Member {i:02d}")
+            for i in range(count)
         )
         Membership.objects.bulk_create(
             Membership(user=u, facility=f, role="sender")
             for u, f in zip(users, facilities, strict=True)
         )
+    return facilities, users
+
+
+def index_fill(*, seed: int = 7, studies: int = STUDIES, instances: int = INSTANCES) -> Filled:
+    """Fill the (empty, migrated) database: facilities and members, studies, series, instances,
+    shares; ANALYZE. Only for a throwaway database."""
+    from django.db import connection, transaction
+
+    rng = random.Random(seed)  # noqa: S311 - benchmark data, not secrets
+    filled = Filled()
+    started = clock.perf_counter()
+    facilities, users = facilities_with_senders("bench", FACILITIES)
     filled.facilities = len(facilities)
 
     # Studies and series, with explicit primary keys so that the series can name their study.
@@ -592,20 +599,6 @@ def _p95(values: list[float]) -> float:
 
 # --- the section (no Django in this process) ----------------------------------------------------
 
-SCRIPT = """
-import json, sys, django
-sys.path.insert(0, "bench")
-from relay.embedded import var_prepare
-var_prepare()
-django.setup()
-from dataclasses import asdict
-from pathlib import Path
-import index_scale
-fill = None if {reuse} else asdict(index_scale.index_fill(studies={studies}, instances={instances}))
-timed = [asdict(t) for t in index_scale.index_time(plans_path=Path({plans!r}))]
-print("INDEX-BENCH " + json.dumps({{"fill": fill, "timed": timed}}))
-"""
-
 
 def index_section(
     *,
@@ -615,41 +608,27 @@ def index_section(
     reuse: bool = False,
     plans: Path = OUT / "index_plans.txt",
 ) -> dict[str, Any]:
-    url = scratch_database_url(DB_NAME)
-    if not reuse:
-        psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-        psql_admin(url, f"CREATE DATABASE {DB_NAME}")
-    var = tempfile.mkdtemp(prefix="relay-bench-index-")
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "DJANGO_SETTINGS_MODULE": "relay.settings",
-        "RELAY_VAR_DIR": var,
-        "ALLOWED_HOSTS": "testserver",
-        "DEBUG": "0",
-    }
-    env.pop("REDIS_URL", None)
-    try:
-        started = clock.perf_counter()
-        subprocess.run(
-            [str(PYTHON), "manage.py", "migrate", "--noinput"],
-            cwd=REPO, env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        migrated = clock.perf_counter() - started
-        script = SCRIPT.format(reuse=reuse, studies=studies, instances=instances, plans=str(plans))
-        done = subprocess.run(
-            [str(PYTHON), "-c", script],
-            cwd=REPO, env=env, check=False, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"index benchmark failed (exit {done.returncode})")
-    finally:
-        if not keep:
-            psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-        shutil.rmtree(var, ignore_errors=True)
-    line = next(x for x in done.stdout.splitlines() if x.startswith("INDEX-BENCH "))
-    result = dict(json.loads(line.removeprefix("INDEX-BENCH ")))
-    result["migrate_s"] = round(migrated, 1)
+    def code(var: Path) -> str:
+        fill = (
+            "None"
+            if reuse
+            else f"asdict(index_scale.index_fill(studies={studies}, instances={instances}))"
+        )
+        return (
+            "import index_scale\n"
+            f"fill = {fill}\n"
+            f"timed = [asdict(t) for t in index_scale.index_time(plans_path=Path({str(plans)!r}))]\n"
+            "print('INDEX-BENCH ' + json.dumps({'fill': fill, 'timed': timed}))\n"
+        )
+
+    result = scratch_relay_run(
+        DB_NAME,
+        code,
+        mark="INDEX-BENCH",
+        env={"ALLOWED_HOSTS": "testserver"},
+        keep=keep,
+        reuse=reuse,
+    )
     result["plans"] = str(plans)
     return result
 

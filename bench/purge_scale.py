@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time as clock
 import uuid
 from dataclasses import dataclass, field
@@ -35,7 +32,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from servers import psql_admin, scratch_database_url
+from index_scale import facilities_with_senders
+from servers import scratch_relay_run
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
@@ -84,7 +82,6 @@ def purge_fill(*, instances: int = INSTANCES, media: Path) -> PurgeFilled:
     """Fill the (empty, migrated) database and the folder `media`. Only for throwaway ones."""
     from django.db import connection, transaction
 
-    from portal.models import Facility, Membership, User
     from transfers.models import Share
 
     filled = PurgeFilled()
@@ -92,21 +89,7 @@ def purge_fill(*, instances: int = INSTANCES, media: Path) -> PurgeFilled:
     now = datetime.now(UTC)
     received = now - timedelta(days=400)
     lapsed = now - timedelta(days=10)
-    with transaction.atomic():
-        facilities = Facility.objects.bulk_create(
-            Facility(
-                name=f"Purge facility {i:02d}", slug=f"purge-{i:02d}", ae_title=f"PURGE{i:02d}"
-            )
-            for i in range(FACILITIES)
-        )
-        users = User.objects.bulk_create(
-            User(email=f"sender-{i:02d}@purge.example", full_name=f"Sender {i:02d}")
-            for i in range(FACILITIES)
-        )
-        Membership.objects.bulk_create(
-            Membership(user=u, facility=f, role="sender")
-            for u, f in zip(users, facilities, strict=True)
-        )
+    facilities, users = facilities_with_senders("purge", FACILITIES)
     filled.facilities = len(facilities)
 
     studies = max(1, instances // PER_STUDY)
@@ -279,58 +262,24 @@ def purge_time(*, media: Path) -> PurgeTimed:
 
 # --- the section (no Django in this process) ----------------------------------------------------
 
-SCRIPT = """
-import json, sys, django
-sys.path.insert(0, "bench")
-from relay.embedded import var_prepare
-var_prepare()
-django.setup()
-from dataclasses import asdict
-from pathlib import Path
-import purge_scale
-media = Path({media!r})
-fill = asdict(purge_scale.purge_fill(instances={instances}, media=media))
-print("filled: " + json.dumps(fill["seconds"]), file=sys.stderr, flush=True)
-timed = asdict(purge_scale.purge_time(media=media))
-print("PURGE-BENCH " + json.dumps({{"fill": fill, "timed": timed}}))
-"""
-
 
 def purge_section(*, instances: int = INSTANCES, keep: bool = False) -> dict[str, Any]:
     """Fill a throwaway database and folder, purge, and return the figures (no Django here)."""
-    url = scratch_database_url(DB_NAME)
-    psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-    psql_admin(url, f"CREATE DATABASE {DB_NAME}")
-    var = Path(tempfile.mkdtemp(prefix="relay-bench-purge-"))
-    media = var / "media"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "DJANGO_SETTINGS_MODULE": "relay.settings",
-        "RELAY_VAR_DIR": str(var),
-        "MEDIA_ROOT": str(media),
-        "DEBUG": "0",
-        "LOG_LEVEL": "WARNING",  # not a line per purged study
-    }
-    env.pop("REDIS_URL", None)
-    env.pop("S3_BUCKET", None)
-    try:
-        subprocess.run(
-            [str(PYTHON), "manage.py", "migrate", "--noinput"],
-            cwd=REPO, env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        done = subprocess.run(
-            [str(PYTHON), "-c", SCRIPT.format(media=str(media), instances=instances)],
-            cwd=REPO, env=env, check=False, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"purge benchmark failed (exit {done.returncode})")
-    finally:
-        if not keep:
-            psql_admin(url, f"DROP DATABASE IF EXISTS {DB_NAME}")
-        shutil.rmtree(var, ignore_errors=True)
-    line = next(x for x in done.stdout.splitlines() if x.startswith("PURGE-BENCH "))
-    result = dict(json.loads(line.removeprefix("PURGE-BENCH ")))
+
+    def code(var: Path) -> str:
+        return (
+            "import purge_scale\n"
+            f"media = Path({str(var / 'media')!r})\n"
+            f"fill = asdict(purge_scale.purge_fill(instances={instances}, media=media))\n"
+            "print('filled: ' + json.dumps(fill['seconds']), file=sys.stderr, flush=True)\n"
+            "timed = asdict(purge_scale.purge_time(media=media))\n"
+            "print('PURGE-BENCH ' + json.dumps({'fill': fill, 'timed': timed}))\n"
+        )
+
+    # Not a log line per purged study.
+    result = scratch_relay_run(
+        DB_NAME, code, mark="PURGE-BENCH", env={"LOG_LEVEL": "WARNING"}, keep=keep
+    )
     result["when"] = datetime.now(UTC).isoformat(timespec="seconds")
     return result
 

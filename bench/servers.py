@@ -65,6 +65,70 @@ def psql_admin(url: str, statement: str) -> None:
     subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
 
 
+# Run in Relay's environment by scratch_relay_run: Django set up the way manage.py does it, the
+# benchmark's own modules importable, then the caller's code, which prints MARK and its JSON.
+SCRATCH_PRELUDE = """
+import json, sys, django
+sys.path.insert(0, "bench")
+from relay.embedded import var_prepare
+var_prepare()
+django.setup()
+from dataclasses import asdict
+from pathlib import Path
+"""
+
+
+def scratch_relay_run(
+    db_name: str,
+    code: Callable[[Path], str],
+    *,
+    mark: str,
+    env: dict[str, str] | None = None,
+    keep: bool = False,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """`code(var)` run by Relay's Python on a throwaway PostgreSQL database `db_name` (made
+    afresh unless `reuse`, then migrated) with a temporary RELAY_VAR_DIR `var` (images in
+    var/media), neither Redis nor a bucket; the JSON it printed after `mark`, with the
+    migration's seconds as `migrate_s`. The database is dropped afterwards unless `keep`."""
+    url = scratch_database_url(db_name)
+    if not reuse:
+        psql_admin(url, f"DROP DATABASE IF EXISTS {db_name}")
+        psql_admin(url, f"CREATE DATABASE {db_name}")
+    var = Path(tempfile.mkdtemp(prefix=f"{db_name}-"))
+    environment = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DJANGO_SETTINGS_MODULE": "relay.settings",
+        "RELAY_VAR_DIR": str(var),
+        "DEBUG": "0",
+        **(env or {}),
+    }
+    for name in ("REDIS_URL", "S3_BUCKET", "MEDIA_ROOT"):
+        environment.pop(name, None)
+    try:
+        started = time.perf_counter()
+        subprocess.run(
+            [str(PYTHON), "manage.py", "migrate", "--noinput"],
+            cwd=REPO, env=environment, check=True, capture_output=True,
+        )  # fmt: skip
+        migrated = time.perf_counter() - started
+        done = subprocess.run(
+            [str(PYTHON), "-c", SCRATCH_PRELUDE + code(var)],
+            cwd=REPO, env=environment, check=False, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServerError(f"{db_name}: the benchmark failed (exit {done.returncode})")
+    finally:
+        if not keep:
+            psql_admin(url, f"DROP DATABASE IF EXISTS {db_name}")
+        shutil.rmtree(var, ignore_errors=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith(f"{mark} "))
+    result = dict(json.loads(line.removeprefix(f"{mark} ")))
+    result["migrate_s"] = round(migrated, 1)
+    return result
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
