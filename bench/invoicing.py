@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from measure import aim_table
 from servers import psql_admin, scratch_database_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,10 +90,4 @@ def billing_table(result: dict[str, Any]) -> str:
             "",
         ),
     ]
-    width = max(len(name) for name, _, _ in rows)
-    lines = [
-        f"| {'billing on PostgreSQL':{width}} | value | aim |",
-        f"|{'-' * (width + 2)}|-------|-----|",
-    ]
-    lines += [f"| {name:{width}} | {value} | {aim} |" for name, value, aim in rows]
-    return "\n".join(lines)
+    return aim_table("billing on PostgreSQL", rows)

@@ -320,3 +320,15 @@ class Section:
             "error": self.error,
             "raw": self.raw,
         }
+
+
+def aim_table(title: str, rows: list[tuple[str, str, str]]) -> str:
+    """A Markdown table of (what, value, aim) rows under `title` (the billing and purge
+    sections)."""
+    width = max(len(name) for name, _, _ in rows)
+    lines = [
+        f"| {title:{width}} | value | aim |",
+        f"|{'-' * (width + 2)}|-------|-----|",
+    ]
+    lines += [f"| {name:{width}} | {value} | {aim} |" for name, value, aim in rows]
+    return "\n".join(lines)

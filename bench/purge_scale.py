@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from index_scale import facilities_with_senders
+from measure import aim_table
 from servers import scratch_relay_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,13 +323,7 @@ def purge_table(result: dict[str, Any]) -> str:
             "one per study",
         ),
     ]
-    width = max(len(name) for name, _, _ in rows)
-    lines = [
-        f"| {'purge on PostgreSQL, folder storage':{width}} | value | aim |",
-        f"|{'-' * (width + 2)}|-------|-----|",
-    ]
-    lines += [f"| {name:{width}} | {value} | {aim} |" for name, value, aim in rows]
-    return "\n".join(lines)
+    return aim_table("purge on PostgreSQL, folder storage", rows)
 
 
 def main() -> int:
